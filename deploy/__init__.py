@@ -1,0 +1,1 @@
+"""Deployment: the local process stack, compose and container files."""

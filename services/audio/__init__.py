@@ -1,0 +1,1 @@
+"""The `audio` stage service (see ../shared/design/PIPELINE.md)."""

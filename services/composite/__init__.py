@@ -1,0 +1,1 @@
+"""The `composite` stage service (see ../shared/design/PIPELINE.md)."""

@@ -1,0 +1,1 @@
+"""The `face` stage service (see ../shared/design/PIPELINE.md)."""

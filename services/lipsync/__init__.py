@@ -1,0 +1,1 @@
+"""The `lipsync` stage service (see ../shared/design/PIPELINE.md)."""

@@ -1,0 +1,1 @@
+"""The `retiming` stage service (see ../shared/design/PIPELINE.md)."""

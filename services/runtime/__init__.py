@@ -1,0 +1,1 @@
+"""Shared runtime of every audio2video service: config, server, clients, errors, blob store, logs."""

@@ -1,0 +1,396 @@
+"""Blob store over the `minio` SDK: bytes, files and numpy arrays, each verified by sha256 on read."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from services.runtime.config import StoreConfig
+from services.runtime.errors import (
+    FailedPrecondition,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+from services.runtime.keys import content_key, sha256_bytes, sha256_file, validate_key
+
+log = logging.getLogger(__name__)
+
+SHA256_META = "sha256"
+ARRAY_META = "a2v-array"
+ARRAY_FORMAT_VERSION = 1
+NPY_CONTENT_TYPE = "application/x-npy"
+NPZ_CONTENT_TYPE = "application/x-npz"
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NoSuchUpload", "ResourceNotFound"}
+_AUTH_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Where a blob is and what it holds (mirrors common.v1.ObjectRef)."""
+
+    bucket: str
+    key: str
+    sha256: str = ""
+    content_type: str = ""
+    size_bytes: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """Shape and time base of an array blob (mirrors common.v1.ArrayMeta)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    fps: float = 0.0
+    start_seconds: float = 0.0
+    format_version: int = ARRAY_FORMAT_VERSION
+
+
+class BlobStore:
+    """Typed access to one default bucket of an S3-compatible server.
+
+    Every write records the content's sha256 as user metadata and every read checks it, so a
+    corrupted or truncated object is reported (DATA_LOSS) instead of being processed. Objects are
+    written with a single PUT (or a multipart upload that the server completes atomically), so a
+    failed write never leaves a half-written object under the final key.
+    """
+
+    def __init__(
+        self,
+        client: Minio,
+        bucket: str,
+        *,
+        part_size_bytes: int = 16 * 1024 * 1024,
+        max_object_bytes: int = 8 * 1024 * 1024 * 1024,
+        endpoint: str = "",
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.part_size_bytes = part_size_bytes
+        self.max_object_bytes = max_object_bytes
+        self.endpoint = endpoint
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> BlobStore:
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=120.0),
+            maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        client = Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=config.secure,
+            region=config.region,
+            http_client=http,
+        )
+        return cls(
+            client,
+            config.bucket,
+            part_size_bytes=config.part_size_bytes,
+            max_object_bytes=config.max_object_bytes,
+            endpoint=config.endpoint,
+        )
+
+    # -- buckets -------------------------------------------------------------------------------
+
+    def ensure_bucket(self, bucket: str | None = None) -> None:
+        """Create the bucket unless it exists (idempotent, safe against concurrent creators)."""
+        bucket = bucket or self.bucket
+        with self._translate(bucket, ""):
+            if self.client.bucket_exists(bucket):
+                return
+            try:
+                self.client.make_bucket(bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+        bucket: str | None = None,
+    ) -> BlobRef:
+        bucket = bucket or self.bucket
+        validate_key(key)
+        self._check_size(len(data), bucket, key)
+        sha = sha256_bytes(data)
+        with self._translate(bucket, key):
+            self.client.put_object(
+                bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata=self._user_metadata(sha, metadata),
+                part_size=self.part_size_bytes,
+            )
+        return BlobRef(bucket, key, sha, content_type, len(data), dict(metadata or {}))
+
+    def put_file(
+        self,
+        key: str,
+        path: str | Path,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+        bucket: str | None = None,
+    ) -> BlobRef:
+        """Upload a local file; large files go up in `part_size_bytes` parts (multipart)."""
+        bucket = bucket or self.bucket
+        validate_key(key)
+        size = os.path.getsize(path)
+        self._check_size(size, bucket, key)
+        sha = sha256_file(path)
+        with self._translate(bucket, key):
+            self.client.fput_object(
+                bucket,
+                key,
+                str(path),
+                content_type=content_type,
+                metadata=self._user_metadata(sha, metadata),
+                part_size=self.part_size_bytes,
+            )
+        return BlobRef(bucket, key, sha, content_type, size, dict(metadata or {}))
+
+    def put_content_addressed(
+        self,
+        prefix: str,
+        data: bytes,
+        *,
+        suffix: str = "",
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> BlobRef:
+        """Store `data` under a key made of its own sha256; an identical existing blob is reused."""
+        key = content_key(prefix, sha256_bytes(data), suffix)
+        existing = self.stat(key, missing_ok=True)
+        if existing is not None and existing.sha256 == sha256_bytes(data):
+            return existing
+        return self.put_bytes(key, data, content_type=content_type, metadata=metadata)
+
+    def put_array(
+        self,
+        key: str,
+        array: np.ndarray,
+        *,
+        fps: float = 0.0,
+        start_seconds: float = 0.0,
+        metadata: Mapping[str, str] | None = None,
+        bucket: str | None = None,
+    ) -> tuple[BlobRef, ArrayInfo]:
+        """Store an array as .npy (no pickles) with its shape, dtype and time base as metadata."""
+        array = np.asarray(array)
+        if array.dtype == object:
+            raise InvalidInput("object arrays cannot be stored (no pickles in the store)")
+        info = ArrayInfo(tuple(int(n) for n in array.shape), str(array.dtype), float(fps), float(start_seconds))
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        meta = dict(metadata or {})
+        meta[ARRAY_META] = json.dumps(dataclasses.asdict(info))
+        ref = self.put_bytes(key, buffer.getvalue(), content_type=NPY_CONTENT_TYPE, metadata=meta, bucket=bucket)
+        return ref, info
+
+    def put_arrays(
+        self,
+        key: str,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        bucket: str | None = None,
+    ) -> BlobRef:
+        """Store several named arrays in one compressed .npz."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{name: np.asarray(a) for name, a in arrays.items()})
+        return self.put_bytes(key, buffer.getvalue(), content_type=NPZ_CONTENT_TYPE, metadata=metadata, bucket=bucket)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def stat(self, key: str, *, bucket: str | None = None, missing_ok: bool = False) -> BlobRef | None:
+        bucket = bucket or self.bucket
+        validate_key(key)
+        try:
+            with self._translate(bucket, key):
+                info = self.client.stat_object(bucket, key)
+        except NotFound:
+            if missing_ok:
+                return None
+            raise
+        user = _user_metadata_of(info.metadata)
+        return BlobRef(bucket, key, user.pop(SHA256_META, ""), info.content_type or "", int(info.size or 0), user)
+
+    def exists(self, key: str, *, bucket: str | None = None) -> bool:
+        return self.stat(key, bucket=bucket, missing_ok=True) is not None
+
+    def get_bytes(
+        self, key: str, *, bucket: str | None = None, expected_sha256: str = "", max_bytes: int | None = None
+    ) -> bytes:
+        """Read a whole object, refusing ones over `max_bytes` and checking its sha256."""
+        bucket = bucket or self.bucket
+        validate_key(key)
+        limit = self.max_object_bytes if max_bytes is None else max_bytes
+        with self._translate(bucket, key):
+            response = self.client.get_object(bucket, key)
+            try:
+                size = int(response.headers.get("Content-Length", "0"))
+                if size > limit:
+                    raise TooLarge(f"object {bucket}/{key} is {size} bytes, over the limit of {limit}")
+                recorded = _user_metadata_of(response.headers).get(SHA256_META, "")
+                data = response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        self._verify(bucket, key, sha256_bytes(data), recorded, expected_sha256)
+        return data
+
+    def get_file(self, key: str, path: str | Path, *, bucket: str | None = None, expected_sha256: str = "") -> BlobRef:
+        """Download to `path` atomically: the file appears only once its content has been verified."""
+        bucket = bucket or self.bucket
+        ref = self.stat(key, bucket=bucket)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(handle)
+        try:
+            with self._translate(bucket, key):
+                self.client.fget_object(bucket, key, temp_name)
+            self._verify(bucket, key, sha256_file(temp_name), ref.sha256, expected_sha256)
+            os.replace(temp_name, path)
+        finally:
+            if os.path.exists(temp_name):
+                os.unlink(temp_name)
+        return ref
+
+    def get_array(
+        self, key: str, *, bucket: str | None = None, expected_sha256: str = "", max_bytes: int | None = None
+    ) -> tuple[np.ndarray, ArrayInfo]:
+        data = self.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256, max_bytes=max_bytes)
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InvalidInput(f"object {key!r} is not a .npy array: {exc}") from exc
+        meta = self.stat(key, bucket=bucket).metadata.get(ARRAY_META)
+        fields = json.loads(meta) if meta else {}
+        info = ArrayInfo(
+            tuple(array.shape),
+            str(array.dtype),
+            float(fields.get("fps", 0.0)),
+            float(fields.get("start_seconds", 0.0)),
+            int(fields.get("format_version", ARRAY_FORMAT_VERSION)),
+        )
+        return array, info
+
+    def get_arrays(
+        self, key: str, *, bucket: str | None = None, expected_sha256: str = "", max_bytes: int | None = None
+    ) -> dict[str, np.ndarray]:
+        data = self.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256, max_bytes=max_bytes)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (ValueError, OSError) as exc:
+            raise InvalidInput(f"object {key!r} is not a .npz archive: {exc}") from exc
+
+    def delete(self, key: str, *, bucket: str | None = None) -> None:
+        bucket = bucket or self.bucket
+        with self._translate(bucket, validate_key(key)):
+            self.client.remove_object(bucket, key)
+
+    def list_keys(self, prefix: str, *, bucket: str | None = None) -> Iterator[str]:
+        bucket = bucket or self.bucket
+        with self._translate(bucket, prefix):
+            for item in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                yield item.object_name
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_size(self, size: int, bucket: str, key: str) -> None:
+        if size > self.max_object_bytes:
+            raise TooLarge(f"object {bucket}/{key} would be {size} bytes, over the limit of {self.max_object_bytes}")
+
+    @staticmethod
+    def _user_metadata(sha: str, metadata: Mapping[str, str] | None) -> dict[str, str]:
+        user = {str(k): str(v) for k, v in (metadata or {}).items()}
+        for name, value in user.items():
+            if not value.isascii() or not name.isascii():
+                raise InvalidInput(f"metadata {name!r} must be ASCII (it travels as an HTTP header)")
+        user[SHA256_META] = sha
+        return user
+
+    @staticmethod
+    def _verify(bucket: str, key: str, actual: str, recorded: str, expected: str) -> None:
+        for source, wanted in (("recorded", recorded), ("expected", expected)):
+            if wanted and wanted != actual:
+                raise IntegrityError(
+                    f"object {bucket}/{key} is corrupt: content sha256 {actual[:16]}... "
+                    f"differs from the {source} {wanted[:16]}..."
+                )
+
+    @contextmanager
+    def _translate(self, bucket: str, key: str) -> Iterator[None]:
+        """Turn SDK and network errors into the runtime's error types, naming the object."""
+        where = f"{bucket}/{key}" if key else bucket
+        try:
+            yield
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                what = "bucket" if exc.code == "NoSuchBucket" else "object"
+                raise NotFound(f"{what} not found: {where if what == 'object' else bucket}") from exc
+            if exc.code in _AUTH_CODES:
+                raise FailedPrecondition(f"object store refused the credentials for {where} ({exc.code})") from exc
+            if exc.code in ("InvalidBucketName", "InvalidObjectName", "KeyTooLongError"):
+                raise InvalidInput(f"invalid object name {where}: {exc.code}") from exc
+            raise Unavailable(f"object store error on {where}: {exc.code} {exc.message}") from exc
+        except ValueError as exc:
+            # The SDK validates bucket names client-side with ValueError.
+            if "bucket name" in str(exc):
+                raise InvalidInput(f"invalid bucket name {bucket!r}") from exc
+            raise
+        except (urllib3.exceptions.HTTPError, MinioException, ConnectionError, TimeoutError) as exc:
+            raise Unavailable(
+                f"object store at {self.endpoint or 'its endpoint'} unreachable while accessing "
+                f"{where}: {type(exc).__name__}"
+            ) from exc
+
+
+def _user_metadata_of(headers: Mapping[str, str]) -> dict[str, str]:
+    """User metadata from response headers, whatever the server's header capitalisation."""
+    prefix = "x-amz-meta-"
+    return {name[len(prefix) :].lower(): value for name, value in headers.items() if name.lower().startswith(prefix)}
+
+
+def wait_for_store(store: BlobStore, *, timeout_seconds: float = 30.0, poll_seconds: float = 0.5) -> None:
+    """Create the default bucket, retrying while the object store is still starting."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            store.ensure_bucket()
+            return
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(poll_seconds)

@@ -1,0 +1,94 @@
+"""gRPC client helpers: one channel factory with deadlines, UNAVAILABLE retries and round-robin balancing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.errors import Unavailable
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def service_config(
+    service_names: Sequence[str], *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, max_attempts: int = 4
+) -> str:
+    """A gRPC service config: round_robin over every resolved address; per-method deadline; retries.
+
+    Only UNAVAILABLE is retried (the request never reached a healthy replica, so a retry cannot
+    repeat side effects). The timeout here is the default deadline of every call to these services,
+    so no call can hang even when the caller forgets to pass `timeout=`.
+    """
+    method_config = {
+        "name": [{"service": name} for name in service_names] or [{}],
+        "timeout": f"{timeout_seconds:.3f}s",
+        "retryPolicy": {
+            "maxAttempts": max(2, min(max_attempts, 5)),
+            "initialBackoff": "0.2s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method_config]})
+
+
+def create_channel(
+    address: str,
+    service_names: Sequence[str] = (),
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    max_attempts: int = 4,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> grpc.Channel:
+    """An insecure channel to `address` for calls to `service_names`.
+
+    `address` is any gRPC target: "127.0.0.1:50051", "dns:///texture-headless:50051" (a Kubernetes
+    headless Service: every pod's address, balanced round-robin) or "ipv4:127.0.0.1:1,127.0.0.1:2"
+    (several local replicas).
+    """
+    options = [
+        (
+            "grpc.service_config",
+            service_config(service_names, timeout_seconds=timeout_seconds, max_attempts=max_attempts),
+        ),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Re-resolve DNS promptly when replicas come and go behind a headless Service.
+        ("grpc.dns_min_time_between_resolutions_ms", 5000),
+        ("grpc.keepalive_time_ms", 30000),
+    ]
+    return grpc.insecure_channel(address, options=options)
+
+
+def health_status(channel: grpc.Channel, service: str = "", *, timeout_seconds: float = 2.0) -> str:
+    """The health status name ("SERVING", "NOT_SERVING", "SERVICE_UNKNOWN") or "UNREACHABLE"."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_seconds)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return "SERVICE_UNKNOWN"
+        return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def wait_for_serving(
+    address: str, service: str = "", *, timeout_seconds: float = 30.0, poll_seconds: float = 0.1
+) -> None:
+    """Block until `service` at `address` reports SERVING; raises Unavailable after the timeout."""
+    deadline = time.monotonic() + timeout_seconds
+    status = "UNREACHABLE"
+    with grpc.insecure_channel(address) as channel:
+        while time.monotonic() < deadline:
+            status = health_status(channel, service, timeout_seconds=min(2.0, max(0.1, deadline - time.monotonic())))
+            if status == "SERVING":
+                return
+            time.sleep(poll_seconds)
+    raise Unavailable(f"{service or 'server'} at {address} not SERVING after {timeout_seconds:.0f}s (last: {status})")

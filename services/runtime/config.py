@@ -1,0 +1,201 @@
+"""Configuration from the environment: frozen, defaulted, and failing fast on bad or missing values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+REQUIRED = object()
+"""Marker default: the variable must be set."""
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(RuntimeError):
+    """The environment lacks a required value or holds a malformed one (raised at start, not per request)."""
+
+
+class Env:
+    """Typed reader over an environment mapping that collects every problem before failing.
+
+    Reading all values first and raising once means a misconfigured deployment learns about every
+    missing variable in one start attempt, not one per restart.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._problems: list[str] = []
+
+    def _raw(self, name: str, default: object) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            if default is REQUIRED:
+                self._problems.append(f"{name} is required but not set")
+            return None
+        return value.strip()
+
+    def get_str(self, name: str, default: object = REQUIRED) -> str:
+        raw = self._raw(name, default)
+        return raw if raw is not None else ("" if default is REQUIRED else default)  # type: ignore[return-value]
+
+    def get_int(
+        self, name: str, default: object = REQUIRED, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        raw = self._raw(name, default)
+        if raw is None:
+            return 0 if default is REQUIRED else default  # type: ignore[return-value]
+        try:
+            value = int(raw)
+        except ValueError:
+            self._problems.append(f"{name}={raw!r} is not an integer")
+            return 0
+        return self._check_range(name, value, minimum, maximum)
+
+    def get_float(
+        self, name: str, default: object = REQUIRED, *, minimum: float | None = None, maximum: float | None = None
+    ) -> float:
+        raw = self._raw(name, default)
+        if raw is None:
+            return 0.0 if default is REQUIRED else default  # type: ignore[return-value]
+        try:
+            value = float(raw)
+        except ValueError:
+            self._problems.append(f"{name}={raw!r} is not a number")
+            return 0.0
+        return self._check_range(name, value, minimum, maximum)
+
+    def get_bool(self, name: str, default: object = REQUIRED) -> bool:
+        raw = self._environ.get(name)
+        if raw is None:
+            if default is REQUIRED:
+                self._problems.append(f"{name} is required but not set")
+                return False
+            return bool(default)
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        self._problems.append(f"{name}={raw!r} is not a boolean (use true/false)")
+        return False
+
+    def _check_range(self, name, value, minimum, maximum):
+        if minimum is not None and value < minimum:
+            self._problems.append(f"{name}={value} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            self._problems.append(f"{name}={value} is above the maximum {maximum}")
+        return value
+
+    def check(self) -> None:
+        """Raise one ConfigError naming every problem seen so far."""
+        if self._problems:
+            raise ConfigError("invalid configuration: " + "; ".join(self._problems))
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port") into its parts; raises ConfigError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How a service listens and how much it takes on at once."""
+
+    service: str
+    listen: str = "127.0.0.1:0"
+    max_workers: int = 8
+    max_concurrent_rpcs: int = 16
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def read(cls, env: Env, service: str) -> ServerConfig:
+        return cls(
+            service=service,
+            listen=env.get_str("A2V_LISTEN", cls.listen),
+            max_workers=env.get_int("A2V_MAX_WORKERS", cls.max_workers, minimum=1, maximum=256),
+            max_concurrent_rpcs=env.get_int(
+                "A2V_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs, minimum=1, maximum=4096
+            ),
+            max_message_bytes=env.get_int(
+                "A2V_MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024, maximum=256 * 1024 * 1024
+            ),
+            grace_seconds=env.get_float("A2V_GRACE_SECONDS", cls.grace_seconds, minimum=0.0, maximum=3600.0),
+            log_level=env.get_str("A2V_LOG_LEVEL", cls.log_level).upper(),
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the S3-compatible object store is and how blobs are written to it."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str = "audio2video"
+    secure: bool = False
+    region: str = "us-east-1"
+    part_size_bytes: int = 16 * 1024 * 1024
+    max_object_bytes: int = 8 * 1024 * 1024 * 1024
+
+    @classmethod
+    def read(cls, env: Env) -> StoreConfig:
+        return cls(
+            endpoint=env.get_str("A2V_S3_ENDPOINT", "127.0.0.1:8333"),
+            access_key=env.get_str("A2V_S3_ACCESS_KEY"),
+            secret_key=env.get_str("A2V_S3_SECRET_KEY"),
+            bucket=env.get_str("A2V_S3_BUCKET", cls.bucket),
+            secure=env.get_bool("A2V_S3_SECURE", cls.secure),
+            region=env.get_str("A2V_S3_REGION", cls.region),
+            # S3 multipart parts must be at least 5 MiB.
+            part_size_bytes=env.get_int(
+                "A2V_S3_PART_SIZE_BYTES", cls.part_size_bytes, minimum=5 * 1024 * 1024, maximum=5 * 1024 * 1024 * 1024
+            ),
+            max_object_bytes=env.get_int("A2V_S3_MAX_OBJECT_BYTES", cls.max_object_bytes, minimum=1),
+        )
+
+    def __repr__(self) -> str:  # never print the secret in logs
+        return (
+            f"StoreConfig(endpoint={self.endpoint!r}, bucket={self.bucket!r}, secure={self.secure}, "
+            f"access_key={self.access_key!r}, secret_key='***')"
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a service needs at start: its server settings and the object store."""
+
+    server: ServerConfig
+    store: StoreConfig
+    rpc_timeout_seconds: float = 60.0
+
+    @classmethod
+    def from_env(cls, service: str, environ: Mapping[str, str] | None = None) -> Config:
+        """Read the config of `service` from the environment; raises ConfigError listing all problems."""
+        env = Env(environ)
+        config = cls(
+            server=ServerConfig.read(env, service),
+            store=StoreConfig.read(env),
+            rpc_timeout_seconds=env.get_float(
+                "A2V_RPC_TIMEOUT_SECONDS", cls.rpc_timeout_seconds, minimum=0.1, maximum=86400.0
+            ),
+        )
+        env.check()
+        parse_address(config.server.listen)
+        parse_address(config.store.endpoint)
+        return config
+
+
+def service_address(name: str, environ: Mapping[str, str] | None = None, default: str | None = None) -> str:
+    """Address of another service from `A2V_<NAME>_ADDR` (one `.env` shared by compose and the local stack)."""
+    env = Env(environ)
+    variable = f"A2V_{name.upper()}_ADDR"
+    value = env.get_str(variable, REQUIRED if default is None else default)
+    env.check()
+    return value

@@ -1,0 +1,82 @@
+"""Content hashes and deterministic object keys, so re-runs find what earlier runs stored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from services.runtime.errors import InvalidInput
+
+MAX_KEY_LENGTH = 1024
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(value: object) -> str:
+    """JSON with sorted keys and no whitespace: equal inputs give byte-equal text (and equal hashes)."""
+
+    def check(item: object) -> None:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidInput(f"parameter value {item!r} is not finite")
+        if isinstance(item, Mapping):
+            for sub in item.values():
+                check(sub)
+        elif isinstance(item, list | tuple):
+            for sub in item:
+                check(sub)
+
+    check(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a safe object key: relative, "/"-separated, no empty or dot-dot segments."""
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidInput(f"object key must be 1..{MAX_KEY_LENGTH} characters, got {len(key)}")
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _KEY_SEGMENT.match(segment):
+            raise InvalidInput(
+                f"object key {key!r} has an invalid segment {segment!r} "
+                "(allowed: letters, digits and ._=+- between single slashes)"
+            )
+    return key
+
+
+def derive_key(
+    kind: str, name: str, *, inputs: Sequence[str] = (), params: Mapping[str, object] | None = None, version: int = 1
+) -> str:
+    """Deterministic key `<kind>/<digest>/<name>` of a stage output.
+
+    The digest covers the kind, a format version, the content hashes of the inputs (in order) and
+    the parameters, so the same inputs with the same parameters always land on the same key and a
+    change of any of them lands elsewhere (no stale cache hits).
+    """
+    for sha in inputs:
+        if not _HEX64.match(sha):
+            raise InvalidInput(f"input hash {sha!r} is not a sha256 hex digest")
+    document = {"kind": kind, "version": version, "inputs": list(inputs), "params": dict(params or {})}
+    digest = sha256_bytes(canonical_json(document).encode())[:32]
+    return validate_key(f"{kind}/{digest}/{name}")
+
+
+def content_key(prefix: str, sha256: str, suffix: str = "") -> str:
+    """Key of a blob addressed by its own content: `<prefix>/<sha256><suffix>`."""
+    if not _HEX64.match(sha256):
+        raise InvalidInput(f"{sha256!r} is not a sha256 hex digest")
+    return validate_key(f"{prefix}/{sha256}{suffix}")

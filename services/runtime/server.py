@@ -1,0 +1,178 @@
+"""gRPC server start-up shared by every service: health, reflection, bounded concurrency, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.config import Config, ConfigError, ServerConfig, parse_address
+from services.runtime.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to host: its full name, the generated `add_..._to_server`, and the servicer.
+
+    `load` runs after the server has started and before the service reports SERVING, so a stage
+    whose models take a while to load is reachable (health says NOT_SERVING) but gets no traffic
+    from health-aware clients until it is ready.
+    """
+
+    name: str
+    add_to_server: Callable[[object, grpc.Server], None]
+    servicer: object
+    load: Callable[[], None] | None = field(default=None)
+
+
+def binding_for(
+    pb2_module, pb2_grpc_module, service: str, servicer: object, load: Callable[[], None] | None = None
+) -> ServiceBinding:
+    """Binding of `servicer` for `service` (e.g. "AudioService") of a generated module pair."""
+    descriptor = pb2_module.DESCRIPTOR.services_by_name[service]
+    add_to_server = getattr(pb2_grpc_module, f"add_{service}Servicer_to_server")
+    return ServiceBinding(descriptor.full_name, add_to_server, servicer, load)
+
+
+class Server:
+    """A started-or-startable gRPC server together with its health servicer."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        bindings: Sequence[ServiceBinding],
+        grace_seconds: float,
+    ) -> None:
+        self.grpc_server = grpc_server
+        self.port = port
+        self.health = health_servicer
+        self.bindings = tuple(bindings)
+        self.grace_seconds = grace_seconds
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.grpc_server.start()
+
+    def set_serving(self, name: str, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(name, status)
+
+    def load_and_mark_serving(self) -> None:
+        """Run each binding's `load`, then report it SERVING."""
+        for binding in self.bindings:
+            if binding.load is not None:
+                log.info("loading %s", binding.name)
+                binding.load()
+            self.set_serving(binding.name)
+            log.info("%s is SERVING on port %d", binding.name, self.port)
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Refuse new calls, let in-flight calls finish within `grace` seconds, then cancel the rest."""
+        self.health.enter_graceful_shutdown()
+        done = self.grpc_server.stop(self.grace_seconds if grace is None else grace)
+        self._stopped.set()
+        return done
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> tuple[Server, int]:
+    """Build a server for `bindings` bound to `config.listen` (port 0 picks a free port).
+
+    Health: the overall "" entry is SERVING from the start (the process is alive); each named
+    service is NOT_SERVING until `Server.load_and_mark_serving`. Reflection lists every service.
+    Calls beyond `max_concurrent_rpcs` are refused with RESOURCE_EXHAUSTED rather than queued
+    without bound; messages over `max_message_bytes` are refused by gRPC itself.
+    """
+    host, port = parse_address(config.listen)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.service),
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, grpc_server)
+        health_servicer.set(binding.name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [b.name for b in bindings] + [health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
+    )
+    bound_port = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound_port == 0:
+        raise ConfigError(f"cannot listen on {config.listen} (address in use or not available)")
+    server = Server(grpc_server, bound_port, health_servicer, bindings, config.grace_seconds)
+    return server, bound_port
+
+
+def serve(config: Config, bindings: Sequence[ServiceBinding]) -> int:
+    """Run a service until SIGTERM/SIGINT, then drain gracefully; returns the process exit code."""
+    configure_logging(config.server.service, config.server.log_level)
+    server, port = create_server(config.server, bindings)
+    server.start()
+    log.info("listening", extra={"port": port, "listen": config.server.listen})
+
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stopping.is_set():
+            stopping.set()
+            log.info("received %s: draining for up to %.1fs", signal.Signals(signum).name, server.grace_seconds)
+            server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.load_and_mark_serving()
+    except Exception:
+        log.exception("loading failed; stopping")
+        server.stop(0).wait()
+        return 1
+    server.wait_for_termination()
+    log.info("stopped")
+    return 0
+
+
+def run_service(service: str, make_bindings: Callable[[Config], Sequence[ServiceBinding]]) -> None:
+    """Entry point body of `python -m services.<stage>`: read config, build bindings, serve, exit."""
+    try:
+        config = Config.from_env(service)
+    except ConfigError as exc:
+        configure_logging(service)
+        log.error("%s", exc)
+        raise SystemExit(2) from exc
+    raise SystemExit(serve(config, make_bindings(config)))
+
+
+def store_backed_bindings(
+    config: Config, pb2_module, pb2_grpc_module, service: str, make_servicer: Callable[[BlobStore], object]
+) -> list[ServiceBinding]:
+    """Bindings of a service whose servicer works over the object store; SERVING once the store answers.
+
+    Stages whose servicers also load models build their own binding with a `load` that does both.
+    """
+    store = BlobStore.from_config(config.store)
+    servicer = make_servicer(store)
+    return [binding_for(pb2_module, pb2_grpc_module, service, servicer, load=lambda: wait_for_store(store))]

@@ -1,0 +1,1 @@
+"""The `teeth` stage service (see ../shared/design/PIPELINE.md)."""

@@ -1,0 +1,1 @@
+"""The `texture` stage service (see ../shared/design/PIPELINE.md)."""

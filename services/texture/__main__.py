@@ -1,0 +1,7 @@
+"""Start the `texture` service: `python -m services.texture` (same entry point in containers and locally)."""
+
+from services.runtime.server import run_service
+from services.texture.servicer import bindings
+
+if __name__ == "__main__":
+    run_service("texture", bindings)
