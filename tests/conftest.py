@@ -63,20 +63,34 @@ class S3Server:
         self.process: subprocess.Popen | None = None
 
     def config(self, bucket: str = "a2v-test") -> StoreConfig:
-        return StoreConfig(endpoint=self.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, bucket=bucket,
-                           part_size_bytes=5 * 1024 * 1024)
+        return StoreConfig(
+            endpoint=self.endpoint,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            bucket=bucket,
+            part_size_bytes=5 * 1024 * 1024,
+        )
 
     def env(self, bucket: str = "a2v-test") -> dict[str, str]:
         """Environment a service process needs to use this server."""
-        return {"A2V_S3_ENDPOINT": self.endpoint, "A2V_S3_ACCESS_KEY": ACCESS_KEY,
-                "A2V_S3_SECRET_KEY": SECRET_KEY, "A2V_S3_BUCKET": bucket}
+        return {
+            "A2V_S3_ENDPOINT": self.endpoint,
+            "A2V_S3_ACCESS_KEY": ACCESS_KEY,
+            "A2V_S3_SECRET_KEY": SECRET_KEY,
+            "A2V_S3_BUCKET": bucket,
+        }
 
     def start(self) -> None:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(weed_command(self.root / "data", self.endpoint, self.port_base),
-                                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                weed_command(self.root / "data", self.endpoint, self.port_base),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         wait_for_store(BlobStore.from_config(self.config()), timeout_seconds=60)
 
     def stop(self) -> None:

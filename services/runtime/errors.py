@@ -1,40 +1,30 @@
-"""One mapping from failures to gRPC status codes, shared by every servicer."""
+"""Error types that stage cores raise; each names the gRPC status a caller will see (no grpc import here)."""
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-import uuid
-from collections.abc import Callable
-
-import grpc
-
-log = logging.getLogger(__name__)
-
 
 class A2VError(Exception):
-    """Base of the errors a stage raises on purpose; each carries the gRPC code a caller should see."""
+    """Base of the errors a stage raises on purpose; `status` is the gRPC status code's name."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    status: str = "INTERNAL"
 
 
 class InvalidInput(A2VError, ValueError):
     """The request or its data is malformed: wrong shape, undecodable bytes, empty range."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = "INVALID_ARGUMENT"
 
 
 class NotFound(A2VError, LookupError):
     """A referenced object, bucket, model or job does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    status = "NOT_FOUND"
 
 
 class FailedPrecondition(A2VError):
     """The input is well-formed but the system is not in a state to process it."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = "FAILED_PRECONDITION"
 
 
 class NoFace(FailedPrecondition):
@@ -44,106 +34,22 @@ class NoFace(FailedPrecondition):
 class TooLarge(A2VError):
     """A request or its data exceeds a configured limit (duration, bytes, frames)."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(A2VError):
     """A dependency (object store, TF Serving, another stage) cannot be reached; the caller may retry."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    status = "UNAVAILABLE"
 
 
 class IntegrityError(A2VError):
     """Stored bytes do not match their recorded sha256: the object is corrupt."""
 
-    code = grpc.StatusCode.DATA_LOSS
+    status = "DATA_LOSS"
 
 
 class Cancelled(A2VError):
     """The caller cancelled the work."""
 
-    code = grpc.StatusCode.CANCELLED
-
-
-_PASS_THROUGH_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DATA_LOSS,
-    grpc.StatusCode.CANCELLED,
-}
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and message a caller should see for `exc`.
-
-    Unexpected exceptions become INTERNAL with an opaque reference; their traceback is logged
-    under that reference and never sent, so internals do not leak to callers.
-    """
-    if isinstance(exc, A2VError):
-        return exc.code, str(exc) or type(exc).__name__
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-        # A downstream stage failed: keep its verdict on the input, call everything else unavailable.
-        code = exc.code()
-        detail = exc.details() or code.name
-        if code in _PASS_THROUGH_CODES:
-            return code, f"downstream: {detail}"
-        return grpc.StatusCode.UNAVAILABLE, f"downstream call failed ({code.name}): {detail}"
-    if _is_connection_error(exc):
-        return grpc.StatusCode.UNAVAILABLE, f"dependency unavailable: {type(exc).__name__}"
-    reference = uuid.uuid4().hex[:12]
-    log.error("unhandled error (ref %s)", reference, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (ref {reference}); see the service log"
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    try:
-        import urllib3.exceptions as u3
-    except ImportError:  # pragma: no cover - urllib3 ships with minio
-        return isinstance(exc, ConnectionError)
-    return isinstance(exc, ConnectionError | u3.MaxRetryError | u3.ProtocolError | u3.NewConnectionError)
-
-
-def _already_aborted(context: grpc.ServicerContext) -> bool:
-    """True when the servicer itself called context.abort (its exception must propagate untouched)."""
-    code = context.code() if hasattr(context, "code") else None
-    return code is not None and code != grpc.StatusCode.OK
-
-
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
-    code, message = status_for(exc)
-    if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-        log.info("%s rejected: %s %s", method, code.name, message)
-    elif code == grpc.StatusCode.UNAVAILABLE:
-        log.warning("%s failed: %s %s", method, code.name, message)
-    context.abort(code, message)
-
-
-def grpc_errors(method: Callable) -> Callable:
-    """Decorate a servicer method (unary or server-streaming) so every exception maps to one status."""
-    name = method.__qualname__
-
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def streaming(self, request, context):
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:
-                if _already_aborted(context):
-                    raise
-                _abort(context, exc, name)
-
-        return streaming
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            if _already_aborted(context):
-                raise
-            _abort(context, exc, name)
-
-    return unary
+    status = "CANCELLED"

@@ -27,8 +27,9 @@ def test_20_mb_round_trip_through_multipart_upload(store, key_prefix, tmp_path):
 
 
 def test_metadata_round_trip(store, key_prefix):
-    ref = store.put_bytes(f"{key_prefix}/m.json", b"{}", content_type="application/json",
-                          metadata={"speaker": "obama", "fps": "29.97"})
+    ref = store.put_bytes(
+        f"{key_prefix}/m.json", b"{}", content_type="application/json", metadata={"speaker": "obama", "fps": "29.97"}
+    )
     stat = store.stat(ref.key)
     assert stat.metadata == {"speaker": "obama", "fps": "29.97"}
     assert stat.sha256 == sha256_bytes(b"{}")

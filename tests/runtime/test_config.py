@@ -20,8 +20,13 @@ def test_defaults_when_only_required_values_are_set():
 
 
 def test_values_are_parsed_with_types():
-    env = BASE | {"A2V_LISTEN": "0.0.0.0:50051", "A2V_MAX_WORKERS": "4", "A2V_GRACE_SECONDS": "2.5",
-                  "A2V_S3_SECURE": "true", "A2V_LOG_LEVEL": "debug"}
+    env = BASE | {
+        "A2V_LISTEN": "0.0.0.0:50051",
+        "A2V_MAX_WORKERS": "4",
+        "A2V_GRACE_SECONDS": "2.5",
+        "A2V_S3_SECURE": "true",
+        "A2V_LOG_LEVEL": "debug",
+    }
     config = Config.from_env("face", env)
     assert config.server.listen == "0.0.0.0:50051"
     assert config.server.max_workers == 4

@@ -7,7 +7,7 @@ import pytest
 import urllib3
 
 from services.runtime import errors
-from services.runtime.errors import status_for
+from services.runtime.status import status_for
 
 
 @pytest.mark.parametrize(
