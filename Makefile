@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto' | sort)
 GENERATED := audio2video/.generated
@@ -10,22 +11,26 @@ PYTEST_ARGS ?=
 
 .PHONY: setup proto test test-all lint format up down status demo e2e bench clean
 
-# The virtualenv with pinned requirements; the project itself is installed editable (compat mode puts
-# the repo root on sys.path, so the generated `audio2video` stubs import like any package).
-$(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
+# 1. The virtualenv with the pinned requirements.
+$(DEPS): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat
 	@touch $@
 
-# Python stubs (with .pyi) for every contract, generated into ./audio2video (not committed).
-$(GENERATED): $(PROTOS) $(INSTALLED)
+# 2. Python stubs (with .pyi) for every contract, generated into ./audio2video (not committed).
+$(GENERATED): $(PROTOS) $(DEPS)
 	rm -rf audio2video
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	find audio2video -type d -exec touch {}/__init__.py \;
 	@touch $@
 
-setup: $(INSTALLED) $(GENERATED)
+# 3. The project itself, editable (after the stubs exist, so `audio2video` is one of its packages),
+#    which also installs the `a2v` command.
+$(INSTALLED): pyproject.toml $(GENERATED)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+setup: $(INSTALLED)
 
 proto: $(GENERATED)
 
