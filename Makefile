@@ -9,7 +9,7 @@ PROTOS := $(shell find proto -name '*.proto' | sort)
 GENERATED := audio2video/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup proto test test-all lint format up down status demo e2e bench clean
+.PHONY: setup proto test test-all lint format up down status demo clean
 
 # 1. The virtualenv with the pinned requirements.
 $(DEPS): requirements.txt requirements-dev.txt
