@@ -75,6 +75,13 @@ def derive_key(
     return validate_key(f"{kind}/{digest}/{name}")
 
 
+def derive_prefix(
+    kind: str, *, inputs: Sequence[str] = (), params: Mapping[str, object] | None = None, version: int = 1
+) -> str:
+    """Deterministic folder `<kind>/<digest>` for a stage output made of several objects."""
+    return derive_key(kind, "_", inputs=inputs, params=params, version=version).rsplit("/", 1)[0]
+
+
 def content_key(prefix: str, sha256: str, suffix: str = "") -> str:
     """Key of a blob addressed by its own content: `<prefix>/<sha256><suffix>`."""
     if not _HEX64.match(sha256):

@@ -62,3 +62,10 @@ def test_unsafe_keys_are_rejected(key):
 
 def test_ordinary_keys_pass():
     assert validate_key("jobs/abc-1/out_v1.mp4") == "jobs/abc-1/out_v1.mp4"
+
+
+def test_derive_prefix_is_the_folder_of_derive_key():
+    from services.runtime.keys import derive_prefix
+
+    prefix = derive_prefix("audio", inputs=[SHA_A], params={"x": 1})
+    assert derive_key("audio", "features.npy", inputs=[SHA_A], params={"x": 1}) == f"{prefix}/features.npy"
