@@ -131,3 +131,23 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+@pytest.fixture()
+def run_server():
+    """Start real gRPC servers on loopback port 0 for given bindings; all are stopped after the test."""
+    from services.runtime.config import ServerConfig
+    from services.runtime.server import create_server
+
+    servers = []
+
+    def start(bindings, **config) -> int:
+        server, port = create_server(ServerConfig(service="test", **config), bindings)
+        server.start()
+        server.load_and_mark_serving()
+        servers.append(server)
+        return port
+
+    yield start
+    for server in servers:
+        server.stop(0).wait()
