@@ -20,11 +20,13 @@ pytestmark = pytest.mark.integration
 def stack_env(tmp_path):
     """Environment for a stack on free ports with its own state folder (never the developer's stack)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MAKE", "MFLAGS"))}
-    env.update({
-        "A2V_STACK_DIR": str(tmp_path / "stack"),
-        "A2V_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
-    })
+    env.update(
+        {
+            "A2V_STACK_DIR": str(tmp_path / "stack"),
+            "A2V_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
+        }
+    )
     for component in COMPONENTS:
         env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
     yield env
