@@ -17,8 +17,9 @@ import av
 import cv2
 import numpy as np
 
-from services.face.core import LandmarkDetector, analyze_video, encode_crops
+from services.face.core import LandmarkDetector, analyze_video
 from services.face.video import iter_frames
+from services.runtime.frames import encode_frames
 
 CLIPS = (
     ("256x256", "speakers/obama/obama_clip1.mp4"),
@@ -73,7 +74,7 @@ def main() -> None:
         t0 = time.perf_counter()
         analysis = analyze_video(data, detector=detector, decode_threads=1)
         fps = analysis.frame_count / (time.perf_counter() - t0)
-        ratio = len(encode_crops(analysis.crops)) / analysis.crops.nbytes
+        ratio = len(encode_frames(analysis.crops)) / analysis.crops.nbytes
         print(
             f"{label:<12} {analysis.frame_count:>6} {fps:>13.1f} {decode_fps:>16.1f} "
             f"{int(np.sum(analysis.detected)):>10} {ratio:>9.2f}"

@@ -12,12 +12,11 @@ from services.face.core import (
     LandmarkDetector,
     VideoAnalysis,
     analyze_video,
-    decode_crops,
-    encode_crops,
     smooth_landmarks,
 )
 from services.face.video import iter_frames
 from services.runtime.errors import Cancelled, InvalidInput, NoFace, TooLarge
+from services.runtime.frames import decode_frames, encode_frames
 from tests.face.helpers import KATIE, OBAMA, encode_clip
 
 pytestmark = pytest.mark.skipif(not OBAMA.is_file(), reason="shared data not present")
@@ -191,19 +190,19 @@ def test_512_clip_first_frames(detector):
 
 def test_crop_archive_is_lossless_and_smaller(analysis):
     crops = np.ascontiguousarray(analysis.crops)
-    data = encode_crops(crops)
+    data = encode_frames(crops)
     assert len(data) < 0.7 * crops.nbytes
-    np.testing.assert_array_equal(decode_crops(data), crops)
-    np.testing.assert_array_equal(decode_crops(data, indices=[5, 1]), crops[[5, 1]])
-    masks = encode_crops(analysis.crop_masks)
+    np.testing.assert_array_equal(decode_frames(data), crops)
+    np.testing.assert_array_equal(decode_frames(data, indices=[5, 1]), crops[[5, 1]])
+    masks = encode_frames(analysis.crop_masks)
     assert len(masks) < 0.05 * analysis.crop_masks.nbytes
-    np.testing.assert_array_equal(decode_crops(masks), analysis.crop_masks)
-    with pytest.raises(InvalidInput, match="not a crop archive"):
-        decode_crops(b"nope")
+    np.testing.assert_array_equal(decode_frames(masks), analysis.crop_masks)
+    with pytest.raises(InvalidInput, match="not a frame archive"):
+        decode_frames(b"nope")
     with pytest.raises(InvalidInput, match="out of range"):
-        decode_crops(data, indices=[99])
+        decode_frames(data, indices=[99])
     with pytest.raises(InvalidInput, match="uint8"):
-        encode_crops(crops.astype(np.float32))
+        encode_frames(crops.astype(np.float32))
 
 
 @pytest.mark.slow

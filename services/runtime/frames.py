@@ -1,0 +1,93 @@
+"""Image stacks as blobs: one PNG per frame in an uncompressed zip, so any frame reads alone, bit-exact.
+
+Used for canonical crops and their masks (face), synthesized textures (texture, teeth): the format
+every stage shares, so it lives in the runtime rather than in one stage's core.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import cv2
+import numpy as np
+
+from services.runtime.errors import InvalidInput
+
+FRAMES_FORMAT = "a2v-frames-png/1"
+FRAMES_CONTENT_TYPE = "application/x-a2v-frames+zip"
+
+
+def encode_frames(crops: np.ndarray, *, compression: int = 6) -> bytes:
+    """Losslessly compress a stack of images: one PNG per frame in an uncompressed zip.
+
+    The zip holds `header.json` ({"format": "a2v-frames-png/1", "shape": [...], "dtype": "uint8"}) and
+    `000000.png`, `000001.png`, ... so any frame can be read alone. Measured on the shared clips (150 x 180
+    crops): 30 % of the raw size from 256x256 video, 34 % from 1080p, 45 % from 512x512; masks ~1 %.
+
+    Args:
+        crops: uint8 [F, h, w, 3] BGR or [F, h, w] (e.g. masks).
+        compression: PNG (zlib) level 0-9; default 6.
+
+    Returns:
+        The archive bytes.
+
+    Raises:
+        InvalidInput: wrong dtype or shape.
+    """
+    arr = np.asarray(crops)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3, 4)):
+        raise InvalidInput(f"crops must be uint8 [F, h, w] or [F, h, w, 3], got {arr.dtype} {arr.shape}")
+    if not 0 <= compression <= 9:
+        raise InvalidInput(f"compression must be in [0, 9], got {compression}")
+    buffer = io.BytesIO()
+    header = {"format": FRAMES_FORMAT, "shape": list(arr.shape), "dtype": "uint8"}
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("header.json", json.dumps(header))
+        for i, image in enumerate(arr):
+            ok, png = cv2.imencode(".png", image, params)
+            if not ok:
+                raise InvalidInput(f"frame {i} of shape {image.shape} cannot be PNG-encoded")
+            archive.writestr(f"{i:06d}.png", png.tobytes())
+    return buffer.getvalue()
+
+
+def decode_frames(data: bytes, *, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
+    """Read an `encode_frames` archive back, bit-exact.
+
+    Args:
+        data: Archive bytes.
+        indices: Frames to read (default all), in the order given.
+
+    Returns:
+        uint8 [N, h, w, 3] or [N, h, w] (the encoded shape, N = len(indices) or F).
+
+    Raises:
+        InvalidInput: not such an archive, corrupt frame, index out of range.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(bytes(data)))
+        header = json.loads(archive.read("header.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise InvalidInput(f"not a frame archive: {exc}") from exc
+    if header.get("format") != FRAMES_FORMAT:
+        raise InvalidInput(f"unknown frame archive format {header.get('format')!r}")
+    shape = tuple(int(v) for v in header["shape"])
+    order = np.arange(shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+    if order.size and (order.min() < 0 or order.max() >= shape[0]):
+        raise InvalidInput(f"crop index out of range [0, {shape[0]})")
+    out = np.empty((len(order),) + shape[1:], dtype=np.uint8)
+    flag = cv2.IMREAD_UNCHANGED
+    for row, i in enumerate(order):
+        try:
+            png = np.frombuffer(archive.read(f"{int(i):06d}.png"), dtype=np.uint8)
+        except KeyError as exc:
+            raise InvalidInput(f"frame archive lacks frame {int(i)}") from exc
+        image = cv2.imdecode(png, flag)
+        if image is None:
+            raise InvalidInput(f"frame {int(i)} of the frame archive is corrupt")
+        image = image.reshape(shape[1:])
+        out[row] = image
+    return out
