@@ -1,24 +1,440 @@
-"""gRPC servicer of the `face` stage: fetch blobs, call the core, store blobs, map errors.
-
-RPCs that this class does not override are answered by the generated base class with
-UNIMPLEMENTED; the stage's issue fills them in.
-"""
+"""gRPC servicer of the `face` stage: Probe, Analyze (cached by content hash) and BuildSpeakerDataset."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2, face_pb2_grpc
-from services.runtime.blobstore import BlobStore
-from services.runtime.config import Config
-from services.runtime.server import ServiceBinding, store_backed_bindings
+from services.face import dataset as dataset_core
+from services.face.core import VideoAnalysis, analyze_video
+from services.face.landmarks import LandmarkDetector
+from services.face.video import VideoInfo, probe_video
+from services.runtime.blobstore import ArrayInfo, BlobRef, BlobStore, wait_for_store
+from services.runtime.config import Config, Env
+from services.runtime.errors import InvalidInput, NotFound, TooLarge
+from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
+from services.runtime.keys import derive_prefix, sha256_file, validate_key
+from services.runtime.progress import Finished, stream_progress
+from services.runtime.protos import array_ref, blob_ref, load_result, object_ref, store_result
+from services.runtime.server import ServiceBinding, binding_for
+from services.runtime.status import grpc_errors
+
+log = logging.getLogger(__name__)
+ANALYSIS_FORMAT_VERSION = 1
+DATASET_FORMAT_VERSION = 1
+SPEAKER_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """Analyze's options with every default resolved (part of the cache key)."""
+
+    detection_max_side_px: int = 480
+    detection_upsample: int = 1
+    min_detection_score: float = 0.0
+    redetect_interval_frames: int = 10
+    smoothing_cutoff_hz: float = 8.0
+    crop_region: tuple[float, float, float, float] = (0.25, 0.5, 0.75, 1.1)
+    crop_width_px: int = 150
+    crop_height_px: int = 180
+
+    @classmethod
+    def from_proto(cls, options: face_pb2.AnalyzeOptions) -> AnalyzeSettings:
+        region = options.crop.region
+        given_region = (region.left, region.top, region.right, region.bottom)
+        settings = cls(
+            detection_max_side_px=options.detection_max_side_px or cls.detection_max_side_px,
+            detection_upsample=(
+                options.detection_upsample if options.HasField("detection_upsample") else cls.detection_upsample
+            ),
+            min_detection_score=(
+                options.min_detection_score if options.HasField("min_detection_score") else cls.min_detection_score
+            ),
+            redetect_interval_frames=options.redetect_interval_frames or cls.redetect_interval_frames,
+            smoothing_cutoff_hz=(
+                options.smoothing_cutoff_hz if options.HasField("smoothing_cutoff_hz") else cls.smoothing_cutoff_hz
+            ),
+            crop_region=given_region if any(given_region) else cls.crop_region,
+            crop_width_px=options.crop.width_px or cls.crop_width_px,
+            crop_height_px=options.crop.height_px or cls.crop_height_px,
+        )
+        if not 64 <= settings.detection_max_side_px <= 4096:
+            raise InvalidInput(f"detection_max_side_px must be in [64, 4096], got {settings.detection_max_side_px}")
+        if not 0 <= settings.detection_upsample <= 3:
+            raise InvalidInput(f"detection_upsample must be in [0, 3], got {settings.detection_upsample}")
+        if not 1 <= settings.redetect_interval_frames <= 1000:
+            raise InvalidInput(
+                f"redetect_interval_frames must be in [1, 1000], got {settings.redetect_interval_frames}"
+            )
+        if not 0 <= settings.smoothing_cutoff_hz <= 60:
+            raise InvalidInput(f"smoothing_cutoff_hz must be in [0, 60], got {settings.smoothing_cutoff_hz}")
+        return settings
+
+    def detector_key(self) -> tuple:
+        return (
+            self.detection_max_side_px,
+            self.detection_upsample,
+            self.min_detection_score,
+            self.redetect_interval_frames,
+        )
+
+    def to_proto(self) -> face_pb2.AnalyzeOptions:
+        left, top, right, bottom = self.crop_region
+        return face_pb2.AnalyzeOptions(
+            detection_max_side_px=self.detection_max_side_px,
+            detection_upsample=self.detection_upsample,
+            min_detection_score=self.min_detection_score,
+            redetect_interval_frames=self.redetect_interval_frames,
+            smoothing_cutoff_hz=self.smoothing_cutoff_hz,
+            crop=face_pb2.CropOptions(
+                region=face_pb2.CropRegion(left=left, top=top, right=right, bottom=bottom),
+                width_px=self.crop_width_px,
+                height_px=self.crop_height_px,
+            ),
+        )
+
+
+class DetectorPool:
+    """Loaded detectors by setting, lent to one analysis at a time (a detector is not thread-safe).
+
+    Loading the 68-point model takes about a second, so detectors are kept and reused; the pool grows
+    to the number of concurrent analyses with the same settings.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[LandmarkDetector]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self, settings: AnalyzeSettings) -> Iterator[LandmarkDetector]:
+        key = settings.detector_key()
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            detector = free.pop() if free else None
+        if detector is None:
+            detector = LandmarkDetector(
+                detect_max_side=settings.detection_max_side_px,
+                upsample=settings.detection_upsample,
+                min_score=settings.min_detection_score,
+                redetect_interval=settings.redetect_interval_frames,
+            )
+        try:
+            yield detector
+        finally:
+            with self._lock:
+                self._free[key].append(detector)
+
+    def warm(self, settings: AnalyzeSettings = AnalyzeSettings()) -> None:
+        """Load one detector with `settings` (the service is SERVING only after this)."""
+        with self.borrow(settings):
+            pass
+
+
+def video_info_message(info: VideoInfo) -> face_pb2.VideoInfo:
+    return face_pb2.VideoInfo(
+        frame_count=info.frame_count,
+        frame_rate=common_pb2.FrameRate(numerator=info.fps_num, denominator=info.fps_den),
+        width=info.width,
+        height=info.height,
+        duration_seconds=info.duration_seconds,
+        variable_frame_rate=info.variable_frame_rate,
+        codec=info.codec,
+        rotation_degrees=info.rotation_degrees,
+        has_audio=info.has_audio,
+    )
 
 
 class FaceServicer(face_pb2_grpc.FaceServiceServicer):
-    """The face stage over the object store."""
+    """Video analysis over the object store."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        detectors: DetectorPool | None = None,
+        max_seconds: float = 1800.0,
+        max_input_bytes: int = 4 << 30,
+    ) -> None:
         self.store = store
+        self.detectors = detectors or DetectorPool()
+        self.max_seconds = max_seconds
+        self.max_input_bytes = max_input_bytes
+
+    # -- Probe ---------------------------------------------------------------------------------
+
+    @grpc_errors
+    def Probe(self, request: face_pb2.ProbeRequest, context) -> face_pb2.ProbeResponse:
+        """Header facts of a video (and a check that its first frame decodes)."""
+        source = blob_ref(request.video, default_bucket=self.store.bucket, what="video")
+        with self._downloaded(source) as path:
+            return face_pb2.ProbeResponse(info=video_info_message(probe_video(path)))
+
+    # -- Analyze -------------------------------------------------------------------------------
+
+    @grpc_errors
+    def Analyze(self, request: face_pb2.AnalyzeRequest, context):
+        """Stream progress, then the analysis; a finished analysis of the same video and options is reused."""
+        source = blob_ref(request.video, default_bucket=self.store.bucket, what="video")
+        settings = AnalyzeSettings.from_proto(request.options)
+        stored = self.store.stat(source.key, bucket=source.bucket)
+        video_sha = source.sha256 or stored.sha256
+        if not video_sha:  # written by a foreign tool without our sha256 metadata: hash the content
+            with self._downloaded(source) as path:
+                video_sha = sha256_file(path)
+        prefix = request.output_prefix.rstrip("/") or derive_prefix(
+            "analysis/face",
+            inputs=[video_sha],
+            version=ANALYSIS_FORMAT_VERSION,
+            params=dataclasses.asdict(settings),
+        )
+        manifest_key = validate_key(f"{prefix}/manifest.json")
+        log.info("analyze %s -> %s", source.key, prefix, extra={"request_id": request.request_id})
+        if not request.force_recompute:
+            cached = load_result(self.store, manifest_key, face_pb2.VideoAnalysis)
+            if cached is not None:
+                manifest = self.store.stat(manifest_key)
+                yield face_pb2.AnalyzeEvent(
+                    result=face_pb2.AnalyzeResult(manifest=object_ref(manifest), analysis=cached, cached=True)
+                )
+                return
+
+        with self._downloaded(source) as path, self.detectors.borrow(settings) as detector:
+
+            def work(progress, should_stop) -> VideoAnalysis:
+                return analyze_video(
+                    path,
+                    detector=detector,
+                    crop_region=settings.crop_region,
+                    crop_size=(settings.crop_width_px, settings.crop_height_px),
+                    smoothing_cutoff_hz=settings.smoothing_cutoff_hz,
+                    max_duration_seconds=self.max_seconds,
+                    progress=progress,
+                    should_stop=should_stop,
+                )
+
+            for item in stream_progress(context, work, stage="face", unit="frames"):
+                if isinstance(item, Finished):
+                    source_ref = common_pb2.ObjectRef(
+                        bucket=source.bucket,
+                        key=source.key,
+                        sha256=video_sha,
+                        content_type=stored.content_type,
+                        size_bytes=stored.size_bytes,
+                    )
+                    analysis = self._store_analysis(prefix, item.value, settings, source_ref)
+                    manifest = store_result(self.store, manifest_key, analysis)  # last: marks it complete
+                    yield face_pb2.AnalyzeEvent(
+                        result=face_pb2.AnalyzeResult(manifest=object_ref(manifest), analysis=analysis, cached=False)
+                    )
+                else:
+                    yield face_pb2.AnalyzeEvent(progress=item)
+
+    def _store_analysis(
+        self, prefix: str, analysis: VideoAnalysis, settings: AnalyzeSettings, video: common_pb2.ObjectRef
+    ) -> face_pb2.VideoAnalysis:
+        fps = analysis.info.fps
+
+        def put(name: str, array: np.ndarray, rate: float = fps) -> common_pb2.ArrayRef:
+            return array_ref(*self.store.put_array(f"{prefix}/{name}.npy", np.ascontiguousarray(array), fps=rate))
+
+        def put_frames(name: str, frames: np.ndarray) -> common_pb2.ArrayRef:
+            blob = self.store.put_bytes(
+                f"{prefix}/{name}.frames.zip", encode_frames(frames), content_type=FRAMES_CONTENT_TYPE
+            )
+            return array_ref(blob, ArrayInfo(tuple(frames.shape), str(frames.dtype), fps))
+
+        geometry = analysis.geometry
+        left, top, right, bottom = geometry.crop_region
+        return face_pb2.VideoAnalysis(
+            format_version=ANALYSIS_FORMAT_VERSION,
+            video=video,
+            info=video_info_message(dataclasses.replace(analysis.info, frame_count=analysis.frame_count)),
+            options=settings.to_proto(),
+            geometry=face_pb2.CanonicalGeometry(
+                template_id=geometry.template_id,
+                template=put("template", geometry.template, 0.0),
+                crop_region=face_pb2.CropRegion(left=left, top=top, right=right, bottom=bottom),
+                crop_width_px=geometry.crop_width_px,
+                crop_height_px=geometry.crop_height_px,
+            ),
+            timestamps_seconds=put("timestamps", analysis.timestamps.astype(np.float64)),
+            landmarks=put("landmarks", analysis.landmarks.astype(np.float32)),
+            face_valid=put("face_valid", analysis.face_valid.astype(np.uint8)),
+            detection_scores=put("detection_scores", analysis.detection_scores.astype(np.float32)),
+            mouth_shapes=put("mouth_shapes", analysis.canonical_mouth.astype(np.float32)),
+            jaw_lines=put("jaw_lines", analysis.jaw.astype(np.float32)),
+            head_pose=put("head_pose", analysis.head_pose.astype(np.float32)),
+            head_motion=put("head_motion", analysis.head_motion.astype(np.float32)),
+            eye_openness=put("eye_openness", analysis.eye_openness.astype(np.float32)),
+            crops=put_frames("crops", analysis.crops),
+            crop_masks=put_frames("crop_masks", analysis.crop_masks),
+            valid_frame_count=analysis.valid_frame_count,
+        )
+
+    # -- BuildSpeakerDataset ---------------------------------------------------------------------
+
+    @grpc_errors
+    def BuildSpeakerDataset(self, request: face_pb2.BuildSpeakerDatasetRequest, context):
+        """Pair every clip's features with its mouth shapes, split by clip, fit the PCA, store both."""
+        if not SPEAKER_NAME.match(request.speaker):
+            raise InvalidInput(f"speaker name {request.speaker!r} must match [a-z0-9_-]{{1,64}}")
+        if not request.clips:
+            raise InvalidInput("a speaker dataset needs at least one clip")
+        manifests = [self._manifest(clip.analysis_manifest) for clip in request.clips]
+        template_ids = {m.geometry.template_id for m in manifests}
+        if len(template_ids) != 1:
+            raise InvalidInput(f"clips were analysed with different canonical templates {sorted(template_ids)}")
+        validation = request.validation
+        fraction = validation.validation_fraction if validation.HasField("validation_fraction") else 0.2
+        seed = validation.seed if validation.HasField("seed") else 42
+        retained = request.options.pca_retained_variance or 0.99
+        max_components = request.options.max_components or 40
+        inputs = []
+        for clip, manifest in zip(request.clips, manifests, strict=True):
+            inputs += [manifest.mouth_shapes.object.sha256, self._sha(clip.features.object)]
+        clip_ids = [
+            clip.clip_id or manifest.video.sha256[:16] for clip, manifest in zip(request.clips, manifests, strict=True)
+        ]
+        params = {
+            "clip_ids": clip_ids,
+            "validation": list(validation.validation_clip_ids),
+            "fraction": fraction,
+            "seed": seed,
+            "retained": retained,
+            "max_components": max_components,
+        }
+        prefix = request.output_prefix.rstrip("/") or derive_prefix(
+            f"datasets/{request.speaker}", inputs=inputs, params=params, version=DATASET_FORMAT_VERSION
+        )
+        result_key = validate_key(f"{prefix}/result.json")
+        cached = load_result(self.store, result_key, face_pb2.BuildSpeakerDatasetResult)
+        if cached is not None:
+            yield face_pb2.BuildSpeakerDatasetEvent(result=cached)
+            return
+
+        def work(progress, should_stop) -> dataset_core.SpeakerDataset:
+            clips = []
+            for index, (clip, manifest) in enumerate(zip(request.clips, manifests, strict=True)):
+                clips.append(self._clip_tracks(clip_ids[index], clip, manifest))
+                progress(index, len(request.clips))
+            return dataset_core.build_speaker_dataset(
+                clips,
+                validation_clip_ids=list(validation.validation_clip_ids),
+                validation_fraction=fraction,
+                seed=seed,
+                retained_variance=retained,
+                max_components=max_components,
+            )
+
+        for item in stream_progress(context, work, stage="dataset", unit="clips"):
+            if not isinstance(item, Finished):
+                yield face_pb2.BuildSpeakerDatasetEvent(progress=item)
+                continue
+            built: dataset_core.SpeakerDataset = item.value
+            template_id = template_ids.pop()
+            dataset_blob = self.store.put_arrays(f"{prefix}/dataset.npz", built.arrays())
+            pca_blob = self.store.put_arrays(
+                f"{prefix}/pca.npz", built.pca.arrays() | {"template_id": np.array(template_id)}
+            )
+            chosen = built.is_validation
+            result = face_pb2.BuildSpeakerDatasetResult(
+                dataset=object_ref(dataset_blob),
+                pca=object_ref(pca_blob),
+                retained_variance=built.pca.retained_variance,
+                n_components=len(built.pca.components),
+                train_frames=built.rows_of(validation=False),
+                validation_frames=built.rows_of(validation=True),
+                train_clip_ids=[c for c, v in zip(built.clip_ids, chosen, strict=True) if not v],
+                validation_clip_ids=[c for c, v in zip(built.clip_ids, chosen, strict=True) if v],
+                dropped_frames=built.dropped_rows,
+                template_id=template_id,
+            )
+            store_result(self.store, result_key, result)
+            log.info(
+                "dataset of %s: %d train / %d validation rows, %d components (%.4f variance)",
+                request.speaker,
+                result.train_frames,
+                result.validation_frames,
+                result.n_components,
+                result.retained_variance,
+            )
+            yield face_pb2.BuildSpeakerDatasetEvent(result=result)
+
+    def _manifest(self, ref: common_pb2.ObjectRef) -> face_pb2.VideoAnalysis:
+        source = blob_ref(ref, default_bucket=self.store.bucket, what="analysis manifest")
+        manifest = load_result(self.store, source.key, face_pb2.VideoAnalysis)
+        if manifest is None:
+            raise NotFound(f"analysis manifest not found: {source.bucket}/{source.key}")
+        return manifest
+
+    def _sha(self, ref: common_pb2.ObjectRef) -> str:
+        source = blob_ref(ref, default_bucket=self.store.bucket, what="features")
+        return source.sha256 or self.store.stat(source.key, bucket=source.bucket).sha256
+
+    def _array(self, ref: common_pb2.ArrayRef) -> tuple[np.ndarray, ArrayInfo]:
+        source = blob_ref(ref.object, default_bucket=self.store.bucket, what="array")
+        return self.store.get_array(source.key, bucket=source.bucket, expected_sha256=source.sha256)
+
+    def _clip_tracks(
+        self, clip_id: str, clip: face_pb2.SpeakerClip, manifest: face_pb2.VideoAnalysis
+    ) -> dataset_core.ClipTracks:
+        features, info = self._array(clip.features)
+        if features.ndim != 2:
+            raise InvalidInput(f"features of clip {clip_id} must be [T, D], got shape {features.shape}")
+        return dataset_core.ClipTracks(
+            clip_id=clip_id,
+            timestamps=self._array(manifest.timestamps_seconds)[0],
+            mouth_shapes=self._array(manifest.mouth_shapes)[0],
+            face_valid=self._array(manifest.face_valid)[0].astype(bool),
+            features=features,
+            feature_start_seconds=info.start_seconds,
+            feature_rate=info.fps or 100.0,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _downloaded(self, source: BlobRef) -> Iterator[Path]:
+        """The video in a temporary file (decoders read files without holding the whole video in memory)."""
+        stored = self.store.stat(source.key, bucket=source.bucket)
+        if stored.size_bytes > self.max_input_bytes:
+            raise TooLarge(f"video {source.key} is {stored.size_bytes} bytes, over the limit of {self.max_input_bytes}")
+        with tempfile.TemporaryDirectory(prefix="a2v-face-") as folder:
+            path = Path(folder) / "video"
+            self.store.get_file(source.key, path, bucket=source.bucket, expected_sha256=source.sha256)
+            yield path
+
+
+def read_limits(environ: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Stage limits: A2V_FACE_MAX_SECONDS (default 1800 s), A2V_FACE_MAX_INPUT_BYTES (default 4 GiB)."""
+    env = Env(environ)
+    limits = {
+        "max_seconds": env.get_float("A2V_FACE_MAX_SECONDS", 1800.0, minimum=1.0, maximum=24 * 3600.0),
+        "max_input_bytes": env.get_int("A2V_FACE_MAX_INPUT_BYTES", 4 << 30, minimum=1024),
+    }
+    env.check()
+    return limits
 
 
 def bindings(config: Config) -> list[ServiceBinding]:
-    """What `python -m services.face` serves."""
-    return store_backed_bindings(config, face_pb2, face_pb2_grpc, "FaceService", FaceServicer)
+    """What `python -m services.face` serves: SERVING once the store answers and the landmark model is loaded."""
+    store = BlobStore.from_config(config.store)
+    detectors = DetectorPool()
+    servicer = FaceServicer(store, detectors=detectors, **read_limits())
+
+    def load() -> None:
+        wait_for_store(store)
+        detectors.warm()
+
+    return [binding_for(face_pb2, face_pb2_grpc, "FaceService", servicer, load=load)]
