@@ -113,6 +113,10 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # Clients re-resolve DNS only when a connection closes: ageing connections out lets replicas that
+    # an autoscaler added receive calls. In-flight calls get `max_connection_age_grace_seconds` to end.
+    max_connection_age_seconds: float = 60.0
+    max_connection_age_grace_seconds: float = 600.0
 
     @classmethod
     def read(cls, env: Env, service: str) -> ServerConfig:
@@ -128,6 +132,15 @@ class ServerConfig:
             ),
             grace_seconds=env.get_float("A2V_GRACE_SECONDS", cls.grace_seconds, minimum=0.0, maximum=3600.0),
             log_level=env.get_str("A2V_LOG_LEVEL", cls.log_level).upper(),
+            max_connection_age_seconds=env.get_float(
+                "A2V_MAX_CONNECTION_AGE_SECONDS", cls.max_connection_age_seconds, minimum=1.0, maximum=86400.0
+            ),
+            max_connection_age_grace_seconds=env.get_float(
+                "A2V_MAX_CONNECTION_AGE_GRACE_SECONDS",
+                cls.max_connection_age_grace_seconds,
+                minimum=0.0,
+                maximum=86400.0,
+            ),
         )
 
 
