@@ -1,7 +1,7 @@
 """`make demo`: start the local stack, store the inputs, and drive the stages over gRPC.
 
 Until the orchestrator lands (issue 7) this shows what the running system answers: every stage's
-health and API, and a real call to the first stage of a job with the stored inputs.
+health and API, and real calls to the stages built so far (audio features, face analysis).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
+from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from deploy.local import COMPONENTS, REPO, LocalStack, stack_environment
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, health_status
@@ -45,6 +46,19 @@ def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
     )
 
 
+def final(events, stage: str):
+    """Follow a progress stream on one line; return its result."""
+    for event in events:
+        if event.HasField("progress"):
+            p = event.progress
+            total = f"/{p.total}" if p.total else ""
+            print(f"\r  {stage:<14} {p.done}{total} {p.unit}   ", end="", flush=True)
+        else:
+            print("\r", end="")
+            return event.result
+    raise RuntimeError(f"{stage} ended without a result")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     parser.add_argument("--audio", type=Path, default=DEFAULT_AUDIO, help="speech to lip-sync (any audio file)")
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print("2. inputs into the object store")
     store = BlobStore.from_config(Config.from_env("demo", env).store)
     audio_ref = upload(store, args.audio.resolve())
-    upload(store, args.video.resolve())
+    video_ref = upload(store, args.video.resolve())
 
     print("3. stages over gRPC (health and API, read by reflection)")
     addresses = stack.client_environment()
@@ -72,19 +86,35 @@ def main(argv: list[str] | None = None) -> int:
             methods = [method.name for method in pool.FindServiceByName(component.grpc_service).methods]
         print(f"  {component.name:<13} {state:<12} {', '.join(methods)}")
 
-    print("4. AudioService.Extract on the stored audio")
-    channel = create_channel(addresses["A2V_AUDIO_ADDR"], ["audio2video.audio.v1.AudioService"], timeout_seconds=300)
-    with channel:
-        request = audio_pb2.ExtractRequest(audio=audio_ref, request_id="demo")
-        try:
-            for event in audio_pb2_grpc.AudioServiceStub(channel).Extract(request):
-                if event.HasField("result"):
-                    print(f"  result: {event.result}")
-        except grpc.RpcError as exc:
-            print(f"  answered {exc.code().name}: {exc.details()}")
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                return 1
-            print("  (the stage algorithms land with issues 3-7; the stack stays up: `make down` stops it)")
+    print("4. the stages that are built, on the stored inputs")
+    face = face_pb2_grpc.FaceServiceStub(
+        create_channel(addresses["A2V_FACE_ADDR"], ["audio2video.face.v1.FaceService"], timeout_seconds=1800)
+    )
+    audio = audio_pb2_grpc.AudioServiceStub(
+        create_channel(addresses["A2V_AUDIO_ADDR"], ["audio2video.audio.v1.AudioService"], timeout_seconds=600)
+    )
+    try:
+        info = face.Probe(face_pb2.ProbeRequest(video=video_ref, request_id="demo")).info
+        rate = info.frame_rate
+        print(f"  face.Probe      {info.width}x{info.height} {info.codec} at {rate.numerator}/{rate.denominator} fps")
+        extract = final(audio.Extract(audio_pb2.ExtractRequest(audio=audio_ref, output_frame_rate=rate)), "audio")
+        print(
+            f"  audio.Extract   {extract.duration_seconds:.1f} s of {extract.source_codec}: features "
+            f"{list(extract.features.meta.shape)}, {extract.output_frame_count} output frames, "
+            f"{extract.speech_fraction:.0%} speech{' (cached)' if extract.cached else ''}"
+        )
+        analysis = final(face.Analyze(face_pb2.AnalyzeRequest(video=video_ref, request_id="demo")), "face")
+        summary = analysis.analysis
+        print(
+            f"  face.Analyze    {summary.valid_frame_count}/{summary.info.frame_count} frames with a face, "
+            f"crops {list(summary.crops.meta.shape)}{' (cached)' if analysis.cached else ''}"
+        )
+        print(f"                  manifest s3://{analysis.manifest.bucket}/{analysis.manifest.key}")
+    except grpc.RpcError as exc:
+        print(f"  failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print("  lip sync, texture, teeth, re-timing and compositing land with issues 4-7: no video is rendered yet.")
+    print("  The stack stays up for more calls; `make down` stops it.")
     return 0
 
 
