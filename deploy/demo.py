@@ -17,12 +17,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2, face_pb2_grpc
-from deploy.local import COMPONENTS, REPO, LocalStack, stack_environment
+from deploy.local import COMPONENTS, LocalStack, stack_environment
+from deploy.samples import SAMPLE_DATA
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, health_status
 from services.runtime.config import Config
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = SAMPLE_DATA
 DEFAULT_AUDIO = SHARED_DATA / "audio" / "commentary_60s.wav"
 DEFAULT_VIDEO = SHARED_DATA / "speakers" / "obama" / "obama_clip2.mp4"
 CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from deploy.local import WEED_PORT_COUNT, weed_command
+from deploy.samples import SAMPLE_DATA
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import StoreConfig
 
 ACCESS_KEY = "a2v-test"
 SECRET_KEY = "a2v-test-secret-key"
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = SAMPLE_DATA
 
 
 def free_port() -> int:

@@ -7,9 +7,10 @@ import statistics
 import time
 from pathlib import Path
 
+from deploy.samples import SAMPLE_DATA
 from services.audio import core
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SAMPLE_DATA
 DEFAULT_FILES = [
     DATA / "audio" / "commentary_60s.wav",
     DATA / "audio" / "woman_1080p_own_audio.mp3",

@@ -17,6 +17,7 @@ import av
 import cv2
 import numpy as np
 
+from deploy.samples import SAMPLE_DATA
 from services.face.core import LandmarkDetector, analyze_video
 from services.face.video import iter_frames
 from services.runtime.frames import encode_frames
@@ -51,7 +52,7 @@ def _head(path: Path, frames: int) -> tuple[bytes, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=SAMPLE_DATA)
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})

@@ -17,11 +17,12 @@ import pytest
 import scipy.signal
 import soundfile
 
+from deploy.samples import SAMPLE_DATA
 from services.audio import core
 from services.runtime.errors import Cancelled, InvalidInput, NotFound, TooLarge
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data"
+DATA = SAMPLE_DATA
 AUDIO = DATA / "audio"
 NTSC = Fraction(30000, 1001)
 

@@ -207,6 +207,25 @@ def requirement_names(path: Path) -> set[str]:
     return names
 
 
+@functools.cache
+def import_providers() -> dict[str, set[str]]:
+    """Top-level import name -> distributions that install it, read from each distribution's files.
+
+    `packages_distributions()` trusts top_level.txt, which some wheels get wrong (dlib-bin lists only
+    `_dlib_pybind11` although it installs the `dlib` package).
+    """
+    providers: dict[str, set[str]] = {}
+    for dist in importlib.metadata.distributions():
+        for file in dist.files or []:
+            top = file.parts[0] if file.parts else ""
+            if top.endswith((".dist-info", ".egg-info", ".data")) or top in ("..", "__pycache__"):
+                continue
+            providers.setdefault(top.split(".")[0], set()).add(dist.metadata["Name"])
+    for name, dists in importlib.metadata.packages_distributions().items():
+        providers.setdefault(name, set()).update(dists)
+    return providers
+
+
 def installed_closure(names: set[str]) -> set[str]:
     """The distributions `names` bring along (from what is installed here; extras not followed)."""
     seen: set[str] = set()
@@ -810,7 +829,7 @@ def test_third_party_imports_come_from_the_images_requirements(image):
     if image.tensorflow:
         wanted |= requirement_names(REPO / "requirements-tf.txt")
     allowed = installed_closure(wanted)
-    providers = importlib.metadata.packages_distributions()
+    providers = import_providers()
     unprovided = []
     for name in third_party:
         if image.tensorflow and name in TENSORFLOW_IMPORTS:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from deploy.samples import SAMPLE_DATA
+
+SHARED_DATA = SAMPLE_DATA
 OBAMA = SHARED_DATA / "speakers" / "obama" / "obama_clip1.mp4"
 KATIE = SHARED_DATA / "targets" / "hdtf_katiehill_512.mp4"
 
