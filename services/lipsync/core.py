@@ -1,0 +1,163 @@
+"""Pure core of the `lipsync` stage: chunked model runs with the delay removed once, PCA to landmarks, resampling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from services.runtime.errors import InvalidInput
+
+FEATURE_DIM = 28
+MOUTH_POINTS = 20
+# Inner-lip pairs (dlib 61-67, 62-66, 63-65 as indices into points 48-67) that meet when the mouth closes.
+INNER_LIP_PAIRS = ((13, 19), (14, 18), (15, 17))
+
+ModelRun = Callable[[np.ndarray], np.ndarray]
+"""Runs the LSTM on float32 [t, 28] normalised features; returns float32 [t, K], row i = mouth at row i - delay."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One model call: input rows [input_start, input_stop) (rows past the end are zero padding) give the
+    outputs for feature rows [keep_start, keep_stop)."""
+
+    input_start: int
+    input_stop: int
+    keep_start: int
+    keep_stop: int
+
+
+def plan_chunks(n_rows: int, *, delay: int, chunk_rows: int = 3000, overlap_rows: int = 200) -> list[Chunk]:
+    """Cut T rows into model calls whose kept outputs tile [0, T) exactly once.
+
+    Each call starts `overlap_rows // 2` rows before the rows it keeps (warm-up of the LSTM state from
+    zero) and reads `delay` rows past them (the look-ahead the delayed output needs), so a chunked run
+    agrees with one call over the whole sequence up to the decay of the initial state.
+
+    Raises:
+        InvalidInput: non-positive sizes, or an overlap too short for the delay plus 10 rows of warm-up.
+    """
+    if n_rows <= 0:
+        raise InvalidInput(f"no feature rows to predict from (T = {n_rows})")
+    if delay < 0:
+        raise InvalidInput(f"delay must be >= 0, got {delay}")
+    if overlap_rows < 2 * (delay + 10):
+        raise InvalidInput(f"chunk overlap of {overlap_rows} rows is shorter than 2 x (delay {delay} + 10 rows)")
+    if chunk_rows <= overlap_rows:
+        raise InvalidInput(f"chunk of {chunk_rows} rows must be longer than its overlap of {overlap_rows} rows")
+    warm_up = overlap_rows // 2
+    keep = chunk_rows - warm_up - delay
+    chunks = []
+    for start in range(0, n_rows, keep):
+        stop = min(start + keep, n_rows)
+        chunks.append(Chunk(max(0, start - warm_up), stop + delay, start, stop))
+    return chunks
+
+
+def predict_rows(
+    features: np.ndarray, run_model: ModelRun, *, delay: int, chunk_rows: int = 3000, overlap_rows: int = 200
+) -> np.ndarray:
+    """Model output aligned to the features: row t = coefficients of the mouth at feature time t.
+
+    The model's output row i belongs to input row i - delay; here each call's outputs are shifted back by
+    `delay` (the only place the delay is removed), and the last `delay` rows are predicted from zero
+    padding (the mean in normalised space) so the end of the audio gets a mouth shape too.
+
+    Args:
+        features: float32 [T, 28], normalised.
+        run_model: see `ModelRun`.
+        delay: the model's delay in rows.
+
+    Returns:
+        float32 [T, K].
+    """
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or features.shape[1] != FEATURE_DIM:
+        raise InvalidInput(f"features must be [T, {FEATURE_DIM}], got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise InvalidInput("features contain NaN or infinite values")
+    padded = np.concatenate([features, np.zeros((delay, FEATURE_DIM), np.float32)])
+    parts = []
+    for chunk in plan_chunks(len(features), delay=delay, chunk_rows=chunk_rows, overlap_rows=overlap_rows):
+        window = padded[chunk.input_start : chunk.input_stop]
+        output = np.asarray(run_model(window), np.float32)
+        if output.ndim != 2 or len(output) != len(window):
+            raise InvalidInput(f"model returned shape {output.shape} for {len(window)} input rows")
+        first = chunk.keep_start + delay - chunk.input_start
+        parts.append(output[first : first + chunk.keep_stop - chunk.keep_start])
+    return np.concatenate(parts)
+
+
+def output_frame_times(count: int, fps: Fraction, start_seconds: float = 0.0) -> np.ndarray:
+    """float64 [N]: output frame i is shown from start + i / fps (its presentation time)."""
+    if count < 0:
+        raise InvalidInput(f"output frame count must be >= 0, got {count}")
+    return start_seconds + np.arange(count, dtype=np.float64) * (fps.denominator / fps.numerator)
+
+
+def default_frame_count(n_rows: int, feature_rate: float, fps: Fraction) -> int:
+    """N = ceil(duration x fps), duration = T / feature_rate."""
+    return math.ceil(Fraction(n_rows) / Fraction(feature_rate).limit_denominator(1000) * fps)
+
+
+def resample(values: np.ndarray, *, start_seconds: float, rate: float, times: np.ndarray) -> np.ndarray:
+    """Linear interpolation of rows sampled at start + k / rate to `times` (clamped at both ends)."""
+    values = np.asarray(values, np.float64)
+    position = np.clip((np.asarray(times) - start_seconds) * rate, 0, len(values) - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, len(values) - 1)
+    weight = (position - low).reshape((-1,) + (1,) * (values.ndim - 1))
+    return ((1 - weight) * values[low] + weight * values[high]).astype(np.float32)
+
+
+def shapes_from_coefficients(coefficients: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """float [N, K] PCA coefficients -> float32 [N, 20, 2] mouth landmarks (x48, y48, ..., x67, y67)."""
+    coefficients = np.asarray(coefficients, np.float64)
+    if coefficients.ndim != 2 or coefficients.shape[1] != components.shape[0]:
+        raise InvalidInput(f"coefficients {coefficients.shape} do not match {components.shape[0]} PCA components")
+    flat = np.asarray(mean, np.float64) + coefficients @ np.asarray(components, np.float64)
+    return flat.reshape(len(flat), MOUTH_POINTS, 2).astype(np.float32)
+
+
+def closed_mouth(shape: np.ndarray) -> np.ndarray:
+    """The same outer lips with the inner lips meeting halfway: float32 [20, 2]."""
+    closed = np.array(shape, np.float32)
+    for upper, lower in INNER_LIP_PAIRS:
+        middle = (closed[upper] + closed[lower]) / 2
+        closed[upper] = closed[lower] = middle
+    return closed
+
+
+def silence_weights(
+    activity: np.ndarray, *, activity_rate: float, times: np.ndarray, ramp_seconds: float = 0.1
+) -> np.ndarray:
+    """float32 [N] in [0, 1]: 1 = speech (keep the prediction), 0 = silence (close the mouth), with ramps."""
+    activity = np.asarray(activity, np.float32).ravel()
+    if activity.size == 0 or activity_rate <= 0:
+        raise InvalidInput("speech activity must be a non-empty series with a positive rate")
+    index = np.clip(np.floor(np.asarray(times) * activity_rate).astype(np.int64), 0, activity.size - 1)
+    speech = (activity[index] > 0).astype(np.float64)
+    if ramp_seconds > 0 and len(times) > 1:
+        step = float(np.median(np.diff(times)))
+        sigma = max(ramp_seconds / step / 2, 1e-6)
+        speech = gaussian_filter1d(speech, sigma, mode="nearest")
+    return np.clip(speech, 0, 1).astype(np.float32)
+
+
+def blend_silence(shapes: np.ndarray, weights: np.ndarray, rest_shape: np.ndarray) -> np.ndarray:
+    """Move shapes towards a closed, still mouth where `weights` < 1."""
+    closed = closed_mouth(rest_shape)[None]
+    w = np.asarray(weights, np.float32)[:, None, None]
+    return (w * shapes + (1 - w) * closed).astype(np.float32)
+
+
+def smooth_track(shapes: np.ndarray, sigma_frames: float) -> np.ndarray:
+    """Zero-phase Gaussian smoothing of a shape track over time (sigma in frames; 0 = unchanged)."""
+    if sigma_frames <= 0 or len(shapes) < 2:
+        return np.asarray(shapes, np.float32)
+    return gaussian_filter1d(np.asarray(shapes, np.float32), sigma_frames, axis=0, mode="nearest")

@@ -1,0 +1,113 @@
+"""The lipsync core: delay removed exactly once, chunk seams invisible, timestamps right, silence closes the mouth."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from services.lipsync import core
+from services.runtime.errors import InvalidInput
+
+DELAY = 20
+
+
+def delayed_model(weights: np.ndarray, *, delay: int = DELAY, memory: float = 0.0):
+    """A causal stand-in for the LSTM: output row i = weights . x[i - delay] (+ a decaying state)."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        shifted = np.zeros_like(x)
+        shifted[delay:] = x[: len(x) - delay] if delay else x
+        out = shifted @ weights
+        if memory:
+            state = np.zeros(weights.shape[1])
+            for i in range(len(out)):  # an IIR "state" that starts at zero like the LSTM's
+                state = memory * state + out[i]
+                out[i] = state
+        return out.astype(np.float32)
+
+    return run
+
+
+def test_an_impulse_comes_out_at_its_own_time():
+    features = np.zeros((500, 28), np.float32)
+    features[237, 0] = 5.0
+    rows = core.predict_rows(features, delayed_model(np.eye(28, 4)), delay=DELAY)
+    change = np.abs(np.diff(rows[:, 0], prepend=0))
+    assert rows.shape == (500, 4)
+    assert int(np.argmax(np.abs(rows[:, 0]))) == 237  # no constant offset: the delay is removed once
+    assert change[:200].max() == 0  # no garbage at the start
+
+
+def test_output_frames_sample_the_rows_at_their_presentation_times():
+    rows = np.arange(1000, dtype=np.float32)[:, None]  # value = row index
+    times = core.output_frame_times(300, Fraction(30000, 1001))
+    frames = core.resample(rows, start_seconds=0.0125, rate=100.0, times=times)
+    expected = np.clip((times - 0.0125) * 100, 0, 999)
+    np.testing.assert_allclose(frames[:, 0], expected, atol=1e-3)
+    assert times[1] == pytest.approx(1001 / 30000)
+
+
+def test_impulse_time_survives_to_the_output_frame():
+    features = np.zeros((400, 28), np.float32)
+    features[146:155, 0] = np.hanning(9)  # a 90 ms pulse peaking at row 150: 0.0125 + 1.5 s
+    rows = core.predict_rows(features, delayed_model(np.eye(28, 2)), delay=DELAY)
+    times = core.output_frame_times(120, Fraction(30))
+    frames = core.resample(rows, start_seconds=0.0125, rate=100.0, times=times)
+    peak_frame = int(np.argmax(frames[:, 0]))
+    assert abs(times[peak_frame] - 1.5125) <= 1 / 30  # within one output frame
+
+
+@pytest.mark.parametrize(("chunk", "overlap"), [(300, 200), (500, 120), (3000, 200)])
+def test_chunked_and_unchunked_agree(chunk, overlap):
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((2345, 28)).astype(np.float32)
+    model = delayed_model(rng.standard_normal((28, 6)) * 0.1, memory=0.8)
+    whole = core.predict_rows(features, model, delay=DELAY, chunk_rows=10_000, overlap_rows=200)
+    chunked = core.predict_rows(features, model, delay=DELAY, chunk_rows=chunk, overlap_rows=overlap)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
+def test_chunks_tile_the_rows_exactly_once():
+    chunks = core.plan_chunks(1000, delay=DELAY, chunk_rows=300, overlap_rows=100)
+    kept = np.concatenate([np.arange(c.keep_start, c.keep_stop) for c in chunks])
+    np.testing.assert_array_equal(kept, np.arange(1000))
+    assert all(c.input_stop == c.keep_stop + DELAY for c in chunks)
+
+
+def test_bad_chunking_and_features():
+    with pytest.raises(InvalidInput, match="overlap"):
+        core.plan_chunks(100, delay=DELAY, overlap_rows=20)
+    with pytest.raises(InvalidInput, match="no feature rows"):
+        core.plan_chunks(0, delay=DELAY)
+    with pytest.raises(InvalidInput, match=r"\[T, 28\]"):
+        core.predict_rows(np.zeros((10, 13)), delayed_model(np.eye(28, 2)), delay=DELAY)
+    with pytest.raises(InvalidInput, match="NaN"):
+        core.predict_rows(np.full((10, 28), np.nan), delayed_model(np.eye(28, 2)), delay=DELAY)
+
+
+def test_pca_reconstruction_and_frame_count():
+    rng = np.random.default_rng(1)
+    components = np.linalg.qr(rng.standard_normal((40, 3)))[0].T
+    mean = rng.standard_normal(40)
+    coefficients = rng.standard_normal((7, 3))
+    shapes = core.shapes_from_coefficients(coefficients, mean, components)
+    assert shapes.shape == (7, 20, 2)
+    np.testing.assert_allclose((shapes.reshape(7, 40) - mean) @ components.T, coefficients, atol=1e-5)
+    assert core.default_frame_count(400, 100.0, Fraction(30000, 1001)) == 120
+    assert core.default_frame_count(400, 100.0, Fraction(25)) == 100
+
+
+def test_silence_closes_the_mouth_with_a_ramp():
+    rest = np.zeros((20, 2), np.float32)
+    rest[13:16, 1] = -1.0  # upper inner lip
+    rest[17:20, 1] = 1.0  # lower inner lip
+    open_mouth = np.repeat(rest[None], 90, axis=0)
+    activity = np.zeros(300, np.uint8)
+    activity[100:200] = 1  # speech from 1 s to 2 s at 100 Hz
+    times = core.output_frame_times(90, Fraction(30))
+    weights = core.silence_weights(activity, activity_rate=100.0, times=times, ramp_seconds=0.1)
+    blended = core.blend_silence(open_mouth, weights, rest)
+    opening = blended[:, 19, 1] - blended[:, 13, 1]
+    assert opening[10] == pytest.approx(0, abs=1e-3) and opening[80] == pytest.approx(0, abs=1e-3)
+    assert opening[45] == pytest.approx(2.0, abs=1e-3)
+    assert np.all(np.diff(opening[20:45]) >= -1e-6)  # opens smoothly, no jump
