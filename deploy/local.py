@@ -54,6 +54,9 @@ COMPONENTS = (
     Component("composite", "services.composite", "audio2video.composite.v1.CompositeService"),
     Component("orchestrator", "orchestrator", "audio2video.orchestrator.v1.OrchestratorService"),
 )
+TF_SERVING_STAND_IN = Component("tfserving", "services.tfserving", "tensorflow.serving.PredictionService")
+"""Local only: serves TF Serving's gRPC API from the models folder (containers run the real image)."""
+STACK_COMPONENTS = (TF_SERVING_STAND_IN, *COMPONENTS)
 
 
 @dataclass
@@ -106,6 +109,8 @@ class LocalStack:
         self.dir = Path(self.env.get("A2V_STACK_DIR") or REPO / ".a2v")
         self.state_file = self.dir / "state.json"
         self.logs = self.dir / "logs"
+        # The trained SavedModels (<speaker>/<version>/) that TF Serving, or its local stand-in, loads.
+        self.models_dir = Path(self.env.get("A2V_MODELS_DIR") or self.dir / "models")
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -131,7 +136,7 @@ class LocalStack:
     def client_environment(self) -> dict[str, str]:
         """Addresses as clients (the orchestrator, the CLI) must dial them: replicas as one target."""
         env = {}
-        for component in COMPONENTS:
+        for component in STACK_COMPONENTS:
             addresses = self._replica_addresses(component)
             variable = f"A2V_{component.name.upper()}_ADDR"
             env[variable] = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
@@ -151,13 +156,14 @@ class LocalStack:
             return self.status()
         self._check_ports_free()
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
         processes: list[Process] = []
         try:
             processes.append(self._start_s3())
             self._save_state(processes)
             client_env = self.client_environment()
             starts = []
-            for component in COMPONENTS:
+            for component in STACK_COMPONENTS:
                 for index, address in enumerate(self._replica_addresses(component)):
                     name = component.name if index == 0 else f"{component.name}-{index + 1}"
                     processes.append(self._start_service(component, name, address, client_env))
@@ -176,7 +182,7 @@ class LocalStack:
 
     def _check_ports_free(self) -> None:
         addresses = [self.env["A2V_S3_ENDPOINT"]]
-        for component in COMPONENTS:
+        for component in STACK_COMPONENTS:
             addresses += self._replica_addresses(component)
         busy = [a for a in addresses if not _port_free(*parse_address(a))]
         if busy:
@@ -198,7 +204,7 @@ class LocalStack:
         return Process("s3", process.pid, self.env["A2V_S3_ENDPOINT"], "", str(log_path), marker="weed mini")
 
     def _start_service(self, component: Component, name: str, address: str, client_env: Mapping[str, str]) -> Process:
-        env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address}
+        env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address, "A2V_MODELS_DIR": str(self.models_dir)}
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = self.logs / f"{name}.log"
         process = _spawn([sys.executable, "-m", component.module], env, log_path)

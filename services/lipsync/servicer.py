@@ -1,24 +1,323 @@
-"""gRPC servicer of the `lipsync` stage: fetch blobs, call the core, store blobs, map errors.
-
-RPCs that this class does not override are answered by the generated base class with
-UNIMPLEMENTED; the stage's issue fills them in.
-"""
+"""gRPC servicer of the `lipsync` stage: features -> TF Serving -> mouth shapes at the output frame times."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
-from services.runtime.blobstore import BlobStore
-from services.runtime.config import Config
-from services.runtime.server import ServiceBinding, store_backed_bindings
+from services.lipsync import core
+from services.lipsync.serving import ServingClient
+from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.config import Config, Env
+from services.runtime.errors import FailedPrecondition, InvalidInput, NotFound
+from services.runtime.keys import derive_prefix, validate_key
+from services.runtime.protos import (
+    array_ref,
+    blob_ref,
+    frame_rate,
+    frame_rate_message,
+    load_result,
+    object_ref,
+    store_result,
+)
+from services.runtime.server import ServiceBinding, binding_for
+from services.runtime.status import grpc_errors
+
+log = logging.getLogger(__name__)
+SPEAKER_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
+RESULT_FORMAT_VERSION = 1
+MODEL_STATES = {
+    "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
+    "START": lipsync_pb2.MODEL_STATE_LOADING,
+    "LOADING": lipsync_pb2.MODEL_STATE_LOADING,
+    "UNLOADING": lipsync_pb2.MODEL_STATE_NOT_LOADED,
+}
+
+
+def version_prefix(speaker: str, version: int) -> str:
+    return f"models/{speaker}/{version}"
+
+
+@dataclass(frozen=True)
+class SpeakerModel:
+    """What a stored model version brings besides the network: its PCA, normalisation and card."""
+
+    speaker: str
+    version: int
+    card: dict
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+
+    @property
+    def delay(self) -> int:
+        return int(self.card.get("delay_steps", 20))
+
+    @property
+    def rest_shape(self) -> np.ndarray:
+        return self.pca_mean.reshape(core.MOUTH_POINTS, 2)
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """Predict's options with defaults resolved (part of the output key)."""
+
+    chunk_seconds: float = 30.0
+    overlap_seconds: float = 2.0
+    silence_enabled: bool = True
+    ramp_seconds: float = 0.1
+    smoothing_sigma_frames: float = 0.0
+
+    @classmethod
+    def from_proto(cls, options: lipsync_pb2.PredictOptions) -> PredictSettings:
+        silence = options.silence
+        return cls(
+            chunk_seconds=options.chunking.chunk_seconds or cls.chunk_seconds,
+            overlap_seconds=options.chunking.overlap_seconds or cls.overlap_seconds,
+            silence_enabled=silence.enabled if silence.HasField("enabled") else cls.silence_enabled,
+            ramp_seconds=silence.ramp_seconds if silence.HasField("ramp_seconds") else cls.ramp_seconds,
+            smoothing_sigma_frames=(
+                options.smoothing_sigma_frames if options.HasField("smoothing_sigma_frames") else 0.0
+            ),
+        )
 
 
 class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
-    """The lipsync stage over the object store."""
+    """Predict and DescribeModel over the object store and TF Serving."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, serving: ServingClient) -> None:
         self.store = store
+        self.serving = serving
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def _card(self, speaker: str, version: int) -> dict | None:
+        key = f"{version_prefix(speaker, version)}/assets.extra/model_card.json"
+        if not self.store.exists(key):
+            return None
+        return json.loads(self.store.get_bytes(key))
+
+    def stored_versions(self, speaker: str) -> list[int]:
+        """Complete versions in the store (those with a model card), newest first."""
+        versions = set()
+        for key in self.store.list_keys(f"models/{speaker}/"):
+            match = re.fullmatch(rf"models/{re.escape(speaker)}/(\d+)/assets\.extra/model_card\.json", key)
+            if match:
+                versions.add(int(match.group(1)))
+        return sorted(versions, reverse=True)
+
+    def load_model(self, speaker: str, version: int) -> SpeakerModel:
+        extra = f"{version_prefix(speaker, version)}/assets.extra"
+        card = self._card(speaker, version)
+        if card is None:
+            raise NotFound(f"model {speaker} version {version} is not in the object store ({extra}/model_card.json)")
+        pca = self.store.get_arrays(f"{extra}/pca.npz")
+        normalization = self.store.get_arrays(f"{extra}/normalization.npz")
+        return SpeakerModel(
+            speaker,
+            version,
+            card,
+            pca["mean"],
+            pca["components"],
+            normalization["feature_mean"],
+            normalization["feature_std"],
+        )
+
+    def _resolve_version(self, spec: lipsync_pb2.ModelSpec) -> int:
+        if not SPEAKER_NAME.match(spec.speaker):
+            raise InvalidInput(f"speaker name {spec.speaker!r} must match [a-z0-9_-]{{1,64}}")
+        if spec.version < 0:
+            raise InvalidInput(f"model version must be >= 0, got {spec.version}")
+        return spec.version or self.serving.latest_available(spec.speaker)
+
+    # -- Predict ---------------------------------------------------------------------------------
+
+    @grpc_errors
+    def Predict(self, request: lipsync_pb2.PredictRequest, context) -> lipsync_pb2.PredictResponse:
+        """Mouth shapes for every output frame; a finished earlier result for the same inputs is reused."""
+        fps = frame_rate(request.output_frame_rate, what="output_frame_rate")
+        if fps is None:
+            raise InvalidInput("output_frame_rate is required")
+        source = blob_ref(request.features.object, default_bucket=self.store.bucket, what="features")
+        settings = PredictSettings.from_proto(request.options)
+        if request.output_frame_count < 0:
+            raise InvalidInput(f"output_frame_count must be >= 0, got {request.output_frame_count}")
+        version = self._resolve_version(request.model)
+        features_sha = source.sha256 or self.store.stat(source.key, bucket=source.bucket).sha256
+        activity_sha = request.speech_activity.object.sha256 if request.HasField("speech_activity") else ""
+        prefix = request.output_prefix.rstrip("/") or derive_prefix(
+            "lipsync",
+            inputs=[features_sha] + ([activity_sha] if activity_sha else []),
+            version=RESULT_FORMAT_VERSION,
+            params=dataclasses.asdict(settings)
+            | {
+                "speaker": request.model.speaker,
+                "model_version": version,
+                "fps": str(fps),
+                "frames": request.output_frame_count,
+                "start": request.start_seconds,
+            },
+        )
+        result_key = validate_key(f"{prefix}/result.json")
+        cached = load_result(self.store, result_key, lipsync_pb2.PredictResponse)
+        if cached is not None:
+            cached.cached = True
+            return cached
+
+        model = self.load_model(request.model.speaker, version)
+        features, info = self.store.get_array(source.key, bucket=source.bucket, expected_sha256=source.sha256)
+        if features.ndim != 2 or features.shape[1] != core.FEATURE_DIM:
+            raise InvalidInput(f"features must be [T, {core.FEATURE_DIM}], got shape {features.shape}")
+        rate = info.fps or 100.0
+        if abs(rate - float(model.card.get("feature_rate_hz", 100.0))) > 1e-6:
+            raise InvalidInput(f"features are at {rate} Hz, the model expects {model.card.get('feature_rate_hz')} Hz")
+        start = info.start_seconds
+
+        normalised = (features - model.feature_mean) / model.feature_std
+        rows = core.predict_rows(
+            normalised,
+            lambda window: self.serving.predict(model.speaker, version, window),
+            delay=model.delay,
+            chunk_rows=round(settings.chunk_seconds * rate),
+            overlap_rows=round(settings.overlap_seconds * rate),
+        )
+        if rows.shape[1] != model.pca_components.shape[0]:
+            raise FailedPrecondition(
+                f"model output has {rows.shape[1]} coefficients, its PCA has {model.pca_components.shape[0]}"
+            )
+        count = request.output_frame_count or core.default_frame_count(len(features), rate, fps)
+        times = core.output_frame_times(count, fps, request.start_seconds)
+        coefficients = core.resample(rows, start_seconds=start, rate=rate, times=times)
+        shapes = core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components)
+        if request.HasField("speech_activity") and settings.silence_enabled:
+            activity, activity_info = self._activity(request)
+            weights = core.silence_weights(
+                activity, activity_rate=activity_info.fps, times=times, ramp_seconds=settings.ramp_seconds
+            )
+            shapes = core.blend_silence(shapes, weights, model.rest_shape)
+        shapes = core.smooth_track(shapes, settings.smoothing_sigma_frames)
+
+        fps_float = float(fps)
+        response = lipsync_pb2.PredictResponse(
+            mouth_shapes=array_ref(
+                *self.store.put_array(
+                    f"{prefix}/mouth_shapes.npy", shapes, fps=fps_float, start_seconds=request.start_seconds
+                )
+            ),
+            coefficients=array_ref(
+                *self.store.put_array(
+                    f"{prefix}/coefficients.npy", coefficients, fps=fps_float, start_seconds=request.start_seconds
+                )
+            ),
+            feature_coefficients=array_ref(
+                *self.store.put_array(f"{prefix}/feature_coefficients.npy", rows, fps=rate, start_seconds=start)
+            ),
+            model=self._version_message(model.speaker, version, model.card, states={}),
+            output_frame_rate=frame_rate_message(fps),
+            output_frame_count=count,
+        )
+        store_result(self.store, result_key, response)
+        log.info(
+            "predicted %d frames with %s v%d", count, model.speaker, version, extra={"request_id": request.request_id}
+        )
+        return response
+
+    def _activity(self, request: lipsync_pb2.PredictRequest):
+        ref = blob_ref(request.speech_activity.object, default_bucket=self.store.bucket, what="speech activity")
+        activity, info = self.store.get_array(ref.key, bucket=ref.bucket, expected_sha256=ref.sha256)
+        if activity.ndim != 1 or info.fps <= 0:
+            raise InvalidInput(f"speech activity must be [N] with a frame rate, got {activity.shape} at {info.fps}")
+        return activity, info
+
+    # -- DescribeModel ---------------------------------------------------------------------------
+
+    @grpc_errors
+    def DescribeModel(self, request: lipsync_pb2.DescribeModelRequest, context) -> lipsync_pb2.DescribeModelResponse:
+        """Stored versions with their serving state, newest first."""
+        if not SPEAKER_NAME.match(request.speaker):
+            raise InvalidInput(f"speaker name {request.speaker!r} must match [a-z0-9_-]{{1,64}}")
+        versions = self.stored_versions(request.speaker)
+        if request.version:
+            versions = [v for v in versions if v == request.version]
+        if not versions:
+            what = f"version {request.version}" if request.version else "any model"
+            raise NotFound(f"speaker {request.speaker!r} has no stored {what}")
+        states = {s.version: s for s in self.serving.versions(request.speaker)}
+        described = [
+            self._version_message(request.speaker, v, self._card(request.speaker, v) or {}, states) for v in versions
+        ]
+        available = [m.version for m in described if m.state == lipsync_pb2.MODEL_STATE_AVAILABLE]
+        return lipsync_pb2.DescribeModelResponse(
+            speaker=request.speaker, versions=described, latest_available_version=max(available, default=0)
+        )
+
+    def _version_message(self, speaker: str, version: int, card: Mapping, states: Mapping) -> lipsync_pb2.ModelVersion:
+        extra = f"{version_prefix(speaker, version)}/assets.extra"
+        status = states.get(version)
+        if not states:
+            state = lipsync_pb2.MODEL_STATE_AVAILABLE  # Predict only uses available versions
+        elif status is None:
+            state = lipsync_pb2.MODEL_STATE_NOT_LOADED
+        elif status.state == "END":
+            state = lipsync_pb2.MODEL_STATE_FAILED if status.error else lipsync_pb2.MODEL_STATE_NOT_LOADED
+        else:
+            state = MODEL_STATES.get(status.state, lipsync_pb2.MODEL_STATE_UNSPECIFIED)
+        message = lipsync_pb2.ModelVersion(
+            speaker=speaker,
+            version=version,
+            state=state,
+            prefix=f"{version_prefix(speaker, version)}/",
+            pca_components=int(card.get("pca_components", 0)),
+            feature_dim=int(card.get("feature_dim", 28)),
+            feature_rate_hz=float(card.get("feature_rate_hz", 100.0)),
+            delay_steps=int(card.get("delay_steps", 20)),
+            template_id=str(card.get("template_id", "")),
+        )
+        if card.get("created"):
+            created = Timestamp()
+            created.FromJsonString(card["created"])
+            message.created.CopyFrom(created)
+        for field, name in (
+            ("model_card", "model_card.json"),
+            ("pca", "pca.npz"),
+            ("normalization", "normalization.npz"),
+        ):
+            blob = self.store.stat(f"{extra}/{name}", missing_ok=True)
+            if blob is not None:
+                getattr(message, field).CopyFrom(object_ref(blob))
+        if isinstance(card.get("training"), Mapping):
+            json_format.ParseDict(card["training"], message.training, ignore_unknown_fields=True)
+        metrics = card.get("metrics") or {}
+        if isinstance(metrics, Mapping):
+            json_format.ParseDict(
+                {k: v for k, v in metrics.items() if v is not None}, message.metrics, ignore_unknown_fields=True
+            )
+        return message
+
+
+def read_serving_address(environ: Mapping[str, str] | None = None) -> str:
+    """A2V_TFSERVING_ADDR: TF Serving's gRPC address (default the local stand-in, 127.0.0.1:8500)."""
+    env = Env(environ)
+    address = env.get_str("A2V_TFSERVING_ADDR", "127.0.0.1:8500")
+    env.check()
+    return address
 
 
 def bindings(config: Config) -> list[ServiceBinding]:
-    """What `python -m services.lipsync` serves."""
-    return store_backed_bindings(config, lipsync_pb2, lipsync_pb2_grpc, "LipsyncService", LipsyncServicer)
+    """What `python -m services.lipsync` serves: SERVING once the object store answers.
+
+    TF Serving may come up later or have no model yet: Predict then answers UNAVAILABLE or NOT_FOUND.
+    """
+    store = BlobStore.from_config(config.store)
+    servicer = LipsyncServicer(store, ServingClient(read_serving_address(), timeout_seconds=config.rpc_timeout_seconds))
+    return [binding_for(lipsync_pb2, lipsync_pb2_grpc, "LipsyncService", servicer, load=lambda: wait_for_store(store))]

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from deploy.local import COMPONENTS, WEED_PORT_COUNT, _alive, _port_free, read_env_file
+from deploy.local import STACK_COMPONENTS, WEED_PORT_COUNT, _alive, _port_free, read_env_file
 from services.runtime.clients import health_status
 from services.runtime.config import parse_address
 from tests.conftest import REPO, free_port, free_port_block
@@ -27,7 +27,7 @@ def stack_env(tmp_path):
             "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
         }
     )
-    for component in COMPONENTS:
+    for component in STACK_COMPONENTS:
         env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
     yield env
     # Whatever happened, stop what this test started.
@@ -42,9 +42,9 @@ def test_up_serves_every_stage_and_down_leaves_nothing_behind(stack_env):
     up = make("up", stack_env)
     assert up.returncode == 0, up.stdout + up.stderr
     state = json.loads((REPO / stack_env["A2V_STACK_DIR"] / "state.json").read_text())
-    assert {entry["name"] for entry in state} == {"s3"} | {c.name for c in COMPONENTS}
+    assert {entry["name"] for entry in state} == {"s3"} | {c.name for c in STACK_COMPONENTS}
 
-    for component in COMPONENTS:
+    for component in STACK_COMPONENTS:
         address = stack_env[f"A2V_{component.name.upper()}_ADDR"]
         with grpc.insecure_channel(address) as channel:
             assert health_status(channel, component.grpc_service) == "SERVING", component.name
@@ -52,7 +52,7 @@ def test_up_serves_every_stage_and_down_leaves_nothing_behind(stack_env):
         assert component.grpc_service in services  # what `grpcurl -plaintext ADDRESS list` shows
 
     status = make("status", stack_env)
-    assert status.returncode == 0 and status.stdout.count("SERVING") == len(COMPONENTS), status.stdout
+    assert status.returncode == 0 and status.stdout.count("SERVING") == len(STACK_COMPONENTS), status.stdout
     again = make("up", stack_env)
     assert again.returncode == 0 and "already up" in again.stdout
 
@@ -74,6 +74,6 @@ def test_down_when_nothing_runs_is_fine(stack_env):
 
 def test_env_file_names_every_component_address():
     values = read_env_file()
-    for component in COMPONENTS:
+    for component in STACK_COMPONENTS:
         assert f"A2V_{component.name.upper()}_ADDR" in values
     assert {"A2V_S3_ENDPOINT", "A2V_S3_ACCESS_KEY", "A2V_S3_SECRET_KEY", "A2V_S3_BUCKET"} <= set(values)
