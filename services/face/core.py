@@ -3,7 +3,7 @@
 Pipeline of `analyze_video` (one sequential decode, bounded memory):
 decode (video.py) -> detect / track 68 landmarks (landmarks.py) -> zero-phase smoothing per run of face
 frames, streamed with a delay of K frames -> similarity alignment into the canonical template and a
-piecewise-affine warp of the lower face into the canonical crop (canonical.py) -> per-frame measures.
+piecewise-affine warp of the lower face into the canonical crop (services/runtime/canonical.py) -> per-frame measures.
 """
 
 from __future__ import annotations
@@ -15,7 +15,18 @@ from dataclasses import dataclass, fields, replace
 import cv2
 import numpy as np
 
-from services.face.canonical import (
+from services.face.landmarks import (
+    JAW,
+    MOUTH,
+    FaceObservation,
+    LandmarkDetector,
+    shape_predictor_path,
+    smooth_landmarks,
+    smooth_run,
+    smoothing_kernel,
+)
+from services.face.video import VideoInfo, VideoSource, iter_frames, probe_video
+from services.runtime.canonical import (
     CANONICAL_TEMPLATE,
     DEFAULT_CROP_REGION,
     DEFAULT_CROP_SIZE,
@@ -30,17 +41,6 @@ from services.face.canonical import (
     template_id,
     to_canonical,
 )
-from services.face.landmarks import (
-    JAW,
-    MOUTH,
-    FaceObservation,
-    LandmarkDetector,
-    shape_predictor_path,
-    smooth_landmarks,
-    smooth_run,
-    smoothing_kernel,
-)
-from services.face.video import VideoInfo, VideoSource, iter_frames, probe_video
 from services.runtime.errors import Cancelled, InvalidInput, NoFace, TooLarge
 
 __all__ = [

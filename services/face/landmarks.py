@@ -12,18 +12,12 @@ import cv2
 import dlib
 import numpy as np
 
+from services.runtime.canonical import JAW, LEFT_EYE, MOUTH, RIGHT_EYE, RIGID_POINTS, valid_runs  # noqa: F401
 from services.runtime.errors import InvalidInput, NotFound
 
 LANDMARK_COUNT = 68
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 
-# Points that do not move with speech or expression (jaw near the ears, nose, eye corners): used to
-# place the tracking box and, in canonical.py, to fit each frame's similarity transform.
-RIGID_POINTS = np.array([0, 1, 15, 16, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 39, 42, 45])
-LEFT_EYE = np.arange(36, 42)
-RIGHT_EYE = np.arange(42, 48)
-MOUTH = np.arange(48, 68)
-JAW = np.arange(0, 17)
 
 # Where dlib's HOG detector puts its box relative to the 68 landmarks, in units of the RMS radius
 # `sigma` of the rigid points about their centroid: box centre = centroid + BOX_DOWN_OFFSET * sigma
@@ -442,13 +436,6 @@ def smoothing_kernel(fps: float, cutoff_hz: float, *, max_half_width: int = 30) 
     fc = cutoff_hz / fps
     taps = 2 * fc * np.sinc(2 * fc * n) * np.hamming(2 * half + 1)
     return taps / taps.sum()
-
-
-def valid_runs(valid: np.ndarray) -> list[tuple[int, int]]:
-    """Half-open [start, stop) index ranges of the runs of True in a bool [F] array."""
-    v = np.asarray(valid, dtype=bool).astype(np.int8)
-    edges = np.diff(np.concatenate([[0], v, [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
 
 
 def _edge_line(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.face.canonical import (
+from services.face.landmarks import LandmarkDetector
+from services.face.video import iter_frames
+from services.runtime.canonical import (
     CANONICAL_TEMPLATE,
     DEFAULT_GEOMETRY,
     MIRROR,
@@ -21,8 +23,6 @@ from services.face.canonical import (
     template_id,
     to_canonical,
 )
-from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
 from services.runtime.errors import InvalidInput
 from tests.face.helpers import KATIE, OBAMA
 

@@ -7,7 +7,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from services.face.canonical import CANONICAL_TEMPLATE, DEFAULT_GEOMETRY, TEMPLATE_ID
 from services.face.core import (
     LandmarkDetector,
     VideoAnalysis,
@@ -15,6 +14,7 @@ from services.face.core import (
     smooth_landmarks,
 )
 from services.face.video import iter_frames
+from services.runtime.canonical import CANONICAL_TEMPLATE, DEFAULT_GEOMETRY, TEMPLATE_ID
 from services.runtime.errors import Cancelled, InvalidInput, NoFace, TooLarge
 from services.runtime.frames import decode_frames, encode_frames
 from tests.face.helpers import KATIE, OBAMA, encode_clip

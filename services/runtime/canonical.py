@@ -18,8 +18,23 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
-from services.face.landmarks import JAW, LEFT_EYE, MOUTH, RIGHT_EYE, RIGID_POINTS, valid_runs
 from services.runtime.errors import InvalidInput
+
+# dlib 68-point indices. Rigid points do not move with speech or expression (jaw near the ears, nose,
+# eye corners): they place the tracking box and fit each frame's similarity transform.
+RIGID_POINTS = np.array([0, 1, 15, 16, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 39, 42, 45])
+LEFT_EYE = np.arange(36, 42)
+RIGHT_EYE = np.arange(42, 48)
+MOUTH = np.arange(48, 68)
+JAW = np.arange(0, 17)
+
+
+def valid_runs(valid: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open [start, stop) index ranges of the runs of True in a bool [F] array."""
+    v = np.asarray(valid, dtype=bool).astype(np.int8)
+    edges = np.diff(np.concatenate([[0], v, [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
+
 
 # Mean frontal 68-point shape (iBUG order) in canonical template units. Computed once from the clips of
 # ../shared/data (12 videos, 7 people, every 5th of the first 300 frames): generalised Procrustes
