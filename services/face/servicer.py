@@ -20,9 +20,10 @@ from services.face import dataset as dataset_core
 from services.face.core import VideoAnalysis, analyze_video
 from services.face.landmarks import LandmarkDetector
 from services.face.video import VideoInfo, probe_video
+from services.runtime.analysis import load_array, load_manifest
 from services.runtime.blobstore import ArrayInfo, BlobRef, BlobStore, wait_for_store
 from services.runtime.config import Config, Env
-from services.runtime.errors import InvalidInput, NotFound, TooLarge
+from services.runtime.errors import InvalidInput, TooLarge
 from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.keys import derive_prefix, sha256_file, validate_key
 from services.runtime.progress import Finished, stream_progress
@@ -291,7 +292,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             raise InvalidInput(f"speaker name {request.speaker!r} must match [a-z0-9_-]{{1,64}}")
         if not request.clips:
             raise InvalidInput("a speaker dataset needs at least one clip")
-        manifests = [self._manifest(clip.analysis_manifest) for clip in request.clips]
+        manifests = [load_manifest(self.store, clip.analysis_manifest) for clip in request.clips]
         template_ids = {m.geometry.template_id for m in manifests}
         if len(template_ids) != 1:
             raise InvalidInput(f"clips were analysed with different canonical templates {sorted(template_ids)}")
@@ -371,32 +372,21 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             )
             yield face_pb2.BuildSpeakerDatasetEvent(result=result)
 
-    def _manifest(self, ref: common_pb2.ObjectRef) -> face_pb2.VideoAnalysis:
-        source = blob_ref(ref, default_bucket=self.store.bucket, what="analysis manifest")
-        manifest = load_result(self.store, source.key, face_pb2.VideoAnalysis)
-        if manifest is None:
-            raise NotFound(f"analysis manifest not found: {source.bucket}/{source.key}")
-        return manifest
-
     def _sha(self, ref: common_pb2.ObjectRef) -> str:
         source = blob_ref(ref, default_bucket=self.store.bucket, what="features")
         return source.sha256 or self.store.stat(source.key, bucket=source.bucket).sha256
 
-    def _array(self, ref: common_pb2.ArrayRef) -> tuple[np.ndarray, ArrayInfo]:
-        source = blob_ref(ref.object, default_bucket=self.store.bucket, what="array")
-        return self.store.get_array(source.key, bucket=source.bucket, expected_sha256=source.sha256)
-
     def _clip_tracks(
         self, clip_id: str, clip: face_pb2.SpeakerClip, manifest: face_pb2.VideoAnalysis
     ) -> dataset_core.ClipTracks:
-        features, info = self._array(clip.features)
+        features, info = load_array(self.store, clip.features)
         if features.ndim != 2:
             raise InvalidInput(f"features of clip {clip_id} must be [T, D], got shape {features.shape}")
         return dataset_core.ClipTracks(
             clip_id=clip_id,
-            timestamps=self._array(manifest.timestamps_seconds)[0],
-            mouth_shapes=self._array(manifest.mouth_shapes)[0],
-            face_valid=self._array(manifest.face_valid)[0].astype(bool),
+            timestamps=load_array(self.store, manifest.timestamps_seconds)[0],
+            mouth_shapes=load_array(self.store, manifest.mouth_shapes)[0],
+            face_valid=load_array(self.store, manifest.face_valid)[0].astype(bool),
             features=features,
             feature_start_seconds=info.start_seconds,
             feature_rate=info.fps or 100.0,

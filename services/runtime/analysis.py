@@ -1,0 +1,78 @@
+"""Reading a target's analysis (face.v1.VideoAnalysis manifest and its arrays): shared by the stages after `face`."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from audio2video.common.v1 import common_pb2
+from audio2video.face.v1 import face_pb2
+from services.runtime.blobstore import ArrayInfo, BlobStore
+from services.runtime.errors import InvalidInput, NotFound
+from services.runtime.frames import decode_frames
+from services.runtime.protos import blob_ref, load_result
+
+
+def load_manifest(store: BlobStore, ref: common_pb2.ObjectRef) -> face_pb2.VideoAnalysis:
+    """The analysis manifest named by `ref`; NotFound when it is missing (the video was not analysed)."""
+    source = blob_ref(ref, default_bucket=store.bucket, what="analysis manifest")
+    manifest = load_result(store, source.key, face_pb2.VideoAnalysis)
+    if manifest is None:
+        raise NotFound(f"analysis manifest not found: {source.bucket}/{source.key}")
+    if manifest.info.frame_count <= 0:
+        raise InvalidInput(f"analysis manifest {source.key} describes no frames")
+    return manifest
+
+
+def load_array(store: BlobStore, ref: common_pb2.ArrayRef, *, what: str = "array") -> tuple[np.ndarray, ArrayInfo]:
+    """An array blob, checked against the sha256 its reference records."""
+    source = blob_ref(ref.object, default_bucket=store.bucket, what=what)
+    return store.get_array(source.key, bucket=source.bucket, expected_sha256=source.sha256)
+
+
+def load_frames(store: BlobStore, ref: common_pb2.ArrayRef, *, what: str = "frames") -> np.ndarray:
+    """An image stack stored as a PNG frame archive (crops, masks, textures)."""
+    source = blob_ref(ref.object, default_bucket=store.bucket, what=what)
+    return decode_frames(store.get_bytes(source.key, bucket=source.bucket, expected_sha256=source.sha256))
+
+
+class BoundedCache:
+    """Thread-safe LRU of loaded values by key, bounded by total bytes (e.g. a target's crops per replica).
+
+    Consecutive chunks of one job reuse what the first one loaded; a value larger than the whole budget
+    is returned without being kept.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str, load: Callable[[], object], size: Callable[[object], int]) -> object:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key][0]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one load per key even when several chunks of one job arrive at once
+            with self._lock:
+                if key in self._items:
+                    self.hits += 1
+                    return self._items[key][0]
+            value = load()
+            nbytes = int(size(value))
+            with self._lock:
+                self.misses += 1
+                self._loading.pop(key, None)
+                if nbytes <= self.max_bytes:
+                    self._items[key] = (value, nbytes)
+                    while sum(n for _, n in self._items.values()) > self.max_bytes:
+                        self._items.popitem(last=False)
+            return value
