@@ -152,3 +152,24 @@ def run_server():
     yield start
     for server in servers:
         server.stop(0).wait()
+
+
+def analyse_clip(store: BlobStore, key: str, path: Path, frames: int):
+    """Store the first `frames` frames of a real clip and analyse them with the face stage (no gRPC)."""
+    from audio2video.face.v1 import face_pb2
+    from services.face.servicer import FaceServicer
+    from services.face.video import iter_frames
+    from services.runtime.protos import object_ref
+    from tests.face.helpers import encode_clip
+
+    images = [image for _, _, image in iter_frames(path, stop=frames)]
+    video = object_ref(store.put_bytes(key, encode_clip(images), content_type="video/mp4"))
+    events = list(FaceServicer(store).Analyze(face_pb2.AnalyzeRequest(video=video), None))
+    return video, events[-1].result
+
+
+@pytest.fixture(scope="session")
+def katie_target(s3_server):
+    """A real 512x512 target with visible teeth, 100 frames, analysed: (video ref, AnalyzeResult)."""
+    store = BlobStore.from_config(s3_server.config())
+    return analyse_clip(store, "fixtures/katie100.mp4", SHARED_DATA / "targets" / "hdtf_katiehill_512.mp4", 100)

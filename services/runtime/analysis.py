@@ -11,6 +11,7 @@ import numpy as np
 from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2
 from services.runtime.blobstore import ArrayInfo, BlobStore
+from services.runtime.canonical import CanonicalGeometry
 from services.runtime.errors import InvalidInput, NotFound
 from services.runtime.frames import decode_frames
 from services.runtime.protos import blob_ref, load_result
@@ -33,10 +34,28 @@ def load_array(store: BlobStore, ref: common_pb2.ArrayRef, *, what: str = "array
     return store.get_array(source.key, bucket=source.bucket, expected_sha256=source.sha256)
 
 
-def load_frames(store: BlobStore, ref: common_pb2.ArrayRef, *, what: str = "frames") -> np.ndarray:
-    """An image stack stored as a PNG frame archive (crops, masks, textures)."""
+def load_frames(
+    store: BlobStore, ref: common_pb2.ArrayRef, *, what: str = "frames", indices: list[int] | np.ndarray | None = None
+) -> np.ndarray:
+    """An image stack stored as a PNG frame archive (crops, masks, textures); `indices` reads only those."""
     source = blob_ref(ref.object, default_bucket=store.bucket, what=what)
-    return decode_frames(store.get_bytes(source.key, bucket=source.bucket, expected_sha256=source.sha256))
+    data = store.get_bytes(source.key, bucket=source.bucket, expected_sha256=source.sha256)
+    return decode_frames(data, indices=indices)
+
+
+def load_geometry(store: BlobStore, manifest: face_pb2.VideoAnalysis) -> CanonicalGeometry:
+    """The canonical template and crop geometry the analysis was made with."""
+    geometry = manifest.geometry
+    template, _ = load_array(store, geometry.template, what="canonical template")
+    region = geometry.crop_region
+    created = CanonicalGeometry.create(
+        template=template,
+        crop_region=(region.left, region.top, region.right, region.bottom),
+        crop_size=(geometry.crop_width_px, geometry.crop_height_px),
+    )
+    if geometry.template_id and created.template_id != geometry.template_id:
+        raise InvalidInput(f"stored template hashes to {created.template_id}, the manifest says {geometry.template_id}")
+    return created
 
 
 class BoundedCache:
