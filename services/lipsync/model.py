@@ -1,0 +1,615 @@
+"""The speaker LSTM (no I/O): delayed training windows, the Keras model, its training loop, SavedModel export."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.lipsync.core import INNER_LIP_PAIRS, MOUTH_POINTS
+from services.runtime.errors import Cancelled, InvalidInput
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (lazily, below)
+
+FEATURE_DIM = 28
+FEATURE_RATE_HZ = 100.0
+DEFAULT_DELAY_STEPS = 20
+SIGNATURE_KEY = "serving_default"
+INPUT_KEY = "features"
+OUTPUT_KEY = "coefficients"
+# Mouth corners (dlib 48 and 54) as indices into points 48-67: their distance is the mouth width.
+MOUTH_CORNERS = (0, 6)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """LSTM hyper-parameters; the defaults are the paper's / seed's (lipsync.v1.TrainingOptions).
+
+    Attributes:
+        hidden_units: LSTM units per layer, 1..4096 (60).
+        layers: stacked LSTM layers, 1..8 (1).
+        delay_steps: d, feature steps the mouth lags the audio it is predicted from: the output at input step
+            t is the mouth at step t - d, so the model hears d steps (10 ms each) of future audio, 0..1000 (20).
+        sequence_length: supervised steps per training window, 1..100000 (100 = 1 s); a window feeds
+            sequence_length + d input steps, the first d of which only warm the state up (see `make_sequences`).
+        batch_size: windows per gradient step, >= 1 (100).
+        max_epochs: most passes over the training windows, >= 1 (300).
+        learning_rate: Adam step size, > 0 (1e-3).
+        learning_rate_decay: factor applied to the learning rate after every epoch, in (0, 1] (0.99).
+        gradient_clip_norm: gradients are scaled down to this global norm, > 0 (10).
+        dropout: drop rate on the LSTM inputs and outputs while training, in [0, 1) (0.2; seed keep_prob 0.8).
+        early_stopping_patience: epochs without a better validation loss before stopping, >= 0; 0 = never stop
+            early (20). Ignored without validation windows.
+        seed: seeds weight initialisation, dropout and window sampling, >= 0 (42).
+    """
+
+    hidden_units: int = 60
+    layers: int = 1
+    delay_steps: int = DEFAULT_DELAY_STEPS
+    sequence_length: int = 100
+    batch_size: int = 100
+    max_epochs: int = 300
+    learning_rate: float = 1e-3
+    learning_rate_decay: float = 0.99
+    gradient_clip_norm: float = 10.0
+    dropout: float = 0.2
+    early_stopping_patience: int = 20
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("hidden_units", 1 <= self.hidden_units <= 4096, "in 1..4096"),
+            ("layers", 1 <= self.layers <= 8, "in 1..8"),
+            ("delay_steps", 0 <= self.delay_steps <= 1000, "in 0..1000"),
+            ("sequence_length", 1 <= self.sequence_length <= 100_000, "in 1..100000"),
+            ("batch_size", 1 <= self.batch_size <= 100_000, "in 1..100000"),
+            ("max_epochs", 1 <= self.max_epochs <= 100_000, "in 1..100000"),
+            ("learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0, "> 0"),
+            ("learning_rate_decay", 0 < self.learning_rate_decay <= 1, "in (0, 1]"),
+            ("gradient_clip_norm", math.isfinite(self.gradient_clip_norm) and self.gradient_clip_norm > 0, "> 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, ">= 0"),
+            ("seed", 0 <= self.seed < 2**63, "in [0, 2^63)"),
+        )
+        for name, ok, wanted in checks:
+            if not ok:
+                raise InvalidInput(f"training option {name} must be {wanted}, got {getattr(self, name)!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Sequences:
+    """Training windows: input step t of window i is a feature row r, its target the mouth of row r - delay.
+
+    Attributes:
+        inputs: float32 [N, W, F] normalised features (zero after the end of a short window's section).
+        targets: float32 [N, W, K] PCA coefficients (zero where `mask` is 0).
+        mask: float32 [N, W], 1 where the step has a target: t >= delay and the step lies inside the section.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch did; losses are mean squared errors per coefficient (PCA units squared)."""
+
+    epoch: int  # 1-based
+    max_epochs: int
+    train_loss: float  # mean over the epoch's batches, dropout on
+    validation_loss: float | None  # dropout off; None without validation windows
+    learning_rate: float
+    best_epoch: int
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingResult:
+    """A trained model and its history. `model` holds the weights of `best_epoch`."""
+
+    model: Any  # keras.Model
+    train_losses: list[float] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; the last epoch without validation
+    best_validation_loss: float | None = None
+    final_train_loss: float = math.nan  # the kept weights, dropout off, over the training windows
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.train_losses)
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+# ----------------------------------------------------------------------------------------------------------
+# windows
+
+
+def _check_sections(section_offsets: np.ndarray, sections: Sequence[int], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.asarray(section_offsets, np.int64)
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n_rows:
+        raise InvalidInput(f"section_offsets must run from 0 to the row count {n_rows}, got {offsets[:3]}...")
+    if np.any(np.diff(offsets) < 0):
+        raise InvalidInput("section_offsets must not decrease")
+    chosen = np.asarray(sections, np.int64).reshape(-1)
+    if chosen.size and (chosen.min() < 0 or chosen.max() >= len(offsets) - 1):
+        raise InvalidInput(f"section indices must be in [0, {len(offsets) - 1}), got {chosen.min()}..{chosen.max()}")
+    return offsets[chosen], offsets[chosen + 1]
+
+
+def plan_windows(
+    section_offsets: np.ndarray,
+    sections: Sequence[int],
+    *,
+    delay: int,
+    length: int,
+    n_rows: int,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start rows and section ends of the windows over `sections` (int64 [N] each).
+
+    A section of L rows has L - delay supervised mouth rows (the last `delay` rows have no future audio
+    inside the section); it gets ceil((L - delay) / length) windows. Without `rng` they tile the section
+    (window k starts at row k * length, so every supervised row is a target exactly once); with `rng` each
+    window starts at a random row within its share of the section (stratified), which varies the windows
+    from epoch to epoch. Sections with no supervised row get none.
+    """
+    starts_of, ends_of = _check_sections(section_offsets, sections, n_rows)
+    width = length + delay
+    starts, ends = [], []
+    for a, b in zip(starts_of.tolist(), ends_of.tolist(), strict=True):
+        supervised = b - a - delay
+        if supervised <= 0:
+            continue
+        count = -(-supervised // length)
+        if rng is None:
+            first = a + length * np.arange(count)
+        else:
+            span = max(0, b - width - a)  # last start that keeps the whole window inside the section
+            first = a + np.floor((np.arange(count) + rng.random(count)) / count * (span + 1)).astype(np.int64)
+        starts.append(first)
+        ends.append(np.full(count, b))
+    if not starts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64)
+
+
+def gather_windows(
+    features_norm: np.ndarray,
+    coefficients: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    *,
+    delay: int,
+    length: int,
+) -> Sequences:
+    """The windows that start at `starts` (each cut at its section's end `ends`); see `Sequences`."""
+    width = length + delay
+    rows = np.asarray(starts, np.int64)[:, None] + np.arange(width)[None, :]
+    inside = rows < np.asarray(ends, np.int64)[:, None]
+    supervised = inside & (np.arange(width) >= delay)[None, :]
+    inputs = np.where(inside[..., None], features_norm[np.where(inside, rows, 0)], 0).astype(np.float32)
+    targets = np.where(supervised[..., None], coefficients[np.where(supervised, rows - delay, 0)], 0)
+    return Sequences(inputs, targets.astype(np.float32), supervised.astype(np.float32))
+
+
+def make_sequences(
+    features_norm: np.ndarray,
+    coefficients: np.ndarray,
+    section_offsets: np.ndarray,
+    sections: Sequence[int],
+    *,
+    delay: int,
+    length: int,
+    rng: np.random.Generator | None = None,
+) -> Sequences:
+    """(input, target, mask) windows inside the given sections, never across a section boundary.
+
+    Window i starting at row s feeds input rows s .. s + length + delay - 1 (W = length + delay steps). The
+    target of step t is the mouth of row s + t - delay, as at inference (`predict_sequence`): the model
+    answers for the mouth `delay` steps after it has heard its audio. Steps t < delay have no target (their
+    mouth row lies before the window) and only warm the LSTM state up; they, and steps past the end of a
+    section shorter than the window (zero inputs there), carry mask 0 and are left out of the loss. So every
+    mouth row except each section's last `delay` rows can be a target, and each is learnt with `delay` steps
+    of audio before it in the window and `delay` after it.
+
+    Args:
+        features_norm: float [R, F] normalised features of all rows.
+        coefficients: float [R, K] PCA coefficients of the mouth at each row.
+        section_offsets: int [S + 1], row range of each section (0 .. R).
+        sections: which sections to cut windows from.
+        delay: d >= 0.
+        length: supervised steps per window, >= 1.
+        rng: None = fixed tiling (validation); a generator = stratified random starts (training epochs).
+
+    Returns:
+        `Sequences` with N windows of W steps.
+
+    Raises:
+        InvalidInput: mismatched row counts or malformed sections.
+    """
+    features_norm = np.asarray(features_norm, np.float32)
+    coefficients = np.asarray(coefficients, np.float32)
+    if features_norm.ndim != 2 or coefficients.ndim != 2 or len(features_norm) != len(coefficients):
+        raise InvalidInput(
+            f"features {features_norm.shape} and coefficients {coefficients.shape} must be [R, F] and [R, K]"
+        )
+    if delay < 0 or length < 1:
+        raise InvalidInput(f"delay must be >= 0 and length >= 1, got {delay} and {length}")
+    starts, ends = plan_windows(
+        section_offsets, sections, delay=delay, length=length, n_rows=len(features_norm), rng=rng
+    )
+    return gather_windows(features_norm, coefficients, starts, ends, delay=delay, length=length)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+
+def build_model(n_features: int, n_outputs: int, settings: TrainingSettings, *, use_cudnn: bool | str = "auto"):
+    """Dropout -> [LSTM -> dropout] x layers -> dense to the PCA dimension, at every step (keras.Model).
+
+    Input float32 [batch, time, n_features] (normalised features), output float32 [batch, time, n_outputs].
+    Dropout draws a new mask per step and unit (the seed's DropoutWrapper) and is active only in training.
+    The LSTM keeps Keras defaults (tanh, sigmoid gates, forget-gate bias 1, zero initial state), as the
+    seed's TF LSTMCell.
+    """
+    if n_features < 1 or n_outputs < 1:
+        raise InvalidInput(f"the model needs >= 1 input and output dimension, got {n_features} and {n_outputs}")
+    keras = _keras()
+    seed = settings.seed
+    inputs = keras.Input(shape=(None, n_features), name=INPUT_KEY)
+    x = keras.layers.Dropout(settings.dropout, seed=seed, name="input_dropout")(inputs)
+    for layer in range(settings.layers):
+        x = keras.layers.LSTM(
+            settings.hidden_units,
+            return_sequences=True,
+            use_cudnn=use_cudnn,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 10 * layer + 1),
+            recurrent_initializer=keras.initializers.Orthogonal(seed=seed + 10 * layer + 2),
+            name=f"lstm_{layer}",
+        )(x)
+        x = keras.layers.Dropout(settings.dropout, seed=seed + 10 * layer + 3, name=f"lstm_{layer}_dropout")(x)
+    outputs = keras.layers.Dense(
+        n_outputs, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 7), name=OUTPUT_KEY
+    )(x)
+    return keras.Model(inputs, outputs, name="lipsync_lstm")
+
+
+def _masked_squared_error(tf, targets, outputs, mask):
+    """(sum of squared errors over supervised steps and coefficients, number of supervised steps)."""
+    squared = tf.reduce_sum(tf.square(outputs - targets), axis=-1)
+    return tf.reduce_sum(squared * mask), tf.reduce_sum(mask)
+
+
+def train_model(
+    features_norm: np.ndarray,
+    coefficients: np.ndarray,
+    section_offsets: np.ndarray,
+    train_sections: Sequence[int],
+    validation_sections: Sequence[int] = (),
+    *,
+    settings: TrainingSettings = TrainingSettings(),
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingResult:
+    """Train the LSTM on windows of the training sections; early-stop on the validation sections.
+
+    Per epoch: fresh stratified random windows over the training sections (`make_sequences` with an rng),
+    shuffled and cut into batches of `batch_size` (the last batch may be smaller, so tiny datasets still
+    take a step); each batch takes one Adam step on the masked mean squared error (mean over supervised
+    steps and coefficients, the seed's L2 loss) with gradients clipped to `gradient_clip_norm` by global
+    norm and dropout on. The learning rate of epoch e (0-based) is learning_rate * learning_rate_decay^e.
+    After each epoch the validation loss (same error, dropout off, fixed tiling) decides early stopping;
+    the weights of the best validation epoch are restored at the end. Weight initialisation, dropout and
+    window sampling follow `seed`, so a run repeats exactly on the same machine.
+
+    Args:
+        features_norm: float32 [R, F] normalised features.
+        coefficients: float32 [R, K] PCA coefficients.
+        section_offsets: int64 [S + 1] row ranges of the sections.
+        train_sections, validation_sections: indices of the sections of each split.
+        settings: hyper-parameters.
+        on_epoch: called after every epoch.
+        should_stop: polled before every batch; True raises Cancelled.
+
+    Raises:
+        InvalidInput: no training window (every training section is at most `delay_steps` rows long), or the
+            loss became NaN / infinite.
+        Cancelled: should_stop returned True.
+    """
+    tf, keras = _tf(), _keras()
+    features_norm = np.ascontiguousarray(features_norm, np.float32)
+    coefficients = np.ascontiguousarray(coefficients, np.float32)
+    d, length = settings.delay_steps, settings.sequence_length
+    n_rows = len(features_norm)
+    if len(coefficients) != n_rows:
+        raise InvalidInput(f"{n_rows} feature rows but {len(coefficients)} coefficient rows")
+    probe, _ = plan_windows(section_offsets, train_sections, delay=d, length=length, n_rows=n_rows)
+    if len(probe) == 0:
+        raise InvalidInput(
+            f"no training window: every training section is at most delay_steps = {d} rows long "
+            f"({len(train_sections)} training sections)"
+        )
+    started = time.monotonic()
+    keras.utils.set_random_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = build_model(features_norm.shape[1], coefficients.shape[1], settings)
+    optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, global_clipnorm=settings.gradient_clip_norm)
+    optimizer.build(model.trainable_variables)
+    # Fixed tilings for the losses, gathered batch by batch (a long dataset's windows need not fit in memory).
+    validation = plan_windows(section_offsets, validation_sections, delay=d, length=length, n_rows=n_rows)
+    train_fixed = plan_windows(section_offsets, train_sections, delay=d, length=length, n_rows=n_rows)
+
+    specs = (
+        tf.TensorSpec([None, None, features_norm.shape[1]], tf.float32),
+        tf.TensorSpec([None, None, coefficients.shape[1]], tf.float32),
+        tf.TensorSpec([None, None], tf.float32),
+    )
+
+    @tf.function(input_signature=specs)
+    def train_step(x, y, mask):
+        with tf.GradientTape() as tape:
+            total, count = _masked_squared_error(tf, y, model(x, training=True), mask)
+            loss = total / tf.maximum(count * coefficients.shape[1], 1.0)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return total, count
+
+    @tf.function(input_signature=specs)
+    def eval_step(x, y, mask):
+        return _masked_squared_error(tf, y, model(x, training=False), mask)
+
+    def evaluate(windows: tuple[np.ndarray, np.ndarray]) -> float:
+        starts, ends = windows
+        total = count = 0.0
+        for lo in range(0, len(starts), settings.batch_size):
+            pick = slice(lo, lo + settings.batch_size)
+            batch = gather_windows(features_norm, coefficients, starts[pick], ends[pick], delay=d, length=length)
+            t, c = eval_step(batch.inputs, batch.targets, batch.mask)
+            total, count = total + float(t), count + float(c)
+        return total / max(count * coefficients.shape[1], 1.0)
+
+    result = TrainingResult(model=model)
+    best_loss, best_weights, best_epoch, waited, stopped_early = math.inf, None, 0, 0, False
+    has_validation = len(validation[0]) > 0
+    patience = settings.early_stopping_patience if has_validation else 0
+    for epoch in range(settings.max_epochs):
+        epoch_started = time.monotonic()
+        rate = settings.learning_rate * settings.learning_rate_decay**epoch
+        optimizer.learning_rate.assign(rate)
+        starts, ends = plan_windows(section_offsets, train_sections, delay=d, length=length, n_rows=n_rows, rng=rng)
+        order = rng.permutation(len(starts))
+        total = count = 0.0
+        for lo in range(0, len(order), settings.batch_size):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"training cancelled in epoch {epoch + 1}")
+            pick = order[lo : lo + settings.batch_size]
+            batch = gather_windows(features_norm, coefficients, starts[pick], ends[pick], delay=d, length=length)
+            t, c = train_step(batch.inputs, batch.targets, batch.mask)
+            total, count = total + float(t), count + float(c)
+        train_loss = total / max(count * coefficients.shape[1], 1.0)
+        if not math.isfinite(train_loss):
+            raise InvalidInput(
+                f"training diverged in epoch {epoch + 1} (loss {train_loss}): lower learning_rate "
+                f"({settings.learning_rate:g}) or gradient_clip_norm ({settings.gradient_clip_norm:g})"
+            )
+        validation_loss = evaluate(validation) if has_validation else None
+        result.train_losses.append(train_loss)
+        result.learning_rates.append(rate)
+        if validation_loss is not None:
+            result.validation_losses.append(validation_loss)
+            if validation_loss < best_loss:
+                best_loss, best_epoch, waited = validation_loss, epoch + 1, 0
+                best_weights = [np.array(w) for w in model.get_weights()]
+            else:
+                waited += 1
+        else:
+            best_epoch = epoch + 1
+        if on_epoch is not None:
+            on_epoch(
+                EpochResult(
+                    epoch + 1,
+                    settings.max_epochs,
+                    train_loss,
+                    validation_loss,
+                    rate,
+                    best_epoch,
+                    time.monotonic() - epoch_started,
+                )
+            )
+        if patience and waited >= patience:
+            stopped_early = True
+            break
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    return dataclasses.replace(
+        result,
+        best_epoch=best_epoch,
+        best_validation_loss=best_loss if best_weights is not None else None,
+        final_train_loss=evaluate(train_fixed),
+        stopped_early=stopped_early,
+        seconds=time.monotonic() - started,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export and inference
+
+
+def _without_cudnn(model):
+    """A copy of `model` whose LSTMs use the generic kernel, so the exported graph has no cuDNN-only op.
+
+    Keras picks the cuDNN kernel when a GPU is visible at tracing time; a SavedModel exported on a GPU node
+    would then not run on a CPU TF Serving. The copy shares nothing and carries the same weights.
+    """
+    keras = _keras()
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.LSTM):
+            config["use_cudnn"] = False
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def export_saved_model(model, path: str | os.PathLike, *, n_features: int = FEATURE_DIM) -> Path:
+    """Write `model` as a TensorFlow SavedModel that TF Serving and `tf.saved_model.load` both serve.
+
+    Signature "serving_default": input `features` float32 [batch, time, n_features] (normalised), output
+    `coefficients` float32 [batch, time, K]; stateless (zero initial state per call), dropout off; output
+    step t is the mouth at input step t - delay.
+
+    Returns:
+        The folder written (saved_model.pb, variables/, fingerprint.pb, assets/).
+    """
+    tf = _tf()
+    serving_model = _without_cudnn(model)
+
+    class _Serving(tf.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.model = inner
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, n_features], tf.float32, name=INPUT_KEY)])
+        def serve(self, features):
+            return {OUTPUT_KEY: self.model(features, training=False)}
+
+    module = _Serving(serving_model)
+    path = Path(path)
+    tf.saved_model.save(module, str(path), signatures={SIGNATURE_KEY: module.serve})
+    return path
+
+
+def _runner(model_or_signature) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 [1, t, F] -> float32 [1, t, K] for a Keras model, a loaded signature, a SavedModel path or a callable."""
+    if isinstance(model_or_signature, str | os.PathLike):
+        tf = _tf()
+        model_or_signature = tf.saved_model.load(str(model_or_signature)).signatures[SIGNATURE_KEY]
+    try:
+        keras = _keras()
+        is_keras = isinstance(model_or_signature, keras.Model)
+    except ImportError:  # pragma: no cover - keras ships with tensorflow here
+        is_keras = False
+    if is_keras:
+        # predict_on_batch runs a compiled (graph) function: eager LSTM steps are ~50x slower on long inputs.
+        return lambda x: np.asarray(model_or_signature.predict_on_batch(x))
+    structured = getattr(model_or_signature, "structured_input_signature", None)
+    if structured is not None:  # a ConcreteFunction (a loaded signature): keyword inputs, dict outputs
+        tf = _tf()
+        return lambda x: model_or_signature(**{INPUT_KEY: tf.constant(x)})[OUTPUT_KEY].numpy()
+
+    def call(x: np.ndarray) -> np.ndarray:
+        output = model_or_signature(x)
+        if isinstance(output, dict):
+            output = output[OUTPUT_KEY]
+        return np.asarray(output)
+
+    return call
+
+
+def predict_sequence(model_or_signature, features_norm: np.ndarray, *, delay: int = DEFAULT_DELAY_STEPS) -> np.ndarray:
+    """Reference inference: mouth coefficients aligned to the features, in one stateless call.
+
+    The input gets `delay` rows of zeros appended (the training mean in normalised space, i.e. average
+    audio) so the last rows have their look-ahead; the model runs once from the zero state; the first
+    `delay` outputs (warm-up, mouths before row 0) are dropped. Row t of the result is the mouth at
+    feature time t: the delay is removed here, once.
+
+    Args:
+        model_or_signature: a keras.Model, a loaded `serving_default` signature, a SavedModel folder, or a
+            callable float32 [1, t, F] -> [1, t, K] (or a dict holding `coefficients`).
+        features_norm: float32 [T, F] normalised features, T >= 1.
+        delay: the model's delay in steps (its model card's delay_steps).
+
+    Returns:
+        float32 [T, K].
+    """
+    features_norm = np.asarray(features_norm, np.float32)
+    if features_norm.ndim != 2 or len(features_norm) == 0:
+        raise InvalidInput(f"features must be [T, F] with T >= 1, got shape {features_norm.shape}")
+    if not np.isfinite(features_norm).all():
+        raise InvalidInput("features contain NaN or infinite values")
+    if delay < 0:
+        raise InvalidInput(f"delay must be >= 0, got {delay}")
+    padded = np.concatenate([features_norm, np.zeros((delay, features_norm.shape[1]), np.float32)])
+    output = _runner(model_or_signature)(padded[None])
+    if output.ndim != 3 or output.shape[:2] != (1, len(padded)):
+        raise InvalidInput(f"model returned shape {output.shape} for input of shape {(1, *padded.shape)}")
+    return np.ascontiguousarray(output[0, delay:], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def mouth_width(shapes: np.ndarray) -> np.ndarray:
+    """float64 [N]: distance between the mouth corners (dlib 48 and 54) of float [N, 20, 2] shapes."""
+    shapes = np.asarray(shapes, np.float64)
+    return np.linalg.norm(shapes[:, MOUTH_CORNERS[0]] - shapes[:, MOUTH_CORNERS[1]], axis=-1)
+
+
+def mouth_opening(shapes: np.ndarray) -> np.ndarray:
+    """float64 [N]: mean distance of the inner-lip pairs 61-67, 62-66, 63-65 of float [N, 20, 2] shapes."""
+    shapes = np.asarray(shapes, np.float64)
+    upper = [u for u, _ in INNER_LIP_PAIRS]
+    lower = [lo for _, lo in INNER_LIP_PAIRS]
+    return np.linalg.norm(shapes[:, upper] - shapes[:, lower], axis=-1).mean(axis=1)
+
+
+def landmark_error(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over frames and the 20 points of |predicted - truth| / mouth width of the true shape (unitless)."""
+    predicted, truth = np.asarray(predicted, np.float64), np.asarray(truth, np.float64)
+    if predicted.shape != truth.shape or predicted.ndim != 3 or predicted.shape[1:] != (MOUTH_POINTS, 2):
+        raise InvalidInput(f"shapes must both be [N, {MOUTH_POINTS}, 2], got {predicted.shape} and {truth.shape}")
+    if len(truth) == 0:
+        raise InvalidInput("no frames to compare")
+    width = np.maximum(mouth_width(truth), 1e-12)
+    return float((np.linalg.norm(predicted - truth, axis=-1).mean(axis=1) / width).mean())
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two series; NaN when either is constant."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise InvalidInput(f"series of different lengths {a.shape} and {b.shape}")
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denominator if denominator > 0 else math.nan
+
+
+def mouth_metrics(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(landmark_error, mouth_open_correlation) of predicted vs true float [N, 20, 2] shapes."""
+    return landmark_error(predicted, truth), pearson(mouth_opening(predicted), mouth_opening(truth))

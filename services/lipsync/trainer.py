@@ -1,0 +1,503 @@
+"""LSTM trainer: speaker dataset from the object store -> versioned SavedModel under models/<speaker>/<version>/.
+
+`python -m services.lipsync.trainer --speaker obama --dataset KEY --pca KEY [options]` (a Kubernetes Job or a
+local process). Version v of speaker S is stored as
+
+    models/S/v/saved_model.pb, variables/..., fingerprint.pb      the SavedModel (signature "serving_default")
+    models/S/v/assets.extra/pca.npz                             the dataset's mouth PCA, as stored
+    models/S/v/assets.extra/normalization.npz                   feature_mean, feature_std float32 [28]
+    models/S/v/assets.extra/model_card.json                     written last: its presence marks v complete
+
+and, with a models folder (A2V_MODELS_DIR or --models-dir), as the same tree in <models_dir>/S/v/, moved into
+place in one rename so a TF Serving polling the folder never sees half a version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from audio2video.lipsync.v1 import lipsync_pb2
+from services.lipsync import model as lstm
+from services.lipsync.core import shapes_from_coefficients
+from services.runtime.blobstore import NPZ_CONTENT_TYPE, BlobStore
+from services.runtime.config import Config, ConfigError
+from services.runtime.errors import A2VError, FailedPrecondition, InvalidInput
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR_VARIABLE = "A2V_MODELS_DIR"
+TRAIN_SPEAKER_VARIABLE = "A2V_TRAIN_SPEAKER"
+SPEAKER_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+MODEL_CARD_FORMAT_VERSION = 1
+MOUTH_VECTOR = 40
+DATASET_ARRAYS = (
+    "features",
+    "shapes",
+    "coefficients",
+    "section_offsets",
+    "section_clip",
+    "clip_ids",
+    "is_validation",
+    "feature_mean",
+    "feature_std",
+)
+
+
+def version_prefix(speaker: str, version: int) -> str:
+    """Object-store prefix of a model version, with the trailing slash."""
+    return f"models/{speaker}/{version}/"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TrainingOptions <-> TrainingSettings (the one place that knows the proto)
+
+
+def settings_from_proto(options: lipsync_pb2.TrainingOptions | None) -> lstm.TrainingSettings:
+    """TrainingSettings from the proto: zero / unset fields take the defaults (see lipsync.v1.TrainingOptions).
+
+    Raises:
+        InvalidInput: a value out of range.
+    """
+    defaults = lstm.TrainingSettings()
+    if options is None:
+        return defaults
+
+    def optional(name: str):
+        return getattr(options, name) if options.HasField(name) else getattr(defaults, name)
+
+    return lstm.TrainingSettings(
+        hidden_units=options.hidden_units or defaults.hidden_units,
+        layers=options.layers or defaults.layers,
+        delay_steps=optional("delay_steps"),
+        sequence_length=options.sequence_length or defaults.sequence_length,
+        batch_size=options.batch_size or defaults.batch_size,
+        max_epochs=options.max_epochs or defaults.max_epochs,
+        learning_rate=options.learning_rate or defaults.learning_rate,
+        learning_rate_decay=optional("learning_rate_decay"),
+        gradient_clip_norm=options.gradient_clip_norm or defaults.gradient_clip_norm,
+        dropout=optional("dropout"),
+        early_stopping_patience=optional("early_stopping_patience"),
+        seed=optional("seed"),
+    )
+
+
+def settings_to_proto(settings: lstm.TrainingSettings) -> lipsync_pb2.TrainingOptions:
+    """Every field set explicitly (so a stored card says what was used, not "default")."""
+    return lipsync_pb2.TrainingOptions(**settings.as_dict())
+
+
+def metrics_to_proto(card: Mapping) -> lipsync_pb2.ValidationMetrics:
+    """ValidationMetrics from a model card's "metrics" (absent values stay 0)."""
+    metrics = card.get("metrics") or {}
+    message = lipsync_pb2.ValidationMetrics()
+    for name in ("train_loss", "validation_loss", "landmark_error", "mouth_open_correlation"):
+        if metrics.get(name) is not None:
+            setattr(message, name, float(metrics[name]))
+    message.epochs = int(metrics.get("epochs") or card.get("epochs") or 0)
+    return message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _load_dataset(store: BlobStore, dataset_key: str, pca_key: str) -> tuple[dict, dict, bytes]:
+    """Dataset arrays, PCA arrays and the PCA archive's bytes; every inconsistency is an InvalidInput."""
+    dataset = store.get_arrays(dataset_key)
+    missing = [name for name in DATASET_ARRAYS if name not in dataset]
+    if missing:
+        raise InvalidInput(
+            f"dataset {dataset_key!r} lacks the arrays {missing} (see face.v1.BuildSpeakerDatasetResult)"
+        )
+    pca_bytes = store.get_bytes(pca_key)
+    try:
+        with np.load(io.BytesIO(pca_bytes), allow_pickle=False) as archive:
+            pca = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError) as exc:
+        raise InvalidInput(f"PCA {pca_key!r} is not a .npz archive: {exc}") from exc
+    for name in ("mean", "components"):
+        if name not in pca:
+            raise InvalidInput(f"PCA {pca_key!r} lacks the array {name!r}")
+
+    features, coefficients, shapes = dataset["features"], dataset["coefficients"], dataset["shapes"]
+    rows = len(features)
+    if features.ndim != 2 or features.shape[1] != lstm.FEATURE_DIM:
+        raise InvalidInput(f"dataset features must be [R, {lstm.FEATURE_DIM}], got shape {features.shape}")
+    if coefficients.ndim != 2 or len(coefficients) != rows:
+        raise InvalidInput(f"dataset coefficients must be [{rows}, K], got shape {coefficients.shape}")
+    if shapes.shape != (rows, lstm.MOUTH_POINTS, 2):
+        raise InvalidInput(f"dataset shapes must be [{rows}, {lstm.MOUTH_POINTS}, 2], got shape {shapes.shape}")
+    components, mean = pca["components"], pca["mean"]
+    if components.ndim != 2 or components.shape[1] != MOUTH_VECTOR or mean.shape != (MOUTH_VECTOR,):
+        raise InvalidInput(
+            f"PCA must have mean [{MOUTH_VECTOR}] and components [K, {MOUTH_VECTOR}], "
+            f"got {mean.shape} and {components.shape}"
+        )
+    if coefficients.shape[1] != components.shape[0]:
+        raise InvalidInput(
+            f"PCA dimension mismatch: the dataset has {coefficients.shape[1]} coefficients per row but the PCA "
+            f"{pca_key!r} has {components.shape[0]} components (dataset and PCA of different builds?)"
+        )
+    for name in ("feature_mean", "feature_std"):
+        if dataset[name].shape != (lstm.FEATURE_DIM,):
+            raise InvalidInput(f"dataset {name} must be [{lstm.FEATURE_DIM}], got shape {dataset[name].shape}")
+    if not np.all(dataset["feature_std"] > 0):
+        raise InvalidInput("dataset feature_std must be > 0 everywhere")
+    for name, array in (("features", features), ("coefficients", coefficients), ("shapes", shapes)):
+        if not np.isfinite(array).all():
+            raise InvalidInput(f"dataset {name} contain NaN or infinite values")
+    offsets, section_clip = dataset["section_offsets"].astype(np.int64), dataset["section_clip"].astype(np.int64)
+    if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != rows or np.any(np.diff(offsets) < 0):
+        raise InvalidInput(f"dataset section_offsets must rise from 0 to the row count {rows}")
+    n_clips = len(dataset["clip_ids"])
+    if len(section_clip) != len(offsets) - 1 or (
+        len(section_clip) and (section_clip.min() < 0 or section_clip.max() >= n_clips)
+    ):
+        raise InvalidInput(f"dataset section_clip must name one of the {n_clips} clips for each section")
+    if len(dataset["is_validation"]) != n_clips:
+        raise InvalidInput(f"dataset is_validation must have one entry per clip ({n_clips})")
+    return dataset, pca, pca_bytes
+
+
+def _scalar_str(value) -> str:
+    return str(np.asarray(value).reshape(-1)[0]) if np.asarray(value).size else ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# versions
+
+
+def stored_versions(store: BlobStore, speaker: str) -> list[int]:
+    """Complete versions of a speaker in the store (with a model card), ascending."""
+    pattern = re.compile(rf"models/{re.escape(speaker)}/(\d+)/assets\.extra/model_card\.json")
+    found = {int(m.group(1)) for key in store.list_keys(f"models/{speaker}/") if (m := pattern.fullmatch(key))}
+    return sorted(v for v in found if v > 0)
+
+
+def _disk_versions(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def _content_type(path: Path) -> str:
+    return {".json": "application/json", ".npz": NPZ_CONTENT_TYPE}.get(path.suffix, "application/octet-stream")
+
+
+def _validation_metrics(signature, dataset: dict, features_norm: np.ndarray, pca: dict, sections, delay: int):
+    """(landmark_error, mouth_open_correlation) of the exported model over whole validation sections."""
+    offsets = dataset["section_offsets"]
+    predicted, truth = [], []
+    for section in sections:
+        a, b = int(offsets[section]), int(offsets[section + 1])
+        if b <= a:
+            continue
+        coefficients = lstm.predict_sequence(signature, features_norm[a:b], delay=delay)
+        predicted.append(shapes_from_coefficients(coefficients, pca["mean"], pca["components"]))
+        truth.append(dataset["shapes"][a:b])
+    if not predicted:
+        return None, None
+    error, correlation = lstm.mouth_metrics(np.concatenate(predicted), np.concatenate(truth))
+    return error, (None if math.isnan(correlation) else correlation)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def train_speaker(
+    store: BlobStore,
+    *,
+    speaker: str,
+    dataset_key: str,
+    pca_key: str,
+    settings: lstm.TrainingSettings | None = None,
+    models_dir: str | os.PathLike | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[lstm.EpochResult], None] | None = None,
+) -> dict:
+    """Train a speaker's LSTM on a stored dataset and store it as the next version.
+
+    Training uses the dataset's training clips; the validation clips drive early stopping and the metrics
+    (landmark error / mouth width and mouth-opening correlation, from the exported SavedModel run over each
+    whole validation section with `predict_sequence`). The new version is 1 + the largest complete version
+    in the store (or in `models_dir`, if that is larger, so a local folder never gets a version replaced).
+
+    Args:
+        store: the object store holding the dataset and receiving the model.
+        speaker: [a-z0-9_-]{1,64}; the TF Serving model name.
+        dataset_key: key of the dataset .npz (face.v1.BuildSpeakerDatasetResult.dataset).
+        pca_key: key of the mouth PCA .npz of the same build.
+        settings: hyper-parameters; None = defaults.
+        models_dir: also write the version to <models_dir>/<speaker>/<version>/ (atomically).
+        progress: progress(done_epochs, max_epochs) after every epoch.
+        should_stop: polled before every batch; True raises Cancelled.
+        on_epoch: called with every epoch's losses.
+
+    Returns:
+        The model card (as stored in assets.extra/model_card.json).
+
+    Raises:
+        InvalidInput: bad speaker name, malformed dataset or PCA, mismatched PCA dimension, no training rows.
+        NotFound: the dataset or PCA key does not exist.
+        Cancelled: should_stop returned True.
+        Unavailable: the object store is unreachable.
+    """
+    settings = settings or lstm.TrainingSettings()
+    if not SPEAKER_NAME.fullmatch(speaker or ""):
+        raise InvalidInput(f"speaker name {speaker!r} must match [a-z0-9_-]{{1,64}}")
+    started = time.monotonic()
+    dataset, pca, pca_bytes = _load_dataset(store, dataset_key, pca_key)
+    clip_ids = [str(c) for c in dataset["clip_ids"]]
+    is_validation = dataset["is_validation"].astype(bool)
+    section_clip = dataset["section_clip"].astype(np.int64)
+    lengths = np.diff(dataset["section_offsets"])
+    held_out = is_validation[section_clip] if len(section_clip) else np.zeros(0, bool)
+    train_sections = np.flatnonzero(~held_out & (lengths > 0))
+    validation_sections = np.flatnonzero(held_out & (lengths > 0))
+    train_rows, validation_rows = int(lengths[train_sections].sum()), int(lengths[validation_sections].sum())
+    if train_rows == 0:
+        raise InvalidInput(f"dataset {dataset_key!r} has no training rows (clips {clip_ids}, all held out or empty)")
+    mean = dataset["feature_mean"].astype(np.float32)
+    std = dataset["feature_std"].astype(np.float32)
+    features_norm = ((dataset["features"] - mean) / std).astype(np.float32)
+    coefficients = dataset["coefficients"].astype(np.float32)
+    log.info(
+        "training %s: %d train rows in %d sections, %d validation rows in %d sections, K=%d",
+        speaker,
+        train_rows,
+        len(train_sections),
+        validation_rows,
+        len(validation_sections),
+        coefficients.shape[1],
+    )
+
+    def epoch_done(result: lstm.EpochResult) -> None:
+        if progress is not None:
+            progress(result.epoch, result.max_epochs)
+        if on_epoch is not None:
+            on_epoch(result)
+
+    trained = lstm.train_model(
+        features_norm,
+        coefficients,
+        dataset["section_offsets"],
+        train_sections,
+        validation_sections,
+        settings=settings,
+        on_epoch=epoch_done,
+        should_stop=should_stop,
+    )
+
+    models_root = Path(models_dir) / speaker if models_dir else None
+    if models_root is not None:
+        models_root.mkdir(parents=True, exist_ok=True)
+    version = 1 + max([0, *stored_versions(store, speaker), *(_disk_versions(models_root) if models_root else [])])
+    prefix = version_prefix(speaker, version)
+    work = Path(
+        tempfile.mkdtemp(prefix=f".{version}.partial-", dir=models_root)
+        if models_root
+        else tempfile.mkdtemp(prefix="a2v-model-")
+    )
+    try:
+        lstm.export_saved_model(trained.model, work, n_features=lstm.FEATURE_DIM)
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(str(work)).signatures[lstm.SIGNATURE_KEY]
+        error, correlation = _validation_metrics(
+            signature, dataset, features_norm, pca, validation_sections, settings.delay_steps
+        )
+        extra = work / "assets.extra"
+        extra.mkdir()
+        (extra / "pca.npz").write_bytes(pca_bytes)
+        np.savez(extra / "normalization.npz", feature_mean=mean, feature_std=std)
+        card = {
+            "format_version": MODEL_CARD_FORMAT_VERSION,
+            "speaker": speaker,
+            "version": version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "prefix": prefix,
+            "signature": {"name": lstm.SIGNATURE_KEY, "input": lstm.INPUT_KEY, "output": lstm.OUTPUT_KEY},
+            "delay_steps": settings.delay_steps,
+            "feature_dim": lstm.FEATURE_DIM,
+            "feature_rate_hz": lstm.FEATURE_RATE_HZ,
+            "pca_components": int(coefficients.shape[1]),
+            "template_id": _scalar_str(pca.get("template_id", "")),
+            "dataset": {
+                "key": dataset_key,
+                "pca_key": pca_key,
+                "train_clip_ids": [c for c, v in zip(clip_ids, is_validation, strict=True) if not v],
+                "validation_clip_ids": [c for c, v in zip(clip_ids, is_validation, strict=True) if v],
+                "train_frames": train_rows,
+                "validation_frames": validation_rows,
+                "train_sections": len(train_sections),
+                "validation_sections": len(validation_sections),
+            },
+            "training": settings.as_dict(),
+            "history": {
+                "train_loss": trained.train_losses,
+                "validation_loss": trained.validation_losses,
+                "learning_rate": trained.learning_rates,
+            },
+            "epochs": trained.epochs,
+            "best_epoch": trained.best_epoch,
+            "stopped_early": trained.stopped_early,
+            "training_seconds": round(trained.seconds, 3),
+            "metrics": {
+                "train_loss": trained.final_train_loss,
+                "validation_loss": trained.best_validation_loss,
+                "landmark_error": error,
+                "mouth_open_correlation": correlation,
+                "epochs": trained.epochs,
+            },
+            "tensorflow_version": tf.__version__,
+        }
+        card_path = extra / "model_card.json"
+        card_path.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+
+        for stale in list(store.list_keys(prefix)):  # leftovers of an attempt that died before its card
+            store.delete(stale)
+        files = sorted(p for p in work.rglob("*") if p.is_file() and p != card_path)
+        for path in [*files, card_path]:  # the card last: it marks the version complete
+            store.put_file(prefix + path.relative_to(work).as_posix(), path, content_type=_content_type(path))
+        if models_root is not None:
+            work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+            target = models_root / str(version)
+            try:
+                os.rename(work, target)
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot move the new version into {target}: {exc}") from exc
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    log.info(
+        "stored %s version %d (%d epochs, best %d, %.1f s total)",
+        speaker,
+        version,
+        trained.epochs,
+        trained.best_epoch,
+        time.monotonic() - started,
+    )
+    return card
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = lstm.TrainingSettings()
+    parser = argparse.ArgumentParser(
+        prog="python -m services.lipsync.trainer",
+        description="Train a speaker's LSTM from a stored dataset and store it as models/<speaker>/<version>/.",
+    )
+    speaker = environ.get(TRAIN_SPEAKER_VARIABLE, "").strip()
+    parser.add_argument(
+        "--speaker", default=speaker or None, required=not speaker, help=f"speaker name (${TRAIN_SPEAKER_VARIABLE})"
+    )
+    parser.add_argument("--dataset", required=True, help="object key of the dataset .npz")
+    parser.add_argument("--pca", required=True, help="object key of the PCA .npz")
+    parser.add_argument(
+        "--models-dir",
+        default=environ.get(MODELS_DIR_VARIABLE, "").strip() or None,
+        help=f"also write <dir>/<speaker>/<version>/ (${MODELS_DIR_VARIABLE})",
+    )
+    options = parser.add_argument_group("training options (defaults: the paper's)")
+    options.add_argument("--epochs", type=int, default=defaults.max_epochs, help="maximum epochs")
+    options.add_argument("--hidden-units", type=int, default=defaults.hidden_units)
+    options.add_argument("--layers", type=int, default=defaults.layers)
+    options.add_argument("--delay-steps", type=int, default=defaults.delay_steps)
+    options.add_argument("--sequence-length", type=int, default=defaults.sequence_length)
+    options.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    options.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    options.add_argument("--learning-rate-decay", type=float, default=defaults.learning_rate_decay)
+    options.add_argument("--gradient-clip-norm", type=float, default=defaults.gradient_clip_norm)
+    options.add_argument("--dropout", type=float, default=defaults.dropout)
+    options.add_argument("--patience", type=int, default=defaults.early_stopping_patience, help="0 = never stop early")
+    options.add_argument("--seed", type=int, default=defaults.seed)
+    return parser
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    args = _parser(environ).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    try:
+        settings = lstm.TrainingSettings(
+            hidden_units=args.hidden_units,
+            layers=args.layers,
+            delay_steps=args.delay_steps,
+            sequence_length=args.sequence_length,
+            batch_size=args.batch_size,
+            max_epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            learning_rate_decay=args.learning_rate_decay,
+            gradient_clip_norm=args.gradient_clip_norm,
+            dropout=args.dropout,
+            early_stopping_patience=args.patience,
+            seed=args.seed,
+        )
+        config = Config.from_env("trainer", environ)
+        store = BlobStore.from_config(config.store)
+
+        def report(epoch: lstm.EpochResult) -> None:
+            validation = "-" if epoch.validation_loss is None else f"{epoch.validation_loss:.5f}"
+            print(
+                f"epoch {epoch.epoch}/{epoch.max_epochs}  train {epoch.train_loss:.5f}  validation {validation}  "
+                f"lr {epoch.learning_rate:.2e}  best {epoch.best_epoch}  {epoch.seconds:.2f} s",
+                flush=True,
+            )
+
+        card = train_speaker(
+            store,
+            speaker=args.speaker,
+            dataset_key=args.dataset,
+            pca_key=args.pca,
+            settings=settings,
+            models_dir=args.models_dir,
+            on_epoch=report,
+        )
+    except (A2VError, ConfigError) as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trainer: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: keep the traceback for the logs, end with the one-line reason
+        log.exception("training failed")
+        print(f"trainer: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    metrics = card["metrics"]
+
+    def show(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(
+        f"stored {card['prefix']}  epochs {card['epochs']} (best {card['best_epoch']})  "
+        f"train_loss {show(metrics['train_loss'])}  validation_loss {show(metrics['validation_loss'])}  "
+        f"landmark_error {show(metrics['landmark_error'])}  "
+        f"mouth_open_correlation {show(metrics['mouth_open_correlation'])}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
