@@ -1,0 +1,485 @@
+"""Per-frame compositing: texture warp into the target frame, jaw correction, feathered mask, colour match, blend.
+
+All functions are pure (numpy / OpenCV), work on BGR uint8 frames in OpenCV conventions (x right, y down, pixel
+centres at integers) and touch only a bounding box around the lower face, so their cost scales with the face size,
+not the frame size.
+
+Jaw correction model (the seed omitted it; the paper warps the target's chin to the synthesized mouth opening):
+the mandible rotates about the condyles, so the chin moves down by about `gain` times the extra opening of the
+inner lips and the jaw line's displacement tapers to zero at the jaw angles (points 3 and 13). For jaw points
+j = 3..13 the canonical displacement is
+
+    delta_j = (0, gain * w_j * (open(synth) - open(target)))      open = mean y of 65-67 minus mean y of 61-63
+
+with w_j = clip((y_j - y_angle) / (y_chin - y_angle), 0, 1) on the template (1 at the chin, 0 at points 3/13) and
+gain 0.6 (the chin moved 0.57-0.65 times the lower lip on the analysed clips; the inner-lip gap is used because it
+is 0 for a closed mouth whoever speaks, so a speaker model driving another person's face adds no bias). When the
+texture stage reports the weighted-mean jaw line of its candidates, the jaw goes exactly there instead
+(delta_j = mean_jaw_j - target_jaw_j): that is where the texture's own chin lies. Canonical displacements become
+frame pixels through the frame's similarity transform; the frame is then warped by a smooth backward field, a
+Gaussian radial-basis interpolation (sigma = 0.18 face-box widths) of -delta at the moved jaw points and 0 at fixed
+anchors (outer jaw 0-2 and 14-16, nose, eye corners, upper lip, three points below the chin), faded out above
+the upper lip (nothing moves above the nose tip) and applied with cv2.remap. A zero displacement leaves the frame
+untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from services.runtime.canonical import (
+    CanonicalGeometry,
+    FramePatch,
+    LowerFaceWarp,
+    apply_similarity,
+    interocular_distance,
+)
+from services.runtime.errors import InvalidInput
+
+COLOR_MATCH_MODES = ("none", "mean_std", "histogram")
+
+JAW_MOVING = np.arange(3, 14)  # jaw points that follow the mandible (3 and 13 get weight 0: the jaw angles)
+# Frame landmarks that stay where they are when the jaw opens: outer jaw, nose, eye corners, upper lip.
+JAW_ANCHORS = np.array([0, 1, 2, 14, 15, 16, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 39, 42, 45, 48, 49, 50, 51, 52])
+# Canonical points below the chin (on the neck) that stay fixed: the chin slides over the neck, not the neck along.
+NECK_ANCHORS = np.array([[0.15, 1.5], [0.5, 1.55], [0.85, 1.5]])
+INNER_UPPER = np.array([61, 62, 63]) - 48  # indices into a 20-point mouth shape (points 48-67)
+INNER_LOWER = np.array([67, 66, 65]) - 48
+JAW_GAIN = 0.6
+JAW_SIGMA = 0.18  # face-box widths
+JAW_FADE = (0.5, 0.68)  # canonical y: no jaw displacement above the first (nose tip), full below the second
+MAX_JAW_SHIFT = 0.2  # canonical units (a fifth of the face box): larger requests are clipped
+FEATHER_FRACTION = 0.08  # of the inter-ocular distance
+COLOR_GAIN_RANGE = (0.85, 1.18)  # mean_std contrast gain
+HISTOGRAM_SLOPE_RANGE = (0.5, 2.0)  # local slopes of the histogram-matching curve
+
+
+@dataclass(frozen=True)
+class BlendSettings:
+    """Per-frame compositing knobs (validated by the caller).
+
+    Attributes:
+        jaw_correction: Warp the target's jaw line to the synthesized mouth opening.
+        jaw_gain: Chin displacement per unit of extra inner-lip opening (canonical units), >= 0.
+        pyramid_levels: Laplacian pyramid levels (pyrDown steps), 1-8.
+        feather_px: Width of the mask's soft edge in frame pixels; 0 = FEATHER_FRACTION x inter-ocular distance.
+        color_match: "none", "mean_std" (Lab mean/std in a ring inside the mask edge) or "histogram".
+    """
+
+    jaw_correction: bool = True
+    jaw_gain: float = JAW_GAIN
+    pyramid_levels: int = 4
+    feather_px: float = 0.0
+    color_match: str = "mean_std"
+
+
+@dataclass(frozen=True)
+class CompositeResult:
+    """One composited frame.
+
+    Attributes:
+        image: uint8 [H, W, 3] BGR, the target frame's size.
+        composited: True when a texture was blended in (False: the input frame, returned as is).
+        jaw_shift_px: Largest jaw displacement applied, frame pixels (0 when none).
+        box: (x0, y0, x1, y1) of the blended region in the frame ((0, 0, 0, 0) when nothing was blended).
+        mask: float32 [y1 - y0, x1 - x0] soft mask of the blend in `box` (empty when nothing was blended).
+    """
+
+    image: np.ndarray
+    composited: bool
+    jaw_shift_px: float = 0.0
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    mask: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------- jaw correction
+def inner_opening(mouth: np.ndarray) -> np.ndarray:
+    """Inner-lip gap of mouth shapes float [..., 20, 2] (points 48-67): mean y of 65-67 minus mean y of 61-63."""
+    m = np.asarray(mouth, dtype=np.float64)
+    return m[..., INNER_LOWER, 1].mean(axis=-1) - m[..., INNER_UPPER, 1].mean(axis=-1)
+
+
+def jaw_taper(template: np.ndarray) -> np.ndarray:
+    """Weights float64 [11] of jaw points 3..13: 1 at the chin (8), 0 at the jaw angles (3, 13), by height."""
+    y = np.asarray(template, dtype=np.float64)[:, 1]
+    angle = (y[3] + y[13]) / 2
+    return np.clip((y[JAW_MOVING] - angle) / max(y[8] - angle, 1e-6), 0.0, 1.0)
+
+
+def jaw_displacement(
+    target_canonical: np.ndarray,
+    template: np.ndarray,
+    *,
+    synth_mouth: np.ndarray | None = None,
+    mean_jaw: np.ndarray | None = None,
+    gain: float = JAW_GAIN,
+) -> np.ndarray:
+    """Canonical displacement of jaw points 3..13 that matches the target's jaw to the synthesized mouth.
+
+    Args:
+        target_canonical: float [68, 2] the target frame's landmarks in canonical template units.
+        template: float [68, 2] canonical template (for the taper).
+        synth_mouth: float [20, 2] synthesized mouth shape (points 48-67), canonical units.
+        mean_jaw: float [17, 2] weighted-mean jaw line of the texture's candidates, canonical units; when given
+            (and finite) it wins over `synth_mouth`.
+        gain: Chin displacement per unit of extra inner-lip opening.
+
+    Returns:
+        float64 [11, 2] displacement (canonical units) of points 3..13, each no longer than MAX_JAW_SHIFT.
+    """
+    current = np.asarray(target_canonical, dtype=np.float64)
+    if mean_jaw is not None and np.isfinite(mean_jaw).all():
+        delta = np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING] - current[JAW_MOVING]
+    elif synth_mouth is not None and np.isfinite(synth_mouth).all():
+        extra = float(inner_opening(synth_mouth) - inner_opening(current[48:68]))
+        delta = np.zeros((len(JAW_MOVING), 2))
+        delta[:, 1] = gain * jaw_taper(template) * extra
+    else:
+        return np.zeros((len(JAW_MOVING), 2))
+    length = np.linalg.norm(delta, axis=1, keepdims=True)
+    return delta * np.minimum(1.0, MAX_JAW_SHIFT / np.maximum(length, 1e-12))
+
+
+def _gaussian_rbf(centres: np.ndarray, values: np.ndarray, sigma: float) -> np.ndarray:
+    """Weights float64 [K, 2] of a Gaussian RBF interpolating `values` [K, 2] at `centres` [K, 2]."""
+    d2 = ((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    kernel = np.exp(-d2 / (2 * sigma * sigma))
+    # A small ridge keeps near-coincident centres solvable; it barely changes the interpolation.
+    return np.linalg.solve(kernel + 1e-6 * np.eye(len(centres)), values)
+
+
+def correct_jaw(
+    frame: np.ndarray,
+    landmarks: np.ndarray,
+    warp: LowerFaceWarp,
+    delta: np.ndarray,
+    *,
+    min_shift_px: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Move the frame's jaw line by `delta` with a smooth displacement field (backward mapping, cv2.remap).
+
+    Args:
+        frame: uint8 [H, W, 3] BGR target frame.
+        landmarks: float [68, 2] its landmarks (frame pixels).
+        warp: The frame's LowerFaceWarp (for the similarity transform).
+        delta: float [11, 2] canonical displacement of jaw points 3..13 (`jaw_displacement`).
+        min_shift_px: Below this largest displacement (frame pixels) nothing is done.
+
+    Returns:
+        (frame: the corrected copy, or `frame` itself when nothing moved; jaw: float64 [11, 2] the moved jaw points
+        3..13 in frame pixels; shift: largest displacement in pixels).
+    """
+    pts = np.asarray(landmarks, dtype=np.float64)
+    a, t = warp.similarity
+    step = (delta[:, 0] + 1j * delta[:, 1]) / a  # canonical -> frame: z = (w - t) / a is linear in w
+    moved = pts[JAW_MOVING] + np.stack([step.real, step.imag], axis=1)
+    shift = float(np.abs(step).max()) if len(step) else 0.0
+    if shift < min_shift_px:
+        return frame, moved, 0.0
+    face_px = 1.0 / abs(a)  # face-box width in pixels
+    sigma = JAW_SIGMA * face_px
+    neck = apply_similarity(1 / a, -t / a, NECK_ANCHORS)
+    centres = np.vstack([moved, pts[JAW_ANCHORS], neck])
+    values = np.zeros((len(centres), 2))
+    values[: len(moved)] = pts[JAW_MOVING] - moved  # backward: output pixel at the moved point reads the old one
+    weights = _gaussian_rbf(centres, values, sigma)
+    h, w = frame.shape[:2]
+    reach = 3.5 * sigma + shift
+    x0 = max(int(math.floor(moved[:, 0].min() - reach)), 0)
+    x1 = min(int(math.ceil(moved[:, 0].max() + reach)) + 1, w)
+    y0 = max(int(math.floor(moved[:, 1].min() - reach)), 0)
+    y1 = min(int(math.ceil(moved[:, 1].max() + reach)) + 1, h)
+    if a.real > 0:  # upright enough: rows above the fade's start (canonical y = JAW_FADE[0]) never move
+        top = (JAW_FADE[0] - t.imag - a.imag * np.array([x0, x1])) / a.real
+        y0 = max(y0, int(math.floor(top.min())))
+    if x1 <= x0 or y1 <= y0:
+        return frame, moved, 0.0
+    # The field is smooth on the scale of sigma: evaluate it at the centres of step x step cells and upsample
+    # bilinearly (cv2.resize by an integer factor puts each sample exactly at its cell centre).
+    step = max(1, int(sigma / 6))
+    nx, ny = -(-(x1 - x0) // step), -(-(y1 - y0) // step)
+    xs = x0 + step * np.arange(nx) + (step - 1) / 2
+    ys = y0 + step * np.arange(ny) + (step - 1) / 2
+    # The Gaussian kernel is separable: field = Gy^T diag(w) Gx, one small matrix product per component.
+    gx = np.exp(-((xs[None, :] - centres[:, :1]) ** 2) / (2 * sigma * sigma))  # [K, nx]
+    gy = np.exp(-((ys[None, :] - centres[:, 1:2]) ** 2) / (2 * sigma * sigma))  # [K, ny]
+    # The upper face stays exactly where it is: the field fades out between the upper lip and the nose tip
+    # (canonical y from JAW_FADE[1] up to JAW_FADE[0]); canonical y is linear in the pixel coordinates.
+    canonical_y = a.imag * xs[None, :] + a.real * ys[:, None] + t.imag
+    fade = np.clip((canonical_y - JAW_FADE[0]) / (JAW_FADE[1] - JAW_FADE[0]), 0.0, 1.0)
+    fade = fade * fade * (3.0 - 2.0 * fade)
+    field = np.stack([gy.T @ (weights[:, c : c + 1] * gx) * fade for c in (0, 1)], axis=-1).astype(np.float32)
+    # Only cells that move by more than 1/50 pixel (or border them) are resampled.
+    active = np.abs(field).max(axis=-1) > 0.02
+    if not active.any():
+        return frame, moved, 0.0
+    rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
+    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 2, ny)
+    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, nx)
+    field = field[r0:r1, c0:c1]
+    if step > 1:
+        field = cv2.resize(field, ((c1 - c0) * step, (r1 - r0) * step), interpolation=cv2.INTER_LINEAR)
+    x0, y0 = x0 + c0 * step, y0 + r0 * step
+    x1, y1 = min(x0 + (c1 - c0) * step, x1), min(y0 + (r1 - r0) * step, y1)
+    field = field[: y1 - y0, : x1 - x0]
+    field[..., 0] += np.arange(x0, x1, dtype=np.float32)[None, :]
+    field[..., 1] += np.arange(y0, y1, dtype=np.float32)[:, None]
+    out = frame.copy()
+    out[y0:y1, x0:x1] = cv2.remap(frame, field, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out, moved, shift
+
+
+# ---------------------------------------------------------------------- mask
+def lower_face_polygon(warp: LowerFaceWarp, jaw_points: np.ndarray) -> np.ndarray:
+    """Frame polygon float64 [13, 2] of the blended region: below the nose, above the (corrected) jaw line 3..13.
+
+    The top edge runs 0.03 template units under the lowest nose point (31-35), from above jaw point 3 to above
+    jaw point 13; the crop region (the texture's extent) limits the sides.
+    """
+    canonical = warp.canonical
+    a, t = warp.similarity
+    top = float(canonical[31:36, 1].max()) + 0.03
+    corners = np.array([[canonical[13, 0], top], [canonical[3, 0], top]])
+    corners = apply_similarity(1 / a, -t / a, corners)
+    return np.vstack([corners[1:], jaw_points, corners[:1]])
+
+
+def feather_mask(hard: np.ndarray, feather_px: float) -> np.ndarray:
+    """Soft mask float32 in [0, 1]: 0 outside `hard` (uint8), rising smoothly to 1 at `feather_px` inside its edge."""
+    if feather_px <= 0.5:
+        return hard.astype(np.float32)
+    dist = cv2.distanceTransform(hard, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    ramp = np.clip(dist / np.float32(feather_px), 0.0, 1.0)
+    return ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep: no kink where the ramp meets 1
+
+
+# ---------------------------------------------------------------------- colour
+def _to_lab(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_BGR2Lab)
+
+
+def _from_lab(lab: np.ndarray) -> np.ndarray:
+    bgr = cv2.cvtColor(lab, cv2.COLOR_Lab2BGR) * np.float32(255)
+    return np.clip(bgr, 0, 255)
+
+
+def _quantile_map(values: np.ndarray, source: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Monotone piecewise-linear map taking the quantiles of `source` onto those of `reference`, applied to values.
+
+    Slopes are clipped to HISTOGRAM_SLOPE_RANGE (a narrow ring distribution must not stretch the mouth's colours) and
+    the map continues with slope 1 beyond the quantiles (teeth and the mouth's inside keep their distance from the
+    ring's extremes).
+    """
+    q = np.linspace(0.02, 0.98, 25)
+    xs = np.quantile(source, q).astype(np.float64)
+    ys = np.quantile(reference, q).astype(np.float64)
+    dx = np.diff(xs)
+    slope = np.where(dx > 1e-6, np.diff(ys) / np.maximum(dx, 1e-6), 1.0)
+    slope = np.clip(slope, *HISTOGRAM_SLOPE_RANGE)
+    ys_fit = np.concatenate([[0.0], np.cumsum(slope * dx)])
+    ys_fit += np.median(ys - ys_fit)  # place the clipped curve where the reference's quantiles are
+    xs = xs + np.arange(len(xs)) * 1e-6  # strictly increasing for np.interp
+    v = values.astype(np.float64)
+    mapped = np.interp(v, xs, ys_fit)
+    mapped = np.where(v < xs[0], ys_fit[0] + (v - xs[0]), mapped)
+    mapped = np.where(v > xs[-1], ys_fit[-1] + (v - xs[-1]), mapped)
+    return mapped.astype(np.float32)
+
+
+def match_colors(texture: np.ndarray, reference: np.ndarray, region: np.ndarray, mode: str) -> np.ndarray:
+    """Match the texture's colour statistics to the reference's inside `region`.
+
+    Args:
+        texture: uint8 [h, w, 3] BGR texture (in frame geometry).
+        reference: uint8 [h, w, 3] BGR target pixels at the same places.
+        region: bool [h, w] pixels whose statistics are compared (a ring inside the mask edge).
+        mode: "none" (the texture as float), "mean_std" (per-channel mean in CIE Lab, and the standard deviation
+            half-way: gain sqrt(std_ref / std_tex) clipped to COLOR_GAIN_RANGE) or "histogram" (per-channel
+            quantile matching in Lab, `_quantile_map`).
+
+    Returns:
+        float32 [h, w, 3] BGR in [0, 255].
+    """
+    if mode == "none" or region.sum() < 16:
+        return texture.astype(np.float32)
+    if mode == "mean_std":
+        lab_t = _to_lab(texture)
+        lab_r = _to_lab(reference)
+        sel_t, sel_r = lab_t[region], lab_r[region]
+        mean_t, mean_r = sel_t.mean(axis=0), sel_r.mean(axis=0)
+        std_t, std_r = sel_t.std(axis=0), sel_r.std(axis=0)
+        # Half the log-ratio of the spreads, clipped: the ring is a small sample whose content (shading, folds)
+        # differs between frames, and a full gain carries that noise to the lips and teeth.
+        gain = np.clip(np.sqrt(std_r / np.maximum(std_t, 1e-3)), *COLOR_GAIN_RANGE).astype(np.float32)
+        return _from_lab((lab_t - mean_t) * gain + mean_r)
+    if mode == "histogram":
+        lab_t = _to_lab(texture)
+        lab_r = _to_lab(reference)
+        out = np.empty_like(lab_t)
+        for c in range(3):
+            out[..., c] = _quantile_map(lab_t[..., c], lab_t[..., c][region], lab_r[..., c][region])
+        return _from_lab(out)
+    raise InvalidInput(f"color_match must be one of {COLOR_MATCH_MODES}, got {mode!r}")
+
+
+# ---------------------------------------------------------------------- blending
+def pyramid_blend(base: np.ndarray, overlay: np.ndarray, mask: np.ndarray, levels: int) -> np.ndarray:
+    """Laplacian-pyramid blend of `overlay` over `base` with a soft mask.
+
+    Uses the linearity of the Laplacian pyramid: the blend equals base + collapse(G_l(mask) * L_l(overlay - base)),
+    so one pyramid of the difference replaces the two of the images. Where the mask and its Gaussian pyramid are 0
+    the result is `base`.
+
+    Args:
+        base: float32 [h, w, 3].
+        overlay: float32 [h, w, 3].
+        mask: float32 [h, w] in [0, 1].
+        levels: pyrDown steps (clipped so the coarsest level keeps at least 2 pixels per side).
+
+    Returns:
+        float32 [h, w, 3] (not clipped).
+    """
+    h, w = mask.shape
+    levels = max(0, min(int(levels), int(math.floor(math.log2(max(min(h, w), 2)))) - 1))
+    diff = overlay - base
+    gauss_d = [diff]
+    gauss_m = [mask]
+    for _ in range(levels):
+        gauss_d.append(cv2.pyrDown(gauss_d[-1]))
+        gauss_m.append(cv2.pyrDown(gauss_m[-1]))
+    out = gauss_d[-1] * gauss_m[-1][..., None]
+    for level in range(levels - 1, -1, -1):
+        size = (gauss_d[level].shape[1], gauss_d[level].shape[0])
+        band = gauss_d[level] - cv2.pyrUp(gauss_d[level + 1], dstsize=size)
+        out = cv2.pyrUp(out, dstsize=size) + band * gauss_m[level][..., None]
+    return base + out
+
+
+# ---------------------------------------------------------------------- one frame
+def composite_frame(
+    frame: np.ndarray,
+    landmarks: np.ndarray,
+    texture: np.ndarray,
+    *,
+    geometry: CanonicalGeometry,
+    synth_mouth: np.ndarray | None = None,
+    mean_jaw: np.ndarray | None = None,
+    texture_mask: np.ndarray | None = None,
+    settings: BlendSettings = BlendSettings(),
+) -> CompositeResult:
+    """Blend a synthesized canonical texture into one target frame.
+
+    Steps: jaw correction of the frame (when enabled and the mouths differ), inverse warp of the texture into the
+    frame's geometry (`LowerFaceWarp.to_frame`, bilinear), a lower-face mask (nose base to the corrected jaw line,
+    inside the texture's extent) feathered by `feather_px`, colour matching of the texture to the frame in a ring
+    inside the mask edge, and a Laplacian-pyramid blend inside the mask's bounding box.
+
+    Args:
+        frame: uint8 [H, W, 3] BGR target frame.
+        landmarks: float [68, 2] its (smoothed) landmarks, frame pixels, finite.
+        texture: uint8 [h, w, 3] BGR canonical texture (h, w = geometry.crop_shape).
+        geometry: Canonical template and crop geometry of the texture.
+        synth_mouth: float [20, 2] synthesized mouth shape (canonical units), for jaw correction.
+        mean_jaw: float [17, 2] candidates' mean jaw line (canonical units), for jaw correction; wins over
+            synth_mouth.
+        texture_mask: uint8 [h, w] valid texture pixels (1) or None (all valid).
+        settings: Knobs.
+
+    Returns:
+        The CompositeResult; `composited` is False (and `image` is `frame` itself) when the texture does not reach
+        the frame.
+
+    Raises:
+        InvalidInput: bad shapes or degenerate landmarks.
+    """
+    warp = LowerFaceWarp(landmarks, geometry)
+    pts = np.asarray(landmarks, dtype=np.float64)
+    delta = np.zeros((len(JAW_MOVING), 2))
+    if settings.jaw_correction:
+        delta = jaw_displacement(
+            warp.canonical, geometry.template, synth_mouth=synth_mouth, mean_jaw=mean_jaw, gain=settings.jaw_gain
+        )
+    base, jaw_points, shift = correct_jaw(frame, pts, warp, delta)
+    patch: FramePatch = warp.to_frame(texture, frame.shape, crop_mask=texture_mask, interpolation=cv2.INTER_LINEAR)
+    ph, pw = patch.mask.shape
+    if ph == 0 or pw == 0:
+        return CompositeResult(frame, False)  # no texture to show: no jaw to move either
+    feather = settings.feather_px or FEATHER_FRACTION * float(interocular_distance(pts))
+    feather = max(feather, 1.0)
+    levels = settings.pyramid_levels
+
+    # Hard mask in patch coordinates: lower-face polygon inside the valid (eroded) texture footprint.
+    polygon = lower_face_polygon(warp, jaw_points) - np.array([patch.x0, patch.y0])
+    hard = np.zeros((ph, pw), np.uint8)
+    cv2.fillPoly(hard, [np.round(polygon * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    hard &= cv2.erode(patch.mask, np.ones((3, 3), np.uint8), borderValue=0)
+    if not hard.any():
+        return CompositeResult(frame, False)
+
+    # Work box: the mask's bounding box plus the pyramid's reach, inside the patch.
+    rows = np.flatnonzero(hard.any(axis=1))
+    cols = np.flatnonzero(hard.any(axis=0))
+    pad = int(2 ** (levels + 1)) + 2
+    bx0, by0 = max(cols[0] - pad, 0), max(rows[0] - pad, 0)
+    bx1, by1 = min(cols[-1] + pad + 1, pw), min(rows[-1] + pad + 1, ph)
+    hard_b = hard[by0:by1, bx0:bx1]
+    valid_b = patch.mask[by0:by1, bx0:bx1].astype(bool)
+    tex_b = patch.image[by0:by1, bx0:bx1]
+    fx0, fy0 = patch.x0 + bx0, patch.y0 + by0
+    fx1, fy1 = patch.x0 + bx1, patch.y0 + by1
+    target_b = base[fy0:fy1, fx0:fx1]
+
+    soft = feather_mask(hard_b, feather)
+    # Colour statistics in a ring inside the mask edge: skin near the seam, without the lips of either mouth
+    # (the target's and the texture's), whose colours must not be pulled towards skin.
+    ring_width = max(2.0 * feather, 4.0)
+    dist = cv2.distanceTransform(hard_b, cv2.DIST_L2, 3)
+    skin = np.ones_like(hard_b)
+    mouths = [pts[48:60]]
+    if synth_mouth is not None and np.isfinite(synth_mouth).all():
+        a, t = warp.similarity
+        mouths.append(apply_similarity(1 / a, -t / a, np.asarray(synth_mouth, dtype=np.float64)[:12]))
+    offset = np.array([fx0, fy0])
+    lip_margin = int(round(feather / 2))
+    for mouth in mouths:
+        cv2.fillPoly(skin, [np.round((mouth - offset) * 16).astype(np.int32)], 0, lineType=cv2.LINE_8, shift=4)
+    if lip_margin > 0:
+        skin = cv2.erode(skin, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * lip_margin + 1,) * 2))
+    ring = (hard_b > 0) & (dist <= ring_width) & (skin > 0)
+    if ring.sum() < 64:
+        ring = (hard_b > 0) & (skin > 0)
+    if ring.sum() < 64:
+        ring = hard_b > 0
+    matched = match_colors(tex_b, target_b, ring, settings.color_match)
+
+    # The overlay is the texture only near the mask (low pyramid levels would otherwise pull in texture content
+    # from far outside it); elsewhere it equals the target so the difference pyramid is zero there.
+    margin = int(max(feather, 2 ** (levels - 1)))
+    near = cv2.dilate(hard_b, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)))
+    use = (near > 0) & valid_b
+    target_f = target_b.astype(np.float32)
+    overlay = np.where(use[..., None], matched, target_f)
+    blended = pyramid_blend(target_f, overlay, soft, levels)
+    out = base.copy() if base is frame else base
+    out[fy0:fy1, fx0:fx1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return CompositeResult(out, True, shift, (int(fx0), int(fy0), int(fx1), int(fy1)), soft)
+
+
+__all__ = [
+    "COLOR_MATCH_MODES",
+    "BlendSettings",
+    "CompositeResult",
+    "composite_frame",
+    "correct_jaw",
+    "feather_mask",
+    "inner_opening",
+    "jaw_displacement",
+    "jaw_taper",
+    "lower_face_polygon",
+    "match_colors",
+    "pyramid_blend",
+]
