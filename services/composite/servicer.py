@@ -1,22 +1,259 @@
-"""gRPC servicer of the `composite` stage: fetch blobs, call the core, store blobs, map errors.
-
-RPCs that this class does not override are answered by the generated base class with
-UNIMPLEMENTED; the stage's issue fills them in.
-"""
+"""gRPC servicer of the `composite` stage: render chunks into H.264 segments, then join them with the audio."""
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
 from audio2video.composite.v1 import composite_pb2, composite_pb2_grpc
+from services.composite import core, encode
+from services.runtime.analysis import load_array, load_frames, load_geometry, load_manifest
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
+from services.runtime.errors import InvalidInput
+from services.runtime.keys import derive_prefix, validate_key
+from services.runtime.progress import Finished, stream_progress
+from services.runtime.protos import blob_ref, frame_rate, frame_rate_message, load_result, object_ref, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
+from services.runtime.status import grpc_errors
+
+log = logging.getLogger(__name__)
+RESULT_FORMAT_VERSION = 1
+MAX_CHUNK_FRAMES = 5000
+COLOR_MATCH = {
+    composite_pb2.COLOR_MATCH_UNSPECIFIED: "mean_std",
+    composite_pb2.COLOR_MATCH_NONE: "none",
+    composite_pb2.COLOR_MATCH_MEAN_STD: "mean_std",
+    composite_pb2.COLOR_MATCH_HISTOGRAM: "histogram",
+}
+
+
+def render_options(options: composite_pb2.RenderOptions) -> core.RenderOptions:
+    """The proto's options with its defaults applied (validated by the core)."""
+    if options.interpolate_holds:
+        raise InvalidInput("interpolate_holds is not supported yet: held target frames are shown as they are")
+    return core.RenderOptions(
+        jaw_correction=options.jaw_correction if options.HasField("jaw_correction") else True,
+        pyramid_levels=options.pyramid_levels or 4,
+        feather_px=options.feather_px,
+        color_match=COLOR_MATCH.get(options.color_match, "mean_std"),
+        crf=options.crf if options.HasField("crf") else encode.DEFAULT_CRF,
+        x264_preset=options.x264_preset or encode.DEFAULT_PRESET,
+    )
 
 
 class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
-    """The composite stage over the object store."""
+    """Render and Finalize over the object store."""
 
     def __init__(self, store: BlobStore) -> None:
         self.store = store
+
+    # -- Render ----------------------------------------------------------------------------------
+
+    @grpc_errors
+    def Render(self, request: composite_pb2.RenderRequest, context):
+        """Stream progress, then the segment of output frames [start, stop)."""
+        start, stop = request.frames.start, request.frames.stop
+        if not 0 <= start < stop or stop - start > MAX_CHUNK_FRAMES:
+            raise InvalidInput(f"frames [{start}, {stop}) must be a non-empty range of at most {MAX_CHUNK_FRAMES}")
+        options = render_options(request.options)
+        manifest = load_manifest(self.store, request.target_analysis)
+        fps = frame_rate(request.output_frame_rate, what="output_frame_rate") or frame_rate(
+            manifest.info.frame_rate, what="target frame rate"
+        )
+        inputs = [request.target_video.sha256, request.retiming_map.object.sha256, request.mouth_shapes.object.sha256]
+        inputs += [chunk.textures.object.sha256 for chunk in request.textures]
+        prefix = request.output_prefix.rstrip("/") or derive_prefix(
+            "composite",
+            inputs=[sha for sha in inputs if sha],
+            version=RESULT_FORMAT_VERSION,
+            params={
+                "frames": [start, stop],
+                "fps": str(fps),
+                "manifest": request.target_analysis.key,
+                "options": repr(options),
+            },
+        )
+        result_key = validate_key(f"{prefix}/result.json")
+        cached = load_result(self.store, result_key, composite_pb2.RenderResult)
+        if cached is not None:
+            cached.cached = True
+            yield composite_pb2.RenderEvent(result=cached)
+            return
+
+        frame_map, _ = load_array(self.store, request.retiming_map, what="retiming map")
+        if frame_map.ndim != 1 or len(frame_map) < stop:
+            raise InvalidInput(
+                f"retiming map of shape {frame_map.shape} does not cover output frames [{start}, {stop})"
+            )
+        shapes, _ = load_array(self.store, request.mouth_shapes, what="mouth shapes")
+        if shapes.ndim != 3 or len(shapes) < stop:
+            raise InvalidInput(f"mouth shapes of shape {shapes.shape} do not cover output frames [{start}, {stop})")
+        textures, jaws = self._textures(request, start, stop)
+        landmarks, _ = load_array(self.store, manifest.landmarks, what="landmarks")
+        valid, _ = load_array(self.store, manifest.face_valid, what="face validity")
+        timestamps, _ = load_array(self.store, manifest.timestamps_seconds, what="timestamps")
+        geometry = load_geometry(self.store, manifest)
+        video = blob_ref(request.target_video, default_bucket=self.store.bucket, what="target video")
+
+        with tempfile.TemporaryDirectory(prefix="a2v-composite-") as folder:
+            target_path, segment_path = Path(folder) / "target", Path(folder) / "segment.mp4"
+            self.store.get_file(video.key, target_path, bucket=video.bucket, expected_sha256=video.sha256)
+
+            def work(progress, should_stop) -> core.RenderSummary:
+                return core.render_segment(
+                    str(target_path),
+                    frame_map[start:stop].astype(np.int64),
+                    landmarks,
+                    valid.astype(bool),
+                    textures,
+                    shapes[start:stop],
+                    str(segment_path),
+                    width=manifest.info.width,
+                    height=manifest.info.height,
+                    fps=fps,
+                    texture_valid=textures.reshape(len(textures), -1).any(axis=1),
+                    mean_jaw_lines=jaws,
+                    timestamps=timestamps,
+                    geometry=geometry,
+                    options=options,
+                    start_frame=start,
+                    progress=progress,
+                    should_stop=should_stop,
+                )
+
+            for item in stream_progress(context, work, stage="composite", unit="frames"):
+                if not isinstance(item, Finished):
+                    yield composite_pb2.RenderEvent(progress=item)
+                    continue
+                summary: core.RenderSummary = item.value
+                segment = self.store.put_file(f"{prefix}/segment.mp4", segment_path, content_type="video/mp4")
+                result = composite_pb2.RenderResult(
+                    frames=request.frames,
+                    segment=object_ref(segment),
+                    frames_written=summary.frames_written,
+                    frames_composited=summary.frames_composited,
+                    frames_passthrough=summary.frames_passthrough,
+                    width=summary.width,
+                    height=summary.height,
+                    frame_rate=frame_rate_message(Fraction(fps)),
+                )
+                store_result(self.store, result_key, result)
+                yield composite_pb2.RenderEvent(result=result)
+
+    def _textures(self, request: composite_pb2.RenderRequest, start: int, stop: int):
+        """Rows [start, stop) gathered from the texture chunks (and their mean jaw lines when every chunk has them)."""
+        rows: dict[int, np.ndarray] = {}
+        jaw_rows: dict[int, np.ndarray] = {}
+        for chunk in request.textures:
+            lo, hi = max(chunk.frames.start, start), min(chunk.frames.stop, stop)
+            if lo >= hi:
+                continue
+            offsets = list(range(lo - chunk.frames.start, hi - chunk.frames.start))
+            images = load_frames(self.store, chunk.textures, what="textures", indices=offsets)
+            jaws = None
+            if chunk.mean_jaw_lines.object.key:
+                jaws = load_array(self.store, chunk.mean_jaw_lines, what="mean jaw lines")[0][offsets]
+            for i, frame in enumerate(range(lo, hi)):
+                rows[frame] = images[i]
+                if jaws is not None:
+                    jaw_rows[frame] = jaws[i]
+        missing = [f for f in range(start, stop) if f not in rows]
+        if missing:
+            raise InvalidInput(
+                f"no texture chunk covers output frames {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
+        textures = np.stack([rows[f] for f in range(start, stop)])
+        jaws = np.stack([jaw_rows[f] for f in range(start, stop)]) if len(jaw_rows) == stop - start else None
+        return textures, jaws
+
+    # -- Finalize --------------------------------------------------------------------------------
+
+    @grpc_errors
+    def Finalize(self, request: composite_pb2.FinalizeRequest, context):
+        """Join the segments in order (no re-encode) and mux the audio as AAC into the final mp4."""
+        segments = list(request.segments)
+        if not segments:
+            raise InvalidInput("no segments to join")
+        expected = 0
+        for segment in segments:
+            if segment.frames.start != expected or segment.frames.stop <= segment.frames.start:
+                raise InvalidInput(
+                    f"segments must be contiguous from frame 0: expected one starting at {expected}, "
+                    f"got [{segment.frames.start}, {segment.frames.stop})"
+                )
+            expected = segment.frames.stop
+        audio = blob_ref(request.audio, default_bucket=self.store.bucket, what="audio")
+        options = request.options
+        sources = [blob_ref(s.segment, default_bucket=self.store.bucket, what="segment") for s in segments]
+        output_key = request.output_key or (
+            f"{request.output_prefix.rstrip('/')}/output.mp4"
+            if request.output_prefix
+            else derive_prefix(
+                "output",
+                inputs=[s.sha256 for s in sources if s.sha256] + ([audio.sha256] if audio.sha256 else []),
+                version=RESULT_FORMAT_VERSION,
+                params={"frames": expected},
+            )
+            + "/output.mp4"
+        )
+        validate_key(output_key)
+        with tempfile.TemporaryDirectory(prefix="a2v-finalize-") as folder:
+            paths = []
+            for index, source in enumerate(sources):
+                path = Path(folder) / f"segment{index:05d}.mp4"
+                self.store.get_file(source.key, path, bucket=source.bucket, expected_sha256=source.sha256)
+                paths.append(str(path))
+            audio_path = Path(folder) / "audio"
+            self.store.get_file(audio.key, audio_path, bucket=audio.bucket, expected_sha256=audio.sha256)
+            fps = frame_rate(request.frame_rate, what="frame_rate") or encode._probe_segment(paths[0], 0).rate
+            if fps is None:
+                raise InvalidInput("the segments do not record a frame rate: set FinalizeRequest.frame_rate")
+            out_path = Path(folder) / "output.mp4"
+
+            def work(progress, should_stop) -> encode.FinalizeInfo:
+                return encode.finalize(
+                    paths,
+                    str(audio_path),
+                    str(out_path),
+                    fps=Fraction(fps),
+                    audio_bitrate_kbps=options.audio_bitrate_kbps or encode.DEFAULT_AUDIO_KBPS,
+                    audio_sample_rate_hz=options.audio_sample_rate_hz,
+                    faststart=options.faststart if options.HasField("faststart") else True,
+                    crf=options.crf if options.HasField("crf") else encode.DEFAULT_CRF,
+                    preset=options.x264_preset or encode.DEFAULT_PRESET,
+                    progress=progress,
+                    should_stop=should_stop,
+                )
+
+            for item in stream_progress(context, work, stage="finalize", unit="segments"):
+                if not isinstance(item, Finished):
+                    yield composite_pb2.FinalizeEvent(progress=item)
+                    continue
+                info: encode.FinalizeInfo = item.value
+                video = self.store.put_file(output_key, out_path, content_type="video/mp4")
+                log.info(
+                    "finalized %s: %d frames, %.2f s",
+                    output_key,
+                    info.frame_count,
+                    info.duration_seconds,
+                    extra={"request_id": request.request_id},
+                )
+                yield composite_pb2.FinalizeEvent(
+                    result=composite_pb2.FinalizeResult(
+                        video=object_ref(video),
+                        duration_seconds=info.duration_seconds,
+                        frame_count=info.frame_count,
+                        width=info.width,
+                        height=info.height,
+                        frame_rate=frame_rate_message(info.fps),
+                        audio_duration_seconds=info.audio_duration_seconds,
+                    )
+                )
 
 
 def bindings(config: Config) -> list[ServiceBinding]:
