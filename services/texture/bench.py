@@ -1,0 +1,150 @@
+"""Benchmark of the texture core: frames/s per core at n = 100 against the naive reference, and flicker (prints only).
+
+Run: `python -m services.texture.bench [--clip speakers/obama/obama_clip2.mp4] [--split 600]`. One real clip is
+analysed (face core); its first `split` frames are the target (the candidates) and the mouth shapes of the
+remaining frames drive the synthesis, so the real footage of those frames is the reference for flicker and
+error. The process is pinned to one CPU with BLAS and OpenCV single-threaded, so the numbers are per core.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy loads: one BLAS thread, so frames/s are per core.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deploy.samples import SAMPLE_DATA  # noqa: E402
+from services.face.core import LandmarkDetector, analyze_video  # noqa: E402
+from services.texture.core import (  # noqa: E402
+    TextureOptions,
+    flicker,
+    mouth_region_mask,
+    prepare_target,
+    quantize_weights,
+    synthesize,
+    weighted_median,
+    weighted_median_reference,
+)
+
+
+def _fps(bank, shapes, frames: int, chunk: int, options: TextureOptions, *, reference: bool = False):
+    """Synthesize output frames [0, frames) in chunks as the servicer would; (frames/s, chunks)."""
+    t0 = time.perf_counter()
+    chunks = [
+        synthesize(bank, shapes, a, min(a + chunk, frames), options=options, reference=reference)
+        for a in range(0, frames, chunk)
+    ]
+    return frames / (time.perf_counter() - t0), chunks
+
+
+def _best_ms(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clip", type=Path, default=SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4")
+    parser.add_argument("--split", type=int, default=600, help="frames of the clip used as the target")
+    parser.add_argument("--frames", type=int, default=120, help="output frames timed with the fast median")
+    parser.add_argument("--reference-frames", type=int, default=30, help="output frames timed with the reference")
+    parser.add_argument("--chunk", type=int, default=30)
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    cv2.setNumThreads(1)
+
+    t0 = time.perf_counter()
+    analysis = analyze_video(args.clip, detector=LandmarkDetector())
+    f = analysis.frame_count
+    split = min(args.split, f - 2)
+    print(f"analysed {args.clip.name}: {f} frames in {time.perf_counter() - t0:.1f} s; target = frames [0, {split})")
+    t0 = time.perf_counter()
+    bank = prepare_target(
+        analysis.canonical_mouth[:split],
+        analysis.face_valid[:split],
+        analysis.crops[:split],
+        analysis.crop_masks[:split],
+        analysis.geometry,
+        jaw_lines=analysis.jaw[:split],
+    )
+    h, w = bank.crop_shape
+    print(
+        f"prepare_target: {1e3 * (time.perf_counter() - t0):.0f} ms, {bank.usable_count} usable frames, "
+        f"crops {w}x{h}, {bank.nbytes / 2**20:.0f} MiB"
+    )
+    driver = analysis.face_valid[split:]
+    shapes = np.ascontiguousarray(analysis.canonical_mouth[split:][driver])
+    real = analysis.crops[split:][driver]
+    n_out = len(shapes)
+    frames = min(args.frames, n_out)
+    ref_frames = min(args.reference_frames, frames)
+    opts = TextureOptions()
+
+    print(f"\n== throughput, one core, n = {opts.n_candidates} candidates, chunks of {args.chunk} frames")
+    synthesize(bank, shapes, 0, min(4, n_out), options=opts)  # warm caches
+    fast_fps, fast_chunks = _fps(bank, shapes, frames, args.chunk, opts)
+    ref_fps, ref_chunks = _fps(bank, shapes, ref_frames, args.chunk, opts, reference=True)
+    same = all(
+        np.array_equal(a.textures, b.textures)
+        for a, b in zip(fast_chunks, ref_chunks, strict=False)
+        if a.stop <= ref_frames
+    )
+    print(f"fast (bitwise search + GEMV): {fast_fps:6.1f} frames/s  ({frames} frames)")
+    print(f"naive numpy reference (sort): {ref_fps:6.1f} frames/s  ({ref_frames} frames)")
+    print(f"speed-up {fast_fps / ref_fps:.1f}x; textures identical on the common frames: {same}")
+    for label, variant in (
+        ("median only inside the mouth region", TextureOptions(median_region="mouth")),
+        ("per-channel median (seed)", TextureOptions(median_mode="per_channel")),
+    ):
+        fps, _ = _fps(bank, shapes, min(frames, 60), args.chunk, variant)
+        print(f"{label}: {fps:6.1f} frames/s")
+
+    # The kernel alone on one frame's candidates.
+    chunk = fast_chunks[0]
+    cand = chunk.candidates[0]
+    q = quantize_weights(chunk.candidate_weights[0])
+    values = bank.luma[cand]
+    fast_ms = _best_ms(lambda: weighted_median(values, q))
+    ref_ms = _best_ms(lambda: weighted_median_reference(values, q), repeats=3)
+    print(
+        f"weighted median kernel, {len(cand)} x {values.shape[1]} px: fast {fast_ms:.1f} ms, reference {ref_ms:.1f} ms"
+    )
+
+    print(f"\n== flicker (mean |frame difference| inside the mouth region, uint8 levels), {n_out} driven frames")
+    region = mouth_region_mask(np.nanmean(analysis.canonical_mouth, axis=0), analysis.geometry)
+    speed = np.r_[0.0, np.linalg.norm(np.diff(shapes.reshape(n_out, -1), axis=0), axis=1)]
+    still = speed <= np.quantile(speed, 0.25)
+    print(f"region: {int((region > 0).sum())} px; 'still' = the quarter of frames whose driving shape moves least")
+    print(f"{'':34s} {'all':>6s} {'still':>6s} {'err':>6s}")
+    print(f"{'real footage (driven frames)':34s} {flicker(real, region):6.2f} {flicker(real, region, still):6.2f}")
+    target_real = analysis.crops[:split][analysis.face_valid[:split]]
+    print(f"{'real footage (target frames)':34s} {flicker(target_real, region):6.2f}")
+    for label, variant in (
+        ("synthesized, defaults", opts),
+        ("synthesized, no coherence", TextureOptions(temporal_coherence_weight=0.0)),
+        ("synthesized, no smoothing", TextureOptions(shape_smoothing_sigma_frames=0.0)),
+        ("synthesized, neither", TextureOptions(temporal_coherence_weight=0.0, shape_smoothing_sigma_frames=0.0)),
+        ("synthesized, coherence 0.5", TextureOptions(temporal_coherence_weight=0.5)),
+    ):
+        _, chunks = _fps(bank, shapes, n_out, args.chunk, variant)
+        tex = np.concatenate([c.textures for c in chunks])
+        err = (np.abs(tex.astype(np.float32) - real).mean(axis=3) * region).sum(axis=(1, 2)).mean() / region.sum()
+        print(f"{label:34s} {flicker(tex, region):6.2f} {flicker(tex, region, still):6.2f} {err:6.2f}")
+    print("err = mean |synthesized - real| of the driven frames inside the region (uint8 levels)")
+
+
+if __name__ == "__main__":
+    main()

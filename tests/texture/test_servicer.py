@@ -1,0 +1,90 @@
+"""The texture stage through a real gRPC server and the real S3 server, on a real analysed target."""
+
+import grpc
+import numpy as np
+import pytest
+
+from audio2video.common.v1 import common_pb2
+from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
+from services.runtime.analysis import load_frames
+from services.runtime.clients import create_channel
+from services.runtime.protos import array_ref
+from services.runtime.server import binding_for
+from services.texture.servicer import TextureServicer
+
+pytestmark = pytest.mark.integration
+SERVICE = "audio2video.texture.v1.TextureService"
+
+
+@pytest.fixture()
+def texture(store, run_server):
+    servicer = TextureServicer(store)
+    port = run_server([binding_for(texture_pb2, texture_pb2_grpc, "TextureService", servicer)])
+    channel = create_channel(f"127.0.0.1:{port}", [SERVICE], timeout_seconds=120)
+    yield texture_pb2_grpc.TextureServiceStub(channel), servicer
+    channel.close()
+
+
+def test_chunks_from_the_targets_own_shapes_look_like_the_target(store, key_prefix, texture, katie_target):
+    stub, servicer = texture
+    _, analysis = katie_target
+    shapes = store.get_array(analysis.analysis.mouth_shapes.object.key)[0][:40]
+    shapes_ref = array_ref(*store.put_array(f"{key_prefix}/shapes.npy", shapes, fps=30.0))
+    results = []
+    for start, stop in [(0, 20), (20, 40)]:
+        request = texture_pb2.SynthesizeRequest(
+            job_id="j1",
+            frames=common_pb2.FrameRange(start=start, stop=stop),
+            mouth_shapes=shapes_ref,
+            target_analysis=analysis.manifest,
+            options=texture_pb2.SynthesizeOptions(write_candidates=True),
+        )
+        events = list(stub.Synthesize(request))
+        results.append(events[-1].result)
+    assert servicer.cache.misses == 1 and servicer.cache.hits >= 1  # the second chunk reused the prepared target
+    first = results[0]
+    assert first.frames_written == 20 and first.frames_skipped == 0
+    textures = load_frames(store, first.textures)
+    crops = load_frames(store, analysis.analysis.crops)[:20]
+    assert textures.shape == crops.shape
+    assert np.abs(textures.astype(int) - crops).mean() < 25  # a median of similar mouths, not noise
+    mean_shapes = store.get_array(first.mean_shapes.object.key)[0]
+    assert mean_shapes.shape == (20, 20, 2)
+    candidates = store.get_array(first.candidates.object.key)[0]
+    assert candidates.shape[0] == 20
+    assert list(stub.Synthesize(request))[-1].result.cached
+
+
+def test_bad_requests(store, key_prefix, texture, katie_target):
+    stub, _ = texture
+    _, analysis = katie_target
+    shapes_ref = array_ref(*store.put_array(f"{key_prefix}/s.npy", np.zeros((10, 20, 2), np.float32)))
+
+    def code(**request):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Synthesize(texture_pb2.SynthesizeRequest(**request)))
+        return err.value.code()
+
+    assert code(frames=common_pb2.FrameRange(start=4, stop=4)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code(frames=common_pb2.FrameRange(start=0, stop=20), mouth_shapes=shapes_ref, target_analysis=analysis.manifest)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )  # shapes cover only 10
+    assert (
+        code(
+            frames=common_pb2.FrameRange(start=0, stop=5),
+            mouth_shapes=shapes_ref,
+            target_analysis=common_pb2.ObjectRef(key=f"{key_prefix}/none.json"),
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
+    bad = texture_pb2.SynthesizeOptions(mass_share=1.5)
+    assert (
+        code(
+            frames=common_pb2.FrameRange(start=0, stop=5),
+            mouth_shapes=shapes_ref,
+            target_analysis=analysis.manifest,
+            options=bad,
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
