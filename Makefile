@@ -57,10 +57,10 @@ down:
 status: setup
 	$(PY) -m deploy.local status
 
-# The main job. Until the orchestrator lands (issue 7) it brings the stack up, stores the sample
-# inputs and calls the stages over gRPC to show what answers.
+# The main job: brings the stack up, trains the speaker once, renders AUDIO onto VIDEO into out/demo.mp4.
 demo: setup
-	$(PY) -m deploy.demo $(if $(AUDIO),--audio $(AUDIO)) $(if $(VIDEO),--video $(VIDEO))
+	$(PY) -m deploy.demo $(if $(AUDIO),--audio $(AUDIO)) $(if $(VIDEO),--video $(VIDEO)) \
+		$(if $(SPEAKER),--speaker $(SPEAKER)) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf $(VENV) audio2video build .pytest_cache .ruff_cache *.egg-info

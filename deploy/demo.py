@@ -1,31 +1,30 @@
-"""`make demo`: start the local stack, store the inputs, and drive the stages over gRPC.
+"""`make demo`: start the local stack, train the speaker if needed, render the audio onto the target video.
 
-Until the orchestrator lands (issue 7) this shows what the running system answers: every stage's
-health and API, and real calls to the stages built so far (audio features, face analysis).
+Defaults use the real sample data beside the repository: the `obama` speaker trained on obama_clip1.mp4
+(once; the model is kept), driven by commentary_60s.wav onto obama_clip2.mp4, written to out/demo.mp4.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import grpc
-from google.protobuf import descriptor_pool
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
-from audio2video.face.v1 import face_pb2, face_pb2_grpc
-from deploy.local import COMPONENTS, LocalStack, stack_environment
+from audio2video.lipsync.v1 import lipsync_pb2
+from audio2video.orchestrator.v1 import orchestrator_pb2
+from deploy.local import REPO, LocalStack, stack_environment
 from deploy.samples import SAMPLE_DATA
+from orchestrator.pipeline import Pipeline, StageClients
 from services.runtime.blobstore import BlobStore
-from services.runtime.clients import create_channel, health_status
 from services.runtime.config import Config
 
-SHARED_DATA = SAMPLE_DATA
-DEFAULT_AUDIO = SHARED_DATA / "audio" / "commentary_60s.wav"
-DEFAULT_VIDEO = SHARED_DATA / "speakers" / "obama" / "obama_clip2.mp4"
+DEFAULT_AUDIO = SAMPLE_DATA / "audio" / "commentary_60s.wav"
+DEFAULT_VIDEO = SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4"
+DEFAULT_TRAINING = [SAMPLE_DATA / "speakers" / "obama" / "obama_clip1.mp4"]
 CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
 
 
@@ -41,29 +40,56 @@ def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
         content_type=content_type,
         metadata={"filename": path.name},
     )
-    print(f"  stored {path.name} as s3://{ref.bucket}/{ref.key} ({ref.size_bytes} bytes)")
     return common_pb2.ObjectRef(
         bucket=ref.bucket, key=ref.key, sha256=ref.sha256, content_type=content_type, size_bytes=ref.size_bytes
     )
 
 
-def final(events, stage: str):
-    """Follow a progress stream on one line; return its result."""
-    for event in events:
-        if event.HasField("progress"):
-            p = event.progress
-            total = f"/{p.total}" if p.total else ""
-            print(f"\r  {stage:<14} {p.done}{total} {p.unit}   ", end="", flush=True)
-        else:
-            print("\r", end="")
-            return event.result
-    raise RuntimeError(f"{stage} ended without a result")
+class ProgressLine:
+    """One updating terminal line per stage."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.last = ""
+
+    def __call__(self, stage: int, done: int, total: int, unit: str) -> None:
+        name = orchestrator_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
+        amount = f"{done}/{total}" if total else f"{done}"
+        line = f"  {name:<10} {amount} {unit}  ({time.monotonic() - self.started:.0f} s)"
+        if line != self.last:
+            print(f"\r{line:<70}", end="", flush=True)
+            self.last = line
+
+    def done(self, message: str) -> None:
+        print(f"\r  {message:<70}")
+
+
+def speaker_has_model(clients: StageClients, speaker: str) -> bool:
+    try:
+        return (
+            clients.lipsync.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)).latest_available_version
+            > 0
+        )
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     parser.add_argument("--audio", type=Path, default=DEFAULT_AUDIO, help="speech to lip-sync (any audio file)")
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help="target video of the speaker")
+    parser.add_argument("--speaker", default="obama", help="speaker model name")
+    parser.add_argument(
+        "--train",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="videos to train the speaker on when it has no model (default: obama_clip1.mp4)",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "demo.mp4", help="where to write the video")
+    parser.add_argument("--no-retiming", action="store_true", help="play the target as it is (no re-timing)")
     args = parser.parse_args(argv)
 
     env = stack_environment()
@@ -71,51 +97,50 @@ def main(argv: list[str] | None = None) -> int:
     print("1. local stack")
     if stack.up() != 0:
         return 1
-
-    print("2. inputs into the object store")
     store = BlobStore.from_config(Config.from_env("demo", env).store)
-    audio_ref = upload(store, args.audio.resolve())
-    video_ref = upload(store, args.video.resolve())
-
-    print("3. stages over gRPC (health and API, read by reflection)")
-    addresses = stack.client_environment()
-    for component in COMPONENTS:
-        address = addresses[f"A2V_{component.name.upper()}_ADDR"]
-        with grpc.insecure_channel(address) as channel:
-            state = health_status(channel, component.grpc_service)
-            pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-            methods = [method.name for method in pool.FindServiceByName(component.grpc_service).methods]
-        print(f"  {component.name:<13} {state:<12} {', '.join(methods)}")
-
-    print("4. the stages that are built, on the stored inputs")
-    face = face_pb2_grpc.FaceServiceStub(
-        create_channel(addresses["A2V_FACE_ADDR"], ["audio2video.face.v1.FaceService"], timeout_seconds=1800)
-    )
-    audio = audio_pb2_grpc.AudioServiceStub(
-        create_channel(addresses["A2V_AUDIO_ADDR"], ["audio2video.audio.v1.AudioService"], timeout_seconds=600)
-    )
+    client_env = {**env, **stack.client_environment()}
+    clients = StageClients.from_env(client_env)
+    pipeline = Pipeline(clients, models_dir=str(stack.models_dir))
     try:
-        info = face.Probe(face_pb2.ProbeRequest(video=video_ref, request_id="demo")).info
-        rate = info.frame_rate
-        print(f"  face.Probe      {info.width}x{info.height} {info.codec} at {rate.numerator}/{rate.denominator} fps")
-        extract = final(audio.Extract(audio_pb2.ExtractRequest(audio=audio_ref, output_frame_rate=rate)), "audio")
-        print(
-            f"  audio.Extract   {extract.duration_seconds:.1f} s of {extract.source_codec}: features "
-            f"{list(extract.features.meta.shape)}, {extract.output_frame_count} output frames, "
-            f"{extract.speech_fraction:.0%} speech{' (cached)' if extract.cached else ''}"
+        if not speaker_has_model(clients, args.speaker):
+            videos = args.train or DEFAULT_TRAINING
+            print(f"2. training speaker {args.speaker!r} on {', '.join(v.name for v in videos)}")
+            progress = ProgressLine()
+            spec = orchestrator_pb2.TrainJobSpec(
+                speaker=args.speaker,
+                videos=[
+                    orchestrator_pb2.TrainingVideo(clip_id=v.stem, video=upload(store, v.resolve())) for v in videos
+                ],
+            )
+            card = pipeline.train(spec, progress=progress, store_env=env)
+            progress.done(card["summary"])
+            deadline = time.monotonic() + 60
+            while not speaker_has_model(clients, args.speaker):  # TF Serving picks the new version up
+                if time.monotonic() > deadline:
+                    print("the trained model did not become available in TF Serving", file=sys.stderr)
+                    return 1
+                time.sleep(1)
+        else:
+            print(f"2. speaker {args.speaker!r} already has a model")
+        print(f"3. rendering {args.audio.name} onto {args.video.name}")
+        progress = ProgressLine()
+        spec = orchestrator_pb2.RenderJobSpec(
+            audio=upload(store, args.audio.resolve()),
+            target_video=upload(store, args.video.resolve()),
+            model=lipsync_pb2.ModelSpec(speaker=args.speaker),
+            options=orchestrator_pb2.JobOptions(retiming=not args.no_retiming),
         )
-        analysis = final(face.Analyze(face_pb2.AnalyzeRequest(video=video_ref, request_id="demo")), "face")
-        summary = analysis.analysis
-        print(
-            f"  face.Analyze    {summary.valid_frame_count}/{summary.info.frame_count} frames with a face, "
-            f"crops {list(summary.crops.meta.shape)}{' (cached)' if analysis.cached else ''}"
+        result = pipeline.render(spec, progress=progress)
+        progress.done(
+            f"rendered {result.frame_count} frames ({result.duration_seconds:.1f} s) at "
+            f"{result.width}x{result.height} in {time.monotonic() - progress.started:.0f} s"
         )
-        print(f"                  manifest s3://{analysis.manifest.bucket}/{analysis.manifest.key}")
     except grpc.RpcError as exc:
-        print(f"  failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"\nfailed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    print("  lip sync, texture, teeth, re-timing and compositing land with issues 4-7: no video is rendered yet.")
-    print("  The stack stays up for more calls; `make down` stops it.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    store.get_file(result.video.key, args.out)
+    print(f"4. wrote {args.out}  (the stack stays up: `make down` stops it)")
     return 0
 
 
