@@ -17,7 +17,7 @@ from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config, Env
 from services.runtime.errors import TooLarge
 from services.runtime.keys import derive_prefix, sha256_bytes, validate_key
-from services.runtime.progress import Finished, stream_progress
+from services.runtime.progress import stream_events
 from services.runtime.protos import (
     array_ref,
     blob_ref,
@@ -143,11 +143,14 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         work = lambda progress, should_stop: analyse(  # noqa: E731
             data, settings, output_fps, max_seconds=max_seconds, progress=progress, should_stop=should_stop
         )
-        for item in stream_progress(context, work, stage="audio", unit="seconds"):
-            if isinstance(item, Finished):
-                yield audio_pb2.ExtractEvent(result=self._store_outputs(prefix, item.value, output_fps))
-            else:
-                yield audio_pb2.ExtractEvent(progress=item)
+        yield from stream_events(
+            context,
+            work,
+            event=audio_pb2.ExtractEvent,
+            stage="audio",
+            unit="seconds",
+            finish=lambda outputs: self._store_outputs(prefix, outputs, output_fps),
+        )
 
     def _read(self, source, size_bytes: int) -> bytes:
         if size_bytes > self.max_input_bytes:

@@ -16,7 +16,7 @@ from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
 from services.runtime.keys import derive_prefix, validate_key
-from services.runtime.progress import Finished, stream_progress
+from services.runtime.progress import stream_events
 from services.runtime.protos import blob_ref, frame_rate, frame_rate_message, load_result, object_ref, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
@@ -126,11 +126,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     should_stop=should_stop,
                 )
 
-            for item in stream_progress(context, work, stage="composite", unit="frames"):
-                if not isinstance(item, Finished):
-                    yield composite_pb2.RenderEvent(progress=item)
-                    continue
-                summary: core.RenderSummary = item.value
+            def finish(summary: core.RenderSummary):
                 segment = self.store.put_file(f"{prefix}/segment.mp4", segment_path, content_type="video/mp4")
                 result = composite_pb2.RenderResult(
                     frames=request.frames,
@@ -143,7 +139,11 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     frame_rate=frame_rate_message(Fraction(fps)),
                 )
                 store_result(self.store, result_key, result)
-                yield composite_pb2.RenderEvent(result=result)
+                return result
+
+            yield from stream_events(
+                context, work, event=composite_pb2.RenderEvent, finish=finish, stage="composite", unit="frames"
+            )
 
     def _textures(self, request: composite_pb2.RenderRequest, start: int, stop: int):
         """Rows [start, stop) gathered from the texture chunks (and their mean jaw lines when every chunk has them)."""
@@ -230,11 +230,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     should_stop=should_stop,
                 )
 
-            for item in stream_progress(context, work, stage="finalize", unit="segments"):
-                if not isinstance(item, Finished):
-                    yield composite_pb2.FinalizeEvent(progress=item)
-                    continue
-                info: encode.FinalizeInfo = item.value
+            def finish(info: encode.FinalizeInfo):
                 video = self.store.put_file(output_key, out_path, content_type="video/mp4")
                 log.info(
                     "finalized %s: %d frames, %.2f s",
@@ -243,17 +239,19 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     info.duration_seconds,
                     extra={"request_id": request.request_id},
                 )
-                yield composite_pb2.FinalizeEvent(
-                    result=composite_pb2.FinalizeResult(
-                        video=object_ref(video),
-                        duration_seconds=info.duration_seconds,
-                        frame_count=info.frame_count,
-                        width=info.width,
-                        height=info.height,
-                        frame_rate=frame_rate_message(info.fps),
-                        audio_duration_seconds=info.audio_duration_seconds,
-                    )
+                return composite_pb2.FinalizeResult(
+                    video=object_ref(video),
+                    duration_seconds=info.duration_seconds,
+                    frame_count=info.frame_count,
+                    width=info.width,
+                    height=info.height,
+                    frame_rate=frame_rate_message(info.fps),
+                    audio_duration_seconds=info.audio_duration_seconds,
                 )
+
+            yield from stream_events(
+                context, work, event=composite_pb2.FinalizeEvent, finish=finish, stage="finalize", unit="segments"
+            )
 
 
 def bindings(config: Config) -> list[ServiceBinding]:

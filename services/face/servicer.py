@@ -26,7 +26,7 @@ from services.runtime.config import Config, Env
 from services.runtime.errors import InvalidInput, TooLarge
 from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.keys import derive_prefix, sha256_file, validate_key
-from services.runtime.progress import Finished, stream_progress
+from services.runtime.progress import stream_events
 from services.runtime.protos import array_ref, blob_ref, load_result, object_ref, store_result
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
@@ -224,22 +224,21 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
                     should_stop=should_stop,
                 )
 
-            for item in stream_progress(context, work, stage="face", unit="frames"):
-                if isinstance(item, Finished):
-                    source_ref = common_pb2.ObjectRef(
-                        bucket=source.bucket,
-                        key=source.key,
-                        sha256=video_sha,
-                        content_type=stored.content_type,
-                        size_bytes=stored.size_bytes,
-                    )
-                    analysis = self._store_analysis(prefix, item.value, settings, source_ref)
-                    manifest = store_result(self.store, manifest_key, analysis)  # last: marks it complete
-                    yield face_pb2.AnalyzeEvent(
-                        result=face_pb2.AnalyzeResult(manifest=object_ref(manifest), analysis=analysis, cached=False)
-                    )
-                else:
-                    yield face_pb2.AnalyzeEvent(progress=item)
+            def finish(value: VideoAnalysis) -> face_pb2.AnalyzeResult:
+                source_ref = common_pb2.ObjectRef(
+                    bucket=source.bucket,
+                    key=source.key,
+                    sha256=video_sha,
+                    content_type=stored.content_type,
+                    size_bytes=stored.size_bytes,
+                )
+                analysis = self._store_analysis(prefix, value, settings, source_ref)
+                manifest = store_result(self.store, manifest_key, analysis)  # last: marks it complete
+                return face_pb2.AnalyzeResult(manifest=object_ref(manifest), analysis=analysis, cached=False)
+
+            yield from stream_events(
+                context, work, event=face_pb2.AnalyzeEvent, finish=finish, stage="face", unit="frames"
+            )
 
     def _store_analysis(
         self, prefix: str, analysis: VideoAnalysis, settings: AnalyzeSettings, video: common_pb2.ObjectRef
@@ -338,11 +337,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
                 max_components=max_components,
             )
 
-        for item in stream_progress(context, work, stage="dataset", unit="clips"):
-            if not isinstance(item, Finished):
-                yield face_pb2.BuildSpeakerDatasetEvent(progress=item)
-                continue
-            built: dataset_core.SpeakerDataset = item.value
+        def finish(built: dataset_core.SpeakerDataset):
             template_id = template_ids.pop()
             dataset_blob = self.store.put_arrays(f"{prefix}/dataset.npz", built.arrays())
             pca_blob = self.store.put_arrays(
@@ -370,7 +365,11 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
                 result.n_components,
                 result.retained_variance,
             )
-            yield face_pb2.BuildSpeakerDatasetEvent(result=result)
+            return result
+
+        yield from stream_events(
+            context, work, event=face_pb2.BuildSpeakerDatasetEvent, finish=finish, stage="dataset", unit="clips"
+        )
 
     def _sha(self, ref: common_pb2.ObjectRef) -> str:
         source = blob_ref(ref, default_bucket=self.store.bucket, what="features")

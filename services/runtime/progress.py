@@ -103,3 +103,23 @@ def stream_progress(
                 raise payload
     finally:
         stop.set()  # the consumer went away (cancelled stream): let the core stop too
+
+
+def stream_events(
+    context,
+    work: Callable[[ProgressCallback, StopCheck], T],
+    *,
+    event: type,
+    finish: Callable[[T], object],
+    stage: str,
+    unit: str = "frames",
+) -> Iterator[object]:
+    """The body of a streaming RPC: `event(progress=...)` while `work` runs, then `event(result=finish(value))`.
+
+    `finish` stores the outputs and builds the result message; it runs in the RPC's thread.
+    """
+    for item in stream_progress(context, work, stage=stage, unit=unit):
+        if isinstance(item, Finished):
+            yield event(result=finish(item.value))
+        else:
+            yield event(progress=item)

@@ -15,7 +15,7 @@ from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
 from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.keys import derive_prefix, validate_key
-from services.runtime.progress import Finished, stream_progress
+from services.runtime.progress import stream_events
 from services.runtime.protos import array_ref, load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
@@ -178,11 +178,7 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
                 **extra,
             )
 
-        for item in stream_progress(context, work, stage="teeth", unit="frames"):
-            if not isinstance(item, Finished):
-                yield teeth_pb2.EnhanceEvent(progress=item)
-                continue
-            output: core.EnhanceOutput = item.value
+        def finish(output: core.EnhanceOutput):
             if output.passthrough:
                 stored = request.textures  # nothing changed: point at the input chunk, store nothing twice
             else:
@@ -198,7 +194,11 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
                 passthrough_reason=output.passthrough_reason,
             )
             store_result(self.store, result_key, result)
-            yield teeth_pb2.EnhanceEvent(result=result)
+            return result
+
+        yield from stream_events(
+            context, work, event=teeth_pb2.EnhanceEvent, finish=finish, stage="teeth", unit="frames"
+        )
 
     @staticmethod
     def _settings(options: teeth_pb2.EnhanceOptions) -> dict:

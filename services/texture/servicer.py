@@ -15,7 +15,7 @@ from services.runtime.config import Config, Env
 from services.runtime.errors import InvalidInput
 from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.keys import derive_prefix, validate_key
-from services.runtime.progress import Finished, stream_progress
+from services.runtime.progress import stream_events
 from services.runtime.protos import array_ref, load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
@@ -125,11 +125,7 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 should_stop=should_stop,
             )
 
-        for item in stream_progress(context, work, stage="texture", unit="frames"):
-            if not isinstance(item, Finished):
-                yield texture_pb2.SynthesizeEvent(progress=item)
-                continue
-            chunk: core.TextureChunk = item.value
+        def finish(chunk: core.TextureChunk):
             fps = shapes_info.fps
             textures = self.store.put_bytes(
                 f"{prefix}/textures.frames.zip", encode_frames(chunk.textures), content_type=FRAMES_CONTENT_TYPE
@@ -158,7 +154,11 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 chunk.frames_skipped,
                 extra={"request_id": request.request_id, "job_id": request.job_id},
             )
-            yield texture_pb2.SynthesizeEvent(result=result)
+            return result
+
+        yield from stream_events(
+            context, work, event=texture_pb2.SynthesizeEvent, finish=finish, stage="texture", unit="frames"
+        )
 
     def _put(self, key: str, array: np.ndarray, fps: float):
         return array_ref(*self.store.put_array(key, np.ascontiguousarray(array), fps=fps))

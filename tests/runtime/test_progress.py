@@ -92,3 +92,22 @@ def test_closing_the_stream_early_stops_the_core():
     next(stream)
     stream.close()
     assert seen_stop.wait(2)
+
+
+def test_stream_events_wraps_progress_and_the_finished_result():
+    from audio2video.audio.v1 import audio_pb2
+    from services.runtime.progress import stream_events
+
+    events = list(
+        stream_events(
+            None,
+            counting_core(3),
+            event=audio_pb2.ExtractEvent,
+            stage="audio",
+            unit="seconds",
+            finish=lambda value: audio_pb2.ExtractResult(source_codec=value),
+        )
+    )
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "result" and set(kinds[:-1]) == {"progress"} and events[-2].progress.done == 3
+    assert events[-1].result.source_codec == "3 frames"
