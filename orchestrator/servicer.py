@@ -1,26 +1,64 @@
-"""gRPC servicer of the orchestrator.
-
-RPCs that this class does not override are answered by the generated base class with
-UNIMPLEMENTED; issue 7 fills them in.
-"""
+"""gRPC servicer of the orchestrator: the public job API over `JobManager`."""
 
 from __future__ import annotations
 
-from audio2video.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from services.runtime.blobstore import BlobStore
+import os
+
+from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from orchestrator.jobs import JobManager
+from orchestrator.pipeline import Pipeline, StageClients
+from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config
-from services.runtime.server import ServiceBinding, store_backed_bindings
+from services.runtime.server import ServiceBinding, binding_for
+from services.runtime.status import grpc_errors
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    """Jobs over the stages; job manifests live in the object store."""
+    """Submit, watch, cancel and list render and training jobs."""
 
-    def __init__(self, store: BlobStore) -> None:
-        self.store = store
+    def __init__(self, jobs: JobManager) -> None:
+        self.jobs = jobs
+
+    @grpc_errors
+    def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
+        """Start a render job; the same client_token returns the job it started before."""
+        return pb.SubmitJobResponse(job=self.jobs.submit(render=request.spec, client_token=request.client_token))
+
+    @grpc_errors
+    def TrainSpeaker(self, request: pb.TrainSpeakerRequest, context) -> pb.TrainSpeakerResponse:
+        """Start a training job (analysis, dataset, LSTM training and export)."""
+        return pb.TrainSpeakerResponse(job=self.jobs.submit(train=request.spec, client_token=request.client_token))
+
+    @grpc_errors
+    def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=self.jobs.get(request.job_id))
+
+    @grpc_errors
+    def WatchJob(self, request: pb.WatchJobRequest, context):
+        """A snapshot of the job, then its progress and state changes until it ends."""
+        yield from self.jobs.watch(request.job_id, request.after_sequence, context.is_active)
+
+    @grpc_errors
+    def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=self.jobs.cancel(request.job_id))
+
+    @grpc_errors
+    def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        jobs = self.jobs.list(
+            state=request.state, kind=request.kind, speaker=request.speaker, page_size=request.page_size
+        )
+        return pb.ListJobsResponse(jobs=jobs)
 
 
 def bindings(config: Config) -> list[ServiceBinding]:
-    """What `python -m orchestrator` serves."""
-    return store_backed_bindings(
-        config, orchestrator_pb2, orchestrator_pb2_grpc, "OrchestratorService", OrchestratorServicer
-    )
+    """What `python -m orchestrator` serves: SERVING once the store answers; unfinished jobs resume."""
+    store = BlobStore.from_config(config.store)
+    pipeline = Pipeline(StageClients.from_env(), models_dir=os.environ.get("A2V_MODELS_DIR"))
+    jobs = JobManager(store, pipeline)
+
+    def load() -> None:
+        wait_for_store(store)
+        jobs.resume()
+
+    return [binding_for(pb, orchestrator_pb2_grpc, "OrchestratorService", OrchestratorServicer(jobs), load=load)]

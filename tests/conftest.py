@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local import WEED_PORT_COUNT, weed_command
+from deploy.local import STACK_COMPONENTS, WEED_PORT_COUNT, weed_command
 from deploy.samples import SAMPLE_DATA
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import StoreConfig
@@ -173,3 +173,21 @@ def katie_target(s3_server):
     """A real 512x512 target with visible teeth, 100 frames, analysed: (video ref, AnalyzeResult)."""
     store = BlobStore.from_config(s3_server.config())
     return analyse_clip(store, "fixtures/katie100.mp4", SHARED_DATA / "targets" / "hdtf_katiehill_512.mp4", 100)
+
+
+@pytest.fixture()
+def stack_env(tmp_path):
+    """Environment for a stack on free ports with its own state folder (never the developer's stack)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MAKE", "MFLAGS"))}
+    env.update(
+        {
+            "A2V_STACK_DIR": str(tmp_path / "stack"),
+            "A2V_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
+        }
+    )
+    for component in STACK_COMPONENTS:
+        env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
+    yield env
+    # Whatever happened, stop what this test started.
+    subprocess.run(["make", "-s", "down"], cwd=REPO, env=env, capture_output=True, timeout=120)

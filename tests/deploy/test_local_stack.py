@@ -1,7 +1,6 @@
 """`make up` / `make down`: the whole local stack as real processes, and nothing left behind."""
 
 import json
-import os
 import subprocess
 
 import grpc
@@ -11,27 +10,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from deploy.local import STACK_COMPONENTS, WEED_PORT_COUNT, _alive, _port_free, read_env_file
 from services.runtime.clients import health_status
 from services.runtime.config import parse_address
-from tests.conftest import REPO, free_port, free_port_block
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def stack_env(tmp_path):
-    """Environment for a stack on free ports with its own state folder (never the developer's stack)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MAKE", "MFLAGS"))}
-    env.update(
-        {
-            "A2V_STACK_DIR": str(tmp_path / "stack"),
-            "A2V_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
-        }
-    )
-    for component in STACK_COMPONENTS:
-        env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
-    yield env
-    # Whatever happened, stop what this test started.
-    subprocess.run(["make", "-s", "down"], cwd=REPO, env=env, capture_output=True, timeout=120)
 
 
 def make(target, env):
