@@ -8,8 +8,9 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto' | sort)
 GENERATED := audio2video/.generated
 PYTEST_ARGS ?=
+SAMPLE_DATA ?= $(or $(A2V_SAMPLE_DATA),../shared/data)
 
-.PHONY: setup proto test test-all lint format up down status demo clean
+.PHONY: setup proto test test-all lint format up down status demo e2e clean
 
 # 1. The virtualenv with the pinned requirements.
 $(DEPS): requirements.txt requirements-dev.txt
@@ -61,6 +62,20 @@ status: setup
 demo: setup
 	$(PY) -m deploy.demo $(if $(AUDIO),--audio $(AUDIO)) $(if $(VIDEO),--video $(VIDEO)) \
 		$(if $(SPEAKER),--speaker $(SPEAKER)) $(if $(OUT),--out $(OUT))
+
+# A short real job through every stage: docker compose where an engine runs, else the local process stack
+# (tests/test_e2e.py starts it on free ports and always tears it down). Keeps the exit code.
+E2E_COMPOSE := docker compose -f deploy/compose.yaml
+e2e: setup
+	@if docker info >/dev/null 2>&1; then \
+		$(E2E_COMPOSE) up -d --build --wait; \
+		$(PY) -m orchestrator.cli train --speaker e2e $(SAMPLE_DATA)/speakers/feifeili/feifeili_clip3.mp4 && \
+		$(PY) -m orchestrator.cli run --speaker e2e --audio $(SAMPLE_DATA)/audio/arctic_sentence_4s.wav \
+			--video $(SAMPLE_DATA)/speakers/feifeili/feifeili_clip3.mp4 --out out/e2e.mp4; \
+		rc=$$?; $(E2E_COMPOSE) down; exit $$rc; \
+	else \
+		$(PY) -m pytest tests/test_e2e.py -m integration $(PYTEST_ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) audio2video build .pytest_cache .ruff_cache *.egg-info

@@ -9,6 +9,7 @@ import av
 import grpc
 import pytest
 
+from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from deploy.local import stack_environment
@@ -77,6 +78,26 @@ def test_train_then_render_through_the_orchestrator(stack_env, tmp_path):
             text=True,
         )
         assert check.returncode == 0, check.stdout
+
+    # Cancelling a running job stops it within seconds, and it says so.
+    long_audio = upload(store, SHARED_DATA / "audio" / "commentary_60s.wav")
+    running = stub.SubmitJob(
+        pb.SubmitJobRequest(
+            spec=pb.RenderJobSpec(
+                audio=long_audio, target_video=upload(store, SPEAKER_VIDEO), model=lipsync_pb2.ModelSpec(speaker="e2e")
+            )
+        ),
+        timeout=60,
+    ).job
+    time.sleep(3)
+    stub.CancelJob(pb.CancelJobRequest(job_id=running.id), timeout=30)
+    started = time.monotonic()
+    for _ in stub.WatchJob(pb.WatchJobRequest(job_id=running.id), timeout=120):
+        pass
+    cancelled = stub.GetJob(pb.GetJobRequest(job_id=running.id), timeout=30).job
+    assert cancelled.state == pb.JOB_STATE_CANCELLED and cancelled.cancel_requested
+    assert time.monotonic() - started < 60
+    assert not cancelled.HasField("result")
 
     # A failing job ends with a reason and the right code; nothing hangs.
     bad = a2v(
