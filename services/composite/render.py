@@ -125,7 +125,8 @@ def jaw_displacement(
         template: float [68, 2] canonical template (for the taper).
         synth_mouth: float [20, 2] synthesized mouth shape (points 48-67), canonical units.
         mean_jaw: float [17, 2] weighted-mean jaw line of the texture's candidates, canonical units; when given
-            (and finite) it wins over `synth_mouth`.
+            (and finite) it wins over `synth_mouth`: its vertical offset from the target's jaw, tapered from the
+            chin (1) to points 3 and 13 (0), is applied.
         gain: Chin displacement per unit of extra inner-lip opening.
 
     Returns:
@@ -133,7 +134,12 @@ def jaw_displacement(
     """
     current = np.asarray(target_canonical, dtype=np.float64)
     if mean_jaw is not None and np.isfinite(mean_jaw).all():
-        delta = np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING] - current[JAW_MOVING]
+        # Only the vertical part, tapered like the opening model: the candidates' jaw lines also differ from the
+        # target's sideways (other frames, other poses), and moving the cheek contour sideways tears it.
+        delta = np.zeros((len(JAW_MOVING), 2))
+        delta[:, 1] = (np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING, 1] - current[JAW_MOVING, 1]) * jaw_taper(
+            template
+        )
     elif synth_mouth is not None and np.isfinite(synth_mouth).all():
         extra = float(inner_opening(synth_mouth) - inner_opening(current[48:68]))
         delta = np.zeros((len(JAW_MOVING), 2))

@@ -22,7 +22,7 @@ from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
-RESULT_FORMAT_VERSION = 1
+RESULT_FORMAT_VERSION = 2  # bump when the rendering changes: stored segments of older code are not reused
 MAX_CHUNK_FRAMES = 5000
 COLOR_MATCH = {
     composite_pb2.COLOR_MATCH_UNSPECIFIED: "mean_std",

@@ -30,6 +30,7 @@ from services.composite.render import (
     correct_jaw,
     inner_opening,
     jaw_displacement,
+    jaw_taper,
     match_colors,
     pyramid_blend,
 )
@@ -326,9 +327,11 @@ def test_jaw_correction_moves_the_chin_with_the_mouth_opening(katie):
 def test_mean_jaw_lines_set_the_jaw_directly(obama):
     a = obama.analysis
     warp = LowerFaceWarp(a.landmarks[0], a.geometry)
-    wanted = warp.canonical[:17] + [0.0, 0.03]
+    wanted = warp.canonical[:17] + [0.02, 0.03]  # lower, and shifted sideways
     delta = jaw_displacement(warp.canonical, a.geometry.template, synth_mouth=warp.canonical[48:68], mean_jaw=wanted)
-    np.testing.assert_allclose(delta, np.tile([0.0, 0.03], (11, 1)), atol=1e-9)
+    np.testing.assert_allclose(delta[:, 0], 0.0, atol=1e-12)  # never sideways: that tears the cheek contour
+    np.testing.assert_allclose(delta[:, 1], 0.03 * jaw_taper(a.geometry.template), atol=1e-9)
+    assert delta[5, 1] == pytest.approx(0.03)  # the chin (point 8) moves fully
     huge = jaw_displacement(warp.canonical, a.geometry.template, mean_jaw=warp.canonical[:17] + [0.0, 1.0])
     assert np.linalg.norm(huge, axis=1).max() == pytest.approx(0.2)  # clipped to MAX_JAW_SHIFT
 
