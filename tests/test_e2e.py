@@ -79,6 +79,26 @@ def test_train_then_render_through_the_orchestrator(stack_env, tmp_path):
         )
         assert check.returncode == 0, check.stdout
 
+    # Four jobs at once all complete (they share the target's analysis and the replicas).
+    video = upload(store, SPEAKER_VIDEO)
+    jobs = []
+    for audio_path in (AUDIO, SHARED_DATA / "audio" / "finance_news_5s.wav"):
+        for retime in (True, False):
+            spec = pb.RenderJobSpec(
+                audio=upload(store, audio_path),
+                target_video=video,
+                model=lipsync_pb2.ModelSpec(speaker="e2e"),
+                options=pb.JobOptions(retiming=retime),
+            )
+            jobs.append(stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60).job)
+    for job in jobs:
+        for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600):
+            pass
+        done = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=30).job
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+        assert done.render_result.retimed == done.render.options.retiming
+    assert len({stub.GetJob(pb.GetJobRequest(job_id=j.id)).job.result.key for j in jobs}) == 4
+
     # Cancelling a running job stops it within seconds, and it says so.
     long_audio = upload(store, SHARED_DATA / "audio" / "commentary_60s.wav")
     running = stub.SubmitJob(
