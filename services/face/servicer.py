@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -20,12 +19,11 @@ from services.face import dataset as dataset_core
 from services.face.core import VideoAnalysis, analyze_video
 from services.face.landmarks import LandmarkDetector
 from services.face.video import VideoInfo, probe_video
-from services.runtime.analysis import load_array, load_manifest
-from services.runtime.blobstore import ArrayInfo, BlobRef, BlobStore, wait_for_store
+from services.runtime.analysis import load_array, load_manifest, store_frames
+from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
 from services.runtime.config import Config, Env
 from services.runtime.errors import InvalidInput, TooLarge
-from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
-from services.runtime.keys import derive_prefix, sha256_file, validate_key
+from services.runtime.keys import derive_prefix, sha256_file, validate_key, validate_speaker
 from services.runtime.progress import stream_events
 from services.runtime.protos import array_ref, blob_ref, load_result, object_ref, store_result
 from services.runtime.server import ServiceBinding, binding_for
@@ -34,7 +32,6 @@ from services.runtime.status import grpc_errors
 log = logging.getLogger(__name__)
 ANALYSIS_FORMAT_VERSION = 1
 DATASET_FORMAT_VERSION = 1
-SPEAKER_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -249,10 +246,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             return array_ref(*self.store.put_array(f"{prefix}/{name}.npy", np.ascontiguousarray(array), fps=rate))
 
         def put_frames(name: str, frames: np.ndarray) -> common_pb2.ArrayRef:
-            blob = self.store.put_bytes(
-                f"{prefix}/{name}.frames.zip", encode_frames(frames), content_type=FRAMES_CONTENT_TYPE
-            )
-            return array_ref(blob, ArrayInfo(tuple(frames.shape), str(frames.dtype), fps))
+            return store_frames(self.store, f"{prefix}/{name}.frames.zip", frames, fps=fps)
 
         geometry = analysis.geometry
         left, top, right, bottom = geometry.crop_region
@@ -287,8 +281,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
     @grpc_errors
     def BuildSpeakerDataset(self, request: face_pb2.BuildSpeakerDatasetRequest, context):
         """Pair every clip's features with its mouth shapes, split by clip, fit the PCA, store both."""
-        if not SPEAKER_NAME.match(request.speaker):
-            raise InvalidInput(f"speaker name {request.speaker!r} must match [a-z0-9_-]{{1,64}}")
+        validate_speaker(request.speaker)
         if not request.clips:
             raise InvalidInput("a speaker dataset needs at least one clip")
         manifests = [load_manifest(self.store, clip.analysis_manifest) for clip in request.clips]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,10 +15,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from services.lipsync import core
 from services.lipsync.serving import ServingClient
+from services.lipsync.versions import extra_key, stored_versions, version_prefix
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, Env
 from services.runtime.errors import FailedPrecondition, InvalidInput, NotFound
-from services.runtime.keys import derive_prefix, validate_key
+from services.runtime.keys import derive_prefix, validate_key, validate_speaker
 from services.runtime.protos import (
     array_ref,
     blob_ref,
@@ -33,7 +33,6 @@ from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
-SPEAKER_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
 RESULT_FORMAT_VERSION = 1
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
@@ -41,10 +40,6 @@ MODEL_STATES = {
     "LOADING": lipsync_pb2.MODEL_STATE_LOADING,
     "UNLOADING": lipsync_pb2.MODEL_STATE_NOT_LOADED,
 }
-
-
-def version_prefix(speaker: str, version: int) -> str:
-    return f"models/{speaker}/{version}"
 
 
 @dataclass(frozen=True)
@@ -102,27 +97,20 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
     # -- models ----------------------------------------------------------------------------------
 
     def _card(self, speaker: str, version: int) -> dict | None:
-        key = f"{version_prefix(speaker, version)}/assets.extra/model_card.json"
+        key = extra_key(speaker, version, "model_card.json")
         if not self.store.exists(key):
             return None
         return json.loads(self.store.get_bytes(key))
 
-    def stored_versions(self, speaker: str) -> list[int]:
-        """Complete versions in the store (those with a model card), newest first."""
-        versions = set()
-        for key in self.store.list_keys(f"models/{speaker}/"):
-            match = re.fullmatch(rf"models/{re.escape(speaker)}/(\d+)/assets\.extra/model_card\.json", key)
-            if match:
-                versions.add(int(match.group(1)))
-        return sorted(versions, reverse=True)
-
     def load_model(self, speaker: str, version: int) -> SpeakerModel:
-        extra = f"{version_prefix(speaker, version)}/assets.extra"
         card = self._card(speaker, version)
         if card is None:
-            raise NotFound(f"model {speaker} version {version} is not in the object store ({extra}/model_card.json)")
-        pca = self.store.get_arrays(f"{extra}/pca.npz")
-        normalization = self.store.get_arrays(f"{extra}/normalization.npz")
+            raise NotFound(
+                f"model {speaker} version {version} is not in the object store "
+                f"({extra_key(speaker, version, 'model_card.json')})"
+            )
+        pca = self.store.get_arrays(extra_key(speaker, version, "pca.npz"))
+        normalization = self.store.get_arrays(extra_key(speaker, version, "normalization.npz"))
         return SpeakerModel(
             speaker,
             version,
@@ -134,8 +122,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         )
 
     def _resolve_version(self, spec: lipsync_pb2.ModelSpec) -> int:
-        if not SPEAKER_NAME.match(spec.speaker):
-            raise InvalidInput(f"speaker name {spec.speaker!r} must match [a-z0-9_-]{{1,64}}")
+        validate_speaker(spec.speaker)
         if spec.version < 0:
             raise InvalidInput(f"model version must be >= 0, got {spec.version}")
         return spec.version or self.serving.latest_available(spec.speaker)
@@ -244,9 +231,8 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
     @grpc_errors
     def DescribeModel(self, request: lipsync_pb2.DescribeModelRequest, context) -> lipsync_pb2.DescribeModelResponse:
         """Stored versions with their serving state, newest first."""
-        if not SPEAKER_NAME.match(request.speaker):
-            raise InvalidInput(f"speaker name {request.speaker!r} must match [a-z0-9_-]{{1,64}}")
-        versions = self.stored_versions(request.speaker)
+        validate_speaker(request.speaker)
+        versions = sorted(stored_versions(self.store, request.speaker), reverse=True)
         if request.version:
             versions = [v for v in versions if v == request.version]
         if not versions:
@@ -262,7 +248,6 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         )
 
     def _version_message(self, speaker: str, version: int, card: Mapping, states: Mapping) -> lipsync_pb2.ModelVersion:
-        extra = f"{version_prefix(speaker, version)}/assets.extra"
         status = states.get(version)
         if not states:
             state = lipsync_pb2.MODEL_STATE_AVAILABLE  # Predict only uses available versions
@@ -276,7 +261,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             speaker=speaker,
             version=version,
             state=state,
-            prefix=f"{version_prefix(speaker, version)}/",
+            prefix=version_prefix(speaker, version),
             pca_components=int(card.get("pca_components", 0)),
             feature_dim=int(card.get("feature_dim", 28)),
             feature_rate_hz=float(card.get("feature_rate_hz", 100.0)),
@@ -292,7 +277,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             ("pca", "pca.npz"),
             ("normalization", "normalization.npz"),
         ):
-            blob = self.store.stat(f"{extra}/{name}", missing_ok=True)
+            blob = self.store.stat(extra_key(speaker, version, name), missing_ok=True)
             if blob is not None:
                 getattr(message, field).CopyFrom(object_ref(blob))
         if isinstance(card.get("training"), Mapping):

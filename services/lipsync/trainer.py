@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -34,15 +33,16 @@ import numpy as np
 from audio2video.lipsync.v1 import lipsync_pb2
 from services.lipsync import model as lstm
 from services.lipsync.core import shapes_from_coefficients
+from services.lipsync.versions import stored_versions, version_prefix
 from services.runtime.blobstore import NPZ_CONTENT_TYPE, BlobStore
 from services.runtime.config import Config, ConfigError
 from services.runtime.errors import A2VError, FailedPrecondition, InvalidInput
+from services.runtime.keys import validate_speaker
 
 log = logging.getLogger(__name__)
 
 MODELS_DIR_VARIABLE = "A2V_MODELS_DIR"
 TRAIN_SPEAKER_VARIABLE = "A2V_TRAIN_SPEAKER"
-SPEAKER_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 MODEL_CARD_FORMAT_VERSION = 1
 MOUTH_VECTOR = 40
 DATASET_ARRAYS = (
@@ -56,11 +56,6 @@ DATASET_ARRAYS = (
     "feature_mean",
     "feature_std",
 )
-
-
-def version_prefix(speaker: str, version: int) -> str:
-    """Object-store prefix of a model version, with the trailing slash."""
-    return f"models/{speaker}/{version}/"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,13 +177,6 @@ def _scalar_str(value) -> str:
 # versions
 
 
-def stored_versions(store: BlobStore, speaker: str) -> list[int]:
-    """Complete versions of a speaker in the store (with a model card), ascending."""
-    pattern = re.compile(rf"models/{re.escape(speaker)}/(\d+)/assets\.extra/model_card\.json")
-    found = {int(m.group(1)) for key in store.list_keys(f"models/{speaker}/") if (m := pattern.fullmatch(key))}
-    return sorted(v for v in found if v > 0)
-
-
 def _disk_versions(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []
@@ -260,8 +248,7 @@ def train_speaker(
         Unavailable: the object store is unreachable.
     """
     settings = settings or lstm.TrainingSettings()
-    if not SPEAKER_NAME.fullmatch(speaker or ""):
-        raise InvalidInput(f"speaker name {speaker!r} must match [a-z0-9_-]{{1,64}}")
+    validate_speaker(speaker)
     started = time.monotonic()
     dataset, pca, pca_bytes = _load_dataset(store, dataset_key, pca_key)
     clip_ids = [str(c) for c in dataset["clip_ids"]]

@@ -14,6 +14,7 @@ from services.runtime.errors import InvalidInput
 MAX_KEY_LENGTH = 1024
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SPEAKER = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -56,6 +57,13 @@ def validate_key(key: str) -> str:
                 "(allowed: letters, digits and ._=+- between single slashes)"
             )
     return key
+
+
+def validate_speaker(name: str) -> str:
+    """Return `name` if it is a valid speaker name: the TF Serving model name and the `models/<speaker>/` segment."""
+    if not _SPEAKER.fullmatch(name or ""):
+        raise InvalidInput(f"speaker name {name!r} must match [a-z0-9_-]{{1,64}}")
+    return name
 
 
 def derive_key(
