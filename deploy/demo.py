@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 
-from audio2video.common.v1 import common_pb2
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2
 from deploy.local import REPO, LocalStack, stack_environment
 from deploy.samples import SAMPLE_DATA
+from orchestrator.cli import upload
 from orchestrator.pipeline import Pipeline, StageClients
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
@@ -25,24 +25,6 @@ from services.runtime.config import Config
 DEFAULT_AUDIO = SAMPLE_DATA / "audio" / "commentary_60s.wav"
 DEFAULT_VIDEO = SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4"
 DEFAULT_TRAINING = [SAMPLE_DATA / "speakers" / "obama" / "obama_clip1.mp4"]
-CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
-
-
-def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
-    """Store a local input under its content hash (re-running the demo stores nothing twice)."""
-    if not path.is_file():
-        raise SystemExit(f"input not found: {path}")
-    content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-    ref = store.put_content_addressed(
-        "uploads",
-        path.read_bytes(),
-        suffix=path.suffix.lower(),
-        content_type=content_type,
-        metadata={"filename": path.name},
-    )
-    return common_pb2.ObjectRef(
-        bucket=ref.bucket, key=ref.key, sha256=ref.sha256, content_type=content_type, size_bytes=ref.size_bytes
-    )
 
 
 class ProgressLine:

@@ -16,26 +16,25 @@ from deploy import local
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel
 from services.runtime.config import Config, ConfigError, service_address
+from services.runtime.protos import object_ref
 
 CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
 SERVICE = "audio2video.orchestrator.v1.OrchestratorService"
 
 
 def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
-    """A local input into the object store, under its content hash."""
+    """A local input into the object store, under its content hash (re-running stores nothing twice)."""
     if not path.is_file():
         raise SystemExit(f"a2v: error: no such file: {path}")
     content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-    ref = store.put_content_addressed(
+    blob = store.put_content_addressed(
         "uploads",
         path.read_bytes(),
         suffix=path.suffix.lower(),
         content_type=content_type,
         metadata={"filename": path.name},
     )
-    return common_pb2.ObjectRef(
-        bucket=ref.bucket, key=ref.key, sha256=ref.sha256, content_type=content_type, size_bytes=ref.size_bytes
-    )
+    return object_ref(blob)
 
 
 def follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, job_id: str) -> pb.Job:

@@ -13,8 +13,8 @@ from audio2video.face.v1 import face_pb2
 from services.runtime.blobstore import ArrayInfo, BlobStore
 from services.runtime.canonical import CanonicalGeometry
 from services.runtime.errors import InvalidInput, NotFound
-from services.runtime.frames import decode_frames
-from services.runtime.protos import blob_ref, load_result
+from services.runtime.frames import FRAMES_CONTENT_TYPE, decode_frames, encode_frames
+from services.runtime.protos import array_ref, blob_ref, load_result
 
 
 def load_manifest(store: BlobStore, ref: common_pb2.ObjectRef) -> face_pb2.VideoAnalysis:
@@ -41,6 +41,12 @@ def load_frames(
     source = blob_ref(ref.object, default_bucket=store.bucket, what=what)
     data = store.get_bytes(source.key, bucket=source.bucket, expected_sha256=source.sha256)
     return decode_frames(data, indices=indices)
+
+
+def store_frames(store: BlobStore, key: str, frames: np.ndarray, *, fps: float = 0.0) -> common_pb2.ArrayRef:
+    """Store an image stack as a PNG frame archive; the reference carries its shape, dtype and rate."""
+    blob = store.put_bytes(key, encode_frames(frames), content_type=FRAMES_CONTENT_TYPE)
+    return array_ref(blob, ArrayInfo(tuple(frames.shape), str(frames.dtype), fps))
 
 
 def load_geometry(store: BlobStore, manifest: face_pb2.VideoAnalysis) -> CanonicalGeometry:

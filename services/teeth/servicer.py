@@ -9,14 +9,20 @@ import numpy as np
 
 from audio2video.common.v1 import common_pb2
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
-from services.runtime.analysis import BoundedCache, load_array, load_frames, load_geometry, load_manifest
-from services.runtime.blobstore import ArrayInfo, BlobStore
+from services.runtime.analysis import (
+    BoundedCache,
+    load_array,
+    load_frames,
+    load_geometry,
+    load_manifest,
+    store_frames,
+)
+from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
-from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.keys import derive_prefix, validate_key
 from services.runtime.progress import stream_events
-from services.runtime.protos import array_ref, load_result, store_result
+from services.runtime.protos import load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 from services.teeth import core
@@ -182,10 +188,9 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
             if output.passthrough:
                 stored = request.textures  # nothing changed: point at the input chunk, store nothing twice
             else:
-                blob = self.store.put_bytes(
-                    f"{prefix}/textures.frames.zip", encode_frames(output.textures), content_type=FRAMES_CONTENT_TYPE
+                stored = store_frames(
+                    self.store, f"{prefix}/textures.frames.zip", output.textures, fps=request.textures.meta.fps
                 )
-                stored = array_ref(blob, ArrayInfo(tuple(output.textures.shape), "uint8", request.textures.meta.fps))
             result = teeth_pb2.EnhanceResult(
                 frames=frames,
                 textures=stored,

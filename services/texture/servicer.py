@@ -9,11 +9,17 @@ from collections.abc import Mapping
 import numpy as np
 
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
-from services.runtime.analysis import BoundedCache, load_array, load_frames, load_geometry, load_manifest
-from services.runtime.blobstore import ArrayInfo, BlobStore
+from services.runtime.analysis import (
+    BoundedCache,
+    load_array,
+    load_frames,
+    load_geometry,
+    load_manifest,
+    store_frames,
+)
+from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config, Env
 from services.runtime.errors import InvalidInput
-from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.keys import derive_prefix, validate_key
 from services.runtime.progress import stream_events
 from services.runtime.protos import array_ref, load_result, store_result
@@ -127,12 +133,9 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
 
         def finish(chunk: core.TextureChunk):
             fps = shapes_info.fps
-            textures = self.store.put_bytes(
-                f"{prefix}/textures.frames.zip", encode_frames(chunk.textures), content_type=FRAMES_CONTENT_TYPE
-            )
             result = texture_pb2.SynthesizeResult(
                 frames=request.frames,
-                textures=array_ref(textures, ArrayInfo(tuple(chunk.textures.shape), "uint8", fps)),
+                textures=store_frames(self.store, f"{prefix}/textures.frames.zip", chunk.textures, fps=fps),
                 texture_valid=self._put(f"{prefix}/texture_valid.npy", chunk.valid.astype(np.uint8), fps),
                 mean_shapes=self._put(f"{prefix}/mean_shapes.npy", chunk.mean_shapes, fps),
                 frames_written=chunk.frames_written,
