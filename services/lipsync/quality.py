@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,14 @@ BENCHMARK_SETTINGS = {"batch_size": 10, "learning_rate": 3e-3, "sequence_length"
 ALPHAS = tuple(10.0**k for k in range(-1, 7))
 
 
-def analyse_clip(path: Path, detector: LandmarkDetector) -> ClipTracks:
-    """Face tracks and audio features of one video (the cores the face and audio stages run)."""
-    analysis = analyze_video(path, detector=detector)
+def analyse_clip(
+    path: Path, detector: LandmarkDetector, *, progress: Callable[[int, int], None] | None = None
+) -> ClipTracks:
+    """Face tracks and audio features of one video (the cores the face and audio stages run).
+
+    `progress(done_frames, total_frames)` is handed to the face analysis (see `analyze_video`).
+    """
+    analysis = analyze_video(path, detector=detector, progress=progress)
     audio = normalize_loudness(decode_audio(path))
     features = extract_features(audio.samples)
     return ClipTracks(

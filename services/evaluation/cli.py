@@ -1,0 +1,142 @@
+"""Command line of the quality evaluation: `sync`, `output` and `shape`, each writing a JSON and an HTML report.
+
+    python -m services.evaluation sync VIDEO [--audio AUDIO]
+    python -m services.evaluation output OUT.mp4 --target TARGET.mp4 [--audio AUDIO] [--timings T.json]
+    python -m services.evaluation shape --models-dir DIR --speaker NAME [--version N] --clip HELDOUT.mp4
+        --train-video TRAIN.mp4 [--train-video ...]
+
+Reports go to --json / --html (default out/eval/<name>-<command>.json / .html); progress goes to stderr, a
+one-line summary to stdout. Exit status 0 on success, 1 with a one-line reason on bad input (missing file,
+no face, undecodable video, too short to measure), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from services.evaluation.sync import DEFAULT_MAX_LAG
+from services.runtime.errors import A2VError, InvalidInput
+
+DEFAULT_OUT = Path("out/eval")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.evaluation", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def outputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", type=Path, help="JSON report path (default out/eval/<name>-<command>.json)")
+        p.add_argument("--html", type=Path, help="HTML report path (default out/eval/<name>-<command>.html)")
+        p.add_argument("--no-html", action="store_true", help="write the JSON report only")
+        p.add_argument("--timings", type=Path, help='stage timings JSON ({"stages": {"texture": 12.3, ...}})')
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    def lag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-lag", type=int, default=DEFAULT_MAX_LAG, help="lag range, frames (default 15)")
+
+    p = sub.add_parser("sync", help="audio-visual lag of any video (ours or real footage)")
+    p.add_argument("video", type=Path)
+    p.add_argument("--audio", type=Path, help="separate audio (time 0 = the video's time 0); default its own")
+    lag(p)
+    outputs(p)
+
+    p = sub.add_parser("output", help="sync and image metrics of a rendered output against its target footage")
+    p.add_argument("output", type=Path)
+    p.add_argument("--target", type=Path, required=True, help="the real target footage (same resolution)")
+    p.add_argument("--audio", type=Path, help="the output's audio, if not its own track")
+    p.add_argument("--strip-frames", type=int, default=6, help="frames in the target/output strip (default 6)")
+    lag(p)
+    outputs(p)
+
+    p = sub.add_parser("shape", help="mouth-shape accuracy of a speaker model and baselines on a held-out clip")
+    p.add_argument("--clip", type=Path, required=True, help="held-out video of the speaker")
+    p.add_argument(
+        "--models-dir", type=Path, help="models folder (<dir>/<speaker>/<version>/); omit for baselines only"
+    )
+    p.add_argument("--speaker", help="speaker name (required with --models-dir)")
+    p.add_argument("--version", type=int, help="model version (default the latest)")
+    p.add_argument("--train-video", type=Path, action="append", default=[], help="training video for ridge (repeat)")
+    p.add_argument("--window-rows", type=int, default=20, help="ridge window half-width, 10 ms rows (default 20)")
+    outputs(p)
+    return parser
+
+
+def _default(name: str, command: str, suffix: str) -> Path:
+    return DEFAULT_OUT / f"{name}-{command}{suffix}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.evaluation import evaluate
+    from services.evaluation.report import load_stage_timings
+
+    progress = not args.quiet
+    timings = load_stage_timings(args.timings) if args.timings else None
+    if args.command == "sync":
+        name = args.video.stem
+        result = evaluate.evaluate_sync(args.video, audio=args.audio, max_lag=args.max_lag, progress=progress)
+        s = result.video.sync
+        summary = (
+            f"{args.video.name}: lag {s.lag_frames:+d} frames ({s.lag_ms:+.0f} ms, > 0 = video behind audio), "
+            f"peak correlation {s.peak_correlation:.3f}, confidence {s.confidence:.3f}"
+        )
+    elif args.command == "output":
+        name = args.output.stem
+        if args.strip_frames < 0:
+            raise InvalidInput(f"--strip-frames must be >= 0, got {args.strip_frames}")
+        result = evaluate.evaluate_output(
+            args.output,
+            args.target,
+            audio=args.audio,
+            max_lag=args.max_lag,
+            strip_frames=args.strip_frames,
+            progress=progress,
+        )
+        rel = result.relative()
+        s = result.output.sync
+        lag = f"lag {s.lag_frames:+d} frames" if s is not None else f"no lag ({result.output.sync_error})"
+        summary = (
+            f"{args.output.name}: {lag}, sharpness x{rel['mouth_sharpness_ratio']:.2f}, "
+            f"seam x{rel['seam_energy_ratio']:.2f}, silent flicker x{rel['flicker_silent_ratio']:.2f} of the target"
+        )
+    else:
+        name = args.clip.stem
+        model = None
+        if args.models_dir is not None:
+            if not args.speaker:
+                raise InvalidInput("--speaker is required with --models-dir")
+            from services.evaluation.shape import load_speaker_model
+
+            model = load_speaker_model(args.models_dir, args.speaker, args.version)
+        elif not args.train_video:
+            raise InvalidInput("give --models-dir and --speaker, or --train-video for the baselines")
+        result = evaluate.evaluate_shape(
+            args.clip, model=model, train_videos=args.train_video, window_rows=args.window_rows, progress=progress
+        )
+        summary = f"{args.clip.name}: " + "; ".join(
+            f"{n} error {s.landmark_error:.3f}, r {s.opening_correlation:.3f}"
+            for n, s in result.evaluation.scores.items()
+        )
+    json_path = args.json or _default(name, args.command, ".json")
+    html_path = None if args.no_html else (args.html or _default(name, args.command, ".html"))
+    evaluate.write_reports(result, json_path=json_path, html_path=html_path, timings=timings)
+    print(summary)
+    print(f"report: {json_path}" + (f", {html_path}" if html_path else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one evaluation command; returns the exit status (0 ok, 1 bad input, 2 usage)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except A2VError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""Evaluations on video files: sync of any video, a rendered output against its target, a speaker model's shapes.
+
+This is the I/O layer over the pure metric modules (`sync`, `image`, `shape`): it decodes videos and audio with
+the face and audio cores, reports progress, and returns frozen results whose `as_dict()` is the JSON report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from services.audio.core import DecodedAudio, decode_audio, detect_speech
+from services.evaluation import image, report
+from services.evaluation.shape import ShapeEvaluation, SpeakerModel, evaluate_mouth_shapes
+from services.evaluation.sync import DEFAULT_MAX_LAG, SyncResult, audio_visual_sync
+from services.face.core import LandmarkDetector, VideoAnalysis, analyze_video
+from services.face.video import iter_frames
+from services.lipsync import model as lstm
+from services.lipsync.quality import analyse_clip
+from services.runtime.errors import InvalidInput, NotFound
+
+Progress = Callable[[int, int], None]
+STRIP_FRAMES = 6
+STRIP_HEIGHT = 160
+
+
+class StderrProgress:
+    """`progress(done, total)` that prints "label: done/total frames (p %)" to stderr every 10 % or 5 s."""
+
+    def __init__(self, label: str, *, stream=None, unit: str = "frames") -> None:
+        self.label = label
+        self.unit = unit
+        self.stream = stream or sys.stderr
+        self.last_step = -1
+        self.last_time = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        step = int(10 * done / total) if total > 0 else -1
+        if step > self.last_step or now - self.last_time >= 5.0 or (total and done >= total):
+            share = f" ({100 * done / total:.0f} %)" if total > 0 else ""
+            print(f"{self.label}: {done}/{total or '?'} {self.unit}{share}", file=self.stream, flush=True)
+            self.last_step, self.last_time = step, now
+
+
+def say(message: str) -> None:
+    """A progress line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"{what} not found: {path}")
+    return path
+
+
+def mouth_opening(analysis: VideoAnalysis) -> np.ndarray:
+    """float64 [F] inner-lip opening per frame in canonical template units (NaN where no face)."""
+    return lstm.mouth_opening(analysis.canonical_mouth)
+
+
+def sync_of_analysis(
+    analysis: VideoAnalysis, samples: np.ndarray, *, max_lag: int = DEFAULT_MAX_LAG
+) -> tuple[SyncResult, np.ndarray]:
+    """`sync.audio_visual_sync` of an analysed video with 16 kHz audio on the video's time line."""
+    return audio_visual_sync(
+        mouth_opening(analysis),
+        analysis.face_valid,
+        samples,
+        analysis.timestamps,
+        fps=analysis.info.fps,
+        max_lag=max_lag,
+    )
+
+
+def silent_frames(samples: np.ndarray, frame_count: int, fps: float) -> np.ndarray:
+    """bool [F]: frames whose whole interval is free of speech (`audio.core.detect_speech`)."""
+    activity = detect_speech(samples, output_fps=fps, n_output_frames=frame_count)
+    return np.asarray(activity.per_output_frame) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one video
+
+
+@dataclass(frozen=True, eq=False)
+class VideoMeasures:
+    """Everything measured on one video: face analysis, audio, sync and per-frame image measures.
+
+    Attributes:
+        path, audio_path: the video and where its audio came from.
+        analysis: the face analysis.
+        audio: the decoded audio (16 kHz mono).
+        sync: the audio-visual sync result (None when it could not be measured; see `sync_error`).
+        envelope: float64 [F] speech-band energy per frame, dB (None without sync).
+        opening: float64 [F] inner-lip opening (NaN where no face).
+        silent: bool [F] frames without speech.
+        sharpness: float64 [F] variance of the Laplacian in the mouth box (NaN where no face / not measured).
+        seam: float64 [F] seam energy at the blend boundary (NaN where no face / not measured).
+        flicker: mouth-region flicker over silent frame pairs (canonical crops).
+        strip: (frame index, BGR uint8 image) of a few frames, cut to the face.
+        seconds: wall time of the measurement.
+    """
+
+    path: Path
+    audio_path: Path
+    analysis: VideoAnalysis
+    audio: DecodedAudio
+    sync: SyncResult | None
+    sync_error: str | None
+    envelope: np.ndarray | None
+    opening: np.ndarray
+    silent: np.ndarray
+    sharpness: np.ndarray
+    seam: np.ndarray
+    flicker: image.Flicker
+    strip: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def fps(self) -> float:
+        return self.analysis.info.fps
+
+    def as_dict(self, *, image_metrics: bool = True) -> dict:
+        info = self.analysis.info
+        out = {
+            "path": str(self.path),
+            "audio": str(self.audio_path),
+            "frames": self.analysis.frame_count,
+            "face_frames": self.analysis.valid_frame_count,
+            "fps": info.fps,
+            "width": info.width,
+            "height": info.height,
+            "duration_seconds": self.analysis.frame_count / info.fps,
+            "audio_seconds": self.audio.duration_seconds,
+            "silent_frames": int(self.silent.sum()),
+            "sync": self.sync.as_dict() if self.sync is not None else None,
+            "sync_error": self.sync_error,
+            "wall_seconds": self.seconds,
+        }
+        if image_metrics:
+            out.update(
+                {
+                    "mouth_sharpness": _nanmean(self.sharpness),
+                    "seam_energy": _nanmean(self.seam),
+                    "flicker_silent": {"mean_abs_diff": self.flicker.mean_abs_diff, "pairs": self.flicker.pairs},
+                }
+            )
+        return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = np.asarray(values, np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _strip_indices(valid: np.ndarray, count: int) -> list[int]:
+    candidates = np.flatnonzero(valid)
+    if candidates.size == 0 or count <= 0:
+        return []
+    picks = np.linspace(0, candidates.size - 1, min(count, candidates.size) + 2)[1:-1]
+    return sorted({int(candidates[int(round(p))]) for p in picks})
+
+
+def face_thumbnail(frame: np.ndarray, landmarks: np.ndarray | None, *, height: int = STRIP_HEIGHT) -> np.ndarray:
+    """The frame cut to the face (landmark box widened by 30 %, square) and resized to `height` rows."""
+    h, w = frame.shape[:2]
+    if landmarks is not None and np.isfinite(landmarks).all():
+        lo, hi = landmarks.min(axis=0), landmarks.max(axis=0)
+        centre, side = (lo + hi) / 2, 1.3 * float((hi - lo).max())
+        x0, y0 = (centre - side / 2).astype(int)
+        x1, y1 = (centre + side / 2).astype(int)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if x1 - x0 >= 8 and y1 - y0 >= 8:
+            frame = frame[y0:y1, x0:x1]
+    scale = height / frame.shape[0]
+    return cv2.resize(frame, (max(1, round(frame.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
+
+
+def _frame_pass(
+    path: Path,
+    analysis: VideoAnalysis,
+    *,
+    image_metrics: bool,
+    strip: Sequence[int],
+    progress: Progress | None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Second decode of the video: per-frame mouth sharpness and seam energy, and the strip thumbnails."""
+    count = analysis.frame_count
+    sharpness = np.full(count, np.nan)
+    seam = np.full(count, np.nan)
+    wanted = set(strip)
+    thumbs: list[tuple[int, np.ndarray]] = []
+    if not image_metrics and not wanted:
+        return sharpness, seam, thumbs
+    stop = None if image_metrics else max(wanted) + 1
+    for index, _, frame in iter_frames(path, stop=stop):
+        if index >= count:
+            break
+        landmarks = analysis.landmarks[index] if analysis.face_valid[index] else None
+        if image_metrics and landmarks is not None:
+            try:
+                sharpness[index] = image.mouth_sharpness(frame, landmarks)
+                seam[index] = image.frame_seam_energy(frame, landmarks)
+            except InvalidInput:  # a face at the frame edge: its mouth box or blend region is cut off
+                pass
+        if index in wanted:
+            thumbs.append((index, face_thumbnail(frame, landmarks)))
+        if progress is not None and (index + 1) % 50 == 0:
+            progress(index + 1, count)
+    if progress is not None:
+        progress(count, count)
+    return sharpness, seam, thumbs
+
+
+def measure_video(
+    video: str | os.PathLike,
+    *,
+    audio: str | os.PathLike | None = None,
+    detector: LandmarkDetector | None = None,
+    image_metrics: bool = True,
+    strip_frames: int = STRIP_FRAMES,
+    max_lag: int = DEFAULT_MAX_LAG,
+    progress: bool = True,
+) -> VideoMeasures:
+    """Analyse a video's face, decode its audio (or `audio`, on the video's time line) and measure it.
+
+    Args:
+        video: any video FFmpeg reads (one of our outputs or real footage).
+        audio: a separate audio file whose time 0 is the video's time 0; None = the video's own track.
+        detector: a loaded landmark detector (one is loaded when None).
+        image_metrics: also decode the frames again for mouth sharpness and seam energy.
+        strip_frames: thumbnails to keep for the report.
+        max_lag: cross-correlation range, frames.
+        progress: print progress to stderr.
+
+    Raises:
+        NotFound: a missing file.
+        InvalidInput: undecodable input, no audio stream.
+        NoFace: no frame has a face.
+    """
+    started = time.monotonic()
+    video = _existing(video, "video")
+    audio_path = _existing(audio, "audio") if audio is not None else video
+    detector = detector or LandmarkDetector()
+    label = video.name
+    analysis = analyze_video(video, detector=detector, progress=StderrProgress(f"{label} face") if progress else None)
+    decoded = decode_audio(audio_path)
+    opening = mouth_opening(analysis)
+    sync, envelope, sync_error = None, None, None
+    try:
+        sync, envelope = sync_of_analysis(analysis, decoded.samples, max_lag=max_lag)
+    except InvalidInput as exc:  # too short, too few face frames: report it, keep the other measures
+        sync_error = str(exc)
+    silent = silent_frames(decoded.samples, analysis.frame_count, analysis.info.fps)
+    geometry = analysis.geometry
+    flicker = image.flicker(analysis.crops, silent & analysis.face_valid, box=image.canonical_mouth_box(geometry))
+    sharpness, seam, thumbs = _frame_pass(
+        video,
+        analysis,
+        image_metrics=image_metrics,
+        strip=_strip_indices(analysis.face_valid, strip_frames),
+        progress=StderrProgress(f"{label} image") if progress and image_metrics else None,
+    )
+    return VideoMeasures(
+        path=video,
+        audio_path=audio_path,
+        analysis=analysis,
+        audio=decoded,
+        sync=sync,
+        sync_error=sync_error,
+        envelope=envelope,
+        opening=opening,
+        silent=silent,
+        sharpness=sharpness,
+        seam=seam,
+        flicker=flicker,
+        strip=thumbs,
+        seconds=time.monotonic() - started,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the three evaluations
+
+
+@dataclass(frozen=True, eq=False)
+class SyncEvaluation:
+    """`sync` command: the audio-visual lag of one video."""
+
+    video: VideoMeasures
+
+    def as_dict(self) -> dict:
+        return {"kind": "sync", "video": self.video.as_dict(image_metrics=False)}
+
+
+def evaluate_sync(
+    video: str | os.PathLike,
+    *,
+    audio: str | os.PathLike | None = None,
+    detector: LandmarkDetector | None = None,
+    max_lag: int = DEFAULT_MAX_LAG,
+    progress: bool = True,
+) -> SyncEvaluation:
+    """Sync of any video (ours or real footage) with its own audio or a separate audio file.
+
+    Raises:
+        NotFound, InvalidInput, NoFace: see `measure_video`; InvalidInput also when the lag cannot be measured.
+    """
+    measures = measure_video(
+        video, audio=audio, detector=detector, image_metrics=False, max_lag=max_lag, progress=progress
+    )
+    if measures.sync is None:
+        raise InvalidInput(f"cannot measure the sync of {measures.path.name}: {measures.sync_error}")
+    return SyncEvaluation(measures)
+
+
+@dataclass(frozen=True, eq=False)
+class OutputEvaluation:
+    """`output` command: a rendered output's sync and image quality against the real target footage."""
+
+    output: VideoMeasures
+    target: VideoMeasures
+
+    def relative(self) -> dict:
+        out, tgt = self.output, self.target
+        lag = None
+        if out.sync is not None and tgt.sync is not None:
+            lag = out.sync.lag_frames - tgt.sync.lag_frames
+        return {
+            "mouth_sharpness_ratio": image.ratio(_nanmean(out.sharpness), _nanmean(tgt.sharpness)),
+            "seam_energy_ratio": image.ratio(_nanmean(out.seam), _nanmean(tgt.seam)),
+            "flicker_silent_ratio": image.ratio(out.flicker.mean_abs_diff, tgt.flicker.mean_abs_diff),
+            "lag_minus_target_lag_frames": lag,
+        }
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": "output",
+            "output": self.output.as_dict(),
+            "target": self.target.as_dict(),
+            "relative": self.relative(),
+        }
+
+
+def evaluate_output(
+    output: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    audio: str | os.PathLike | None = None,
+    detector: LandmarkDetector | None = None,
+    max_lag: int = DEFAULT_MAX_LAG,
+    strip_frames: int = STRIP_FRAMES,
+    progress: bool = True,
+) -> OutputEvaluation:
+    """Sync and image metrics of a rendered output and of the real target footage it was rendered on.
+
+    The target is measured the same way with its own audio: its lag is the reference for the output's, its
+    mouth sharpness, seam energy and silent flicker the denominators of the ratios.
+
+    Raises:
+        InvalidInput: the two videos differ in resolution; see `measure_video` for the rest.
+    """
+    output, target = _existing(output, "output video"), _existing(target, "target video")
+    detector = detector or LandmarkDetector()
+    out = measure_video(
+        output, audio=audio, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress
+    )
+    tgt = measure_video(target, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress)
+    a, b = out.analysis.info, tgt.analysis.info
+    if (a.width, a.height) != (b.width, b.height):
+        raise InvalidInput(f"output is {a.width}x{a.height} but the target is {b.width}x{b.height}")
+    return OutputEvaluation(out, tgt)
+
+
+@dataclass(frozen=True, eq=False)
+class ShapeReport:
+    """`shape` command: mouth-shape accuracy of a speaker model and the baselines on a held-out clip."""
+
+    evaluation: ShapeEvaluation
+    clip: Path
+    train_videos: tuple[Path, ...]
+    model: dict | None
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": "shape",
+            "clip": str(self.clip),
+            "train_videos": [str(p) for p in self.train_videos],
+            "model": self.model,
+            **self.evaluation.as_dict(),
+            "wall_seconds": self.seconds,
+        }
+
+
+def evaluate_shape(
+    clip: str | os.PathLike,
+    *,
+    model: SpeakerModel | None,
+    train_videos: Sequence[str | os.PathLike] = (),
+    detector: LandmarkDetector | None = None,
+    window_rows: int = 20,
+    progress: bool = True,
+) -> ShapeReport:
+    """Analyse the held-out clip and the training videos, then `shape.evaluate_mouth_shapes`.
+
+    Raises:
+        NotFound: a missing file; InvalidInput / NoFace: see `evaluate_mouth_shapes`.
+    """
+    started = time.monotonic()
+    clip = _existing(clip, "held-out clip")
+    trains = tuple(_existing(p, "training video") for p in train_videos)
+    if clip.resolve() in {p.resolve() for p in trains}:
+        raise InvalidInput(f"the held-out clip {clip.name} is also a training video")
+    detector = detector or LandmarkDetector()
+
+    def analyse(path: Path):
+        return analyse_clip(path, detector, progress=StderrProgress(f"{path.name} face") if progress else None)
+
+    held_out = analyse(clip)
+    train_clips = [analyse(p) for p in trains]
+    evaluation = evaluate_mouth_shapes(
+        held_out,
+        model=model,
+        train_clips=train_clips,
+        window_rows=window_rows,
+        progress=say if progress else None,
+    )
+    card = None
+    if model is not None:
+        card = {"speaker": model.speaker, "version": model.version, "delay_steps": model.delay}
+        card["card_metrics"] = model.card.get("metrics")
+        card["train_clip_ids"] = model.card.get("dataset", {}).get("train_clip_ids")
+    return ShapeReport(evaluation, clip, trains, card, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reports
+
+Evaluation = SyncEvaluation | OutputEvaluation | ShapeReport
+
+
+def _sync_highlights(name: str, measures: VideoMeasures) -> list[tuple[str, object]]:
+    if measures.sync is None:
+        return [(f"{name} sync", measures.sync_error)]
+    s = measures.sync
+    return [
+        (f"{name} lag (frames, > 0 = video behind audio)", s.lag_frames),
+        (f"{name} lag (ms)", s.lag_ms),
+        (f"{name} peak correlation", s.peak_correlation),
+        (f"{name} confidence (peak - median)", s.confidence),
+    ]
+
+
+def _opening_figure(measures: VideoMeasures, title: str) -> report.Figure:
+    times = measures.analysis.timestamps
+    secondary = {"speech energy (dB)": measures.envelope} if measures.envelope is not None else None
+    png = report.plot_series(
+        times, {"mouth opening": measures.opening}, ylabel="inner-lip opening", title=title, secondary=secondary
+    )
+    return title, png
+
+
+def report_content(
+    evaluation: Evaluation, *, timings: dict[str, float] | None = None
+) -> tuple[str, dict, list[report.Figure], list[tuple[str, object]]]:
+    """(title, JSON data, figures, headline numbers) of an evaluation's report."""
+    data = evaluation.as_dict()
+    figures: list[report.Figure] = []
+    highlights: list[tuple[str, object]] = []
+    if isinstance(evaluation, SyncEvaluation):
+        v = evaluation.video
+        title = f"Audio-visual sync: {v.path.name}"
+        highlights += _sync_highlights("video", v)
+        figures.append(_opening_figure(v, f"{v.path.name}: mouth opening and speech energy"))
+        figures.append(("cross-correlation", report.plot_cross_correlation({v.path.name: v.sync})))
+        if v.strip:
+            figures.append(("frames", report.strip_image({"video": v.strip})))
+    elif isinstance(evaluation, OutputEvaluation):
+        out, tgt = evaluation.output, evaluation.target
+        title = f"Output evaluation: {out.path.name} on {tgt.path.name}"
+        relative = evaluation.relative()
+        highlights += _sync_highlights("output", out) + _sync_highlights("target (own audio)", tgt)
+        highlights += [
+            ("output lag - target lag (frames)", relative["lag_minus_target_lag_frames"]),
+            ("mouth sharpness, output / target", relative["mouth_sharpness_ratio"]),
+            ("seam energy, output / target", relative["seam_energy_ratio"]),
+            ("flicker in silence, output / target", relative["flicker_silent_ratio"]),
+        ]
+        figures.append(_opening_figure(out, f"output {out.path.name}: mouth opening and speech energy"))
+        figures.append(_opening_figure(tgt, f"target {tgt.path.name}: mouth opening and its own speech energy"))
+        curves = {f"output {out.path.name}": out.sync, f"target {tgt.path.name}": tgt.sync}
+        curves = {k: c for k, c in curves.items() if c is not None}
+        if curves:
+            figures.append(
+                ("cross-correlation (output, and the target with its own audio)", report.plot_cross_correlation(curves))
+            )
+        if out.strip or tgt.strip:
+            figures.append(
+                (
+                    "frames: target (top) and output (bottom)",
+                    report.strip_image({"target": tgt.strip, "output": out.strip}),
+                )
+            )
+    else:
+        e = evaluation.evaluation
+        title = f"Mouth-shape accuracy on {evaluation.clip.name}"
+        for name, scores in e.scores.items():
+            highlights += [
+                (f"{name}: landmark error / mouth width", scores.landmark_error),
+                (f"{name}: mouth-opening correlation", scores.opening_correlation),
+            ]
+        series = {"real": e.truth_opening, **{name: o for name, o in e.openings.items()}}
+        png = report.plot_series(
+            e.times, series, ylabel="inner-lip opening (canonical units)", title="mouth opening: predicted vs real"
+        )
+        figures.append(("mouth opening over time, predicted vs real (100 Hz rows with a face)", png))
+    if timings:
+        data["stage_seconds"] = dict(timings)
+        figures.append(("time per stage", report.plot_stage_times(timings)))
+    return title, data, figures, highlights
+
+
+def write_reports(
+    evaluation: Evaluation,
+    *,
+    json_path: str | os.PathLike | None = None,
+    html_path: str | os.PathLike | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict:
+    """Write the JSON and / or HTML report of an evaluation; returns the JSON data (cleaned)."""
+    title, data, figures, highlights = report_content(evaluation, timings=timings)
+    if json_path is not None:
+        report.write_json(data, json_path)
+    if html_path is not None:
+        report.write_html(report.render_html(title, data, figures, highlights=highlights), html_path)
+    return report.clean(data)
