@@ -22,7 +22,7 @@ from services.evaluation import image, report
 from services.evaluation.shape import ShapeEvaluation, SpeakerModel, evaluate_mouth_shapes
 from services.evaluation.sync import DEFAULT_MAX_LAG, SyncResult, audio_visual_sync
 from services.face.core import LandmarkDetector, VideoAnalysis, analyze_video
-from services.face.video import iter_frames
+from services.face.video import iter_frames, probe_video
 from services.lipsync import model as lstm
 from services.lipsync.quality import analyse_clip
 from services.runtime.errors import InvalidInput, NotFound
@@ -99,7 +99,7 @@ class VideoMeasures:
     Attributes:
         path, audio_path: the video and where its audio came from.
         analysis: the face analysis.
-        audio: the decoded audio (16 kHz mono).
+        audio: the decoded audio (16 kHz mono); None when the video has none and it was optional.
         sync: the audio-visual sync result (None when it could not be measured; see `sync_error`).
         envelope: float64 [F] speech-band energy per frame, dB (None without sync).
         opening: float64 [F] inner-lip opening (NaN where no face).
@@ -114,7 +114,7 @@ class VideoMeasures:
     path: Path
     audio_path: Path
     analysis: VideoAnalysis
-    audio: DecodedAudio
+    audio: DecodedAudio | None
     sync: SyncResult | None
     sync_error: str | None
     envelope: np.ndarray | None
@@ -141,7 +141,7 @@ class VideoMeasures:
             "width": info.width,
             "height": info.height,
             "duration_seconds": self.analysis.frame_count / info.fps,
-            "audio_seconds": self.audio.duration_seconds,
+            "audio_seconds": self.audio.duration_seconds if self.audio is not None else None,
             "silent_frames": int(self.silent.sum()),
             "sync": self.sync.as_dict() if self.sync is not None else None,
             "sync_error": self.sync_error,
@@ -232,6 +232,7 @@ def measure_video(
     strip_frames: int = STRIP_FRAMES,
     max_lag: int = DEFAULT_MAX_LAG,
     progress: bool = True,
+    audio_optional: bool = False,
 ) -> VideoMeasures:
     """Analyse a video's face, decode its audio (or `audio`, on the video's time line) and measure it.
 
@@ -243,10 +244,11 @@ def measure_video(
         strip_frames: thumbnails to keep for the report.
         max_lag: cross-correlation range, frames.
         progress: print progress to stderr.
+        audio_optional: a video without an audio stream is measured without sync and silence (no flicker).
 
     Raises:
         NotFound: a missing file.
-        InvalidInput: undecodable input, no audio stream.
+        InvalidInput: undecodable input, no audio stream (unless optional).
         NoFace: no frame has a face.
     """
     started = time.monotonic()
@@ -255,14 +257,21 @@ def measure_video(
     detector = detector or LandmarkDetector()
     label = video.name
     analysis = analyze_video(video, detector=detector, progress=StderrProgress(f"{label} face") if progress else None)
-    decoded = decode_audio(audio_path)
     opening = mouth_opening(analysis)
     sync, envelope, sync_error = None, None, None
+    silent = np.zeros(analysis.frame_count, bool)
     try:
-        sync, envelope = sync_of_analysis(analysis, decoded.samples, max_lag=max_lag)
-    except InvalidInput as exc:  # too short, too few face frames: report it, keep the other measures
-        sync_error = str(exc)
-    silent = silent_frames(decoded.samples, analysis.frame_count, analysis.info.fps)
+        decoded = decode_audio(audio_path)
+    except InvalidInput as exc:
+        if not audio_optional:
+            raise
+        decoded, sync_error = None, f"no audio: {exc}"
+    if decoded is not None:
+        try:
+            sync, envelope = sync_of_analysis(analysis, decoded.samples, max_lag=max_lag)
+        except InvalidInput as exc:  # too short, too few face frames: report it, keep the other measures
+            sync_error = str(exc)
+        silent = silent_frames(decoded.samples, analysis.frame_count, analysis.info.fps)
     geometry = analysis.geometry
     flicker = image.flicker(analysis.crops, silent & analysis.face_valid, box=image.canonical_mouth_box(geometry))
     sharpness, seam, thumbs = _frame_pass(
@@ -366,20 +375,23 @@ def evaluate_output(
     """Sync and image metrics of a rendered output and of the real target footage it was rendered on.
 
     The target is measured the same way with its own audio: its lag is the reference for the output's, its
-    mouth sharpness, seam energy and silent flicker the denominators of the ratios.
+    mouth sharpness, seam energy and silent flicker the denominators of the ratios (a target without audio
+    gives no reference lag and no flicker reference).
 
     Raises:
         InvalidInput: the two videos differ in resolution; see `measure_video` for the rest.
     """
     output, target = _existing(output, "output video"), _existing(target, "target video")
+    a, b = probe_video(output), probe_video(target)  # refuse mismatched geometry before minutes of analysis
+    if (a.width, a.height) != (b.width, b.height):
+        raise InvalidInput(f"output is {a.width}x{a.height} but the target is {b.width}x{b.height}")
     detector = detector or LandmarkDetector()
     out = measure_video(
         output, audio=audio, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress
     )
-    tgt = measure_video(target, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress)
-    a, b = out.analysis.info, tgt.analysis.info
-    if (a.width, a.height) != (b.width, b.height):
-        raise InvalidInput(f"output is {a.width}x{a.height} but the target is {b.width}x{b.height}")
+    tgt = measure_video(
+        target, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress, audio_optional=True
+    )
     return OutputEvaluation(out, tgt)
 
 

@@ -97,6 +97,9 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no face found in any of the 10 frames")
     assert not (tmp_path / "n.json").exists()
+    katie = SHARED_DATA / "targets" / "hdtf_katiehill_512.mp4"
+    assert main(["output", str(FEIFEI), "--target", str(katie), "--quiet"]) == 1  # refused before any analysis
+    assert capsys.readouterr().err.strip() == "error: output is 256x256 but the target is 512x512"
     with pytest.raises(SystemExit) as usage:
         main(["output", str(FEIFEI)])  # --target missing
     assert usage.value.code == 2
@@ -131,3 +134,20 @@ def test_the_output_command_scores_a_blurred_render_against_its_target(tmp_path,
 
 def images_in(page: str) -> list[str]:
     return re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+
+
+def test_a_video_without_audio_is_refused_or_measured_without_sync(detector, tmp_path):
+    from services.evaluation.evaluate import measure_video
+    from services.face.video import iter_frames
+    from services.runtime.errors import InvalidInput
+
+    silent_video = tmp_path / "mute.mp4"
+    silent_video.write_bytes(encode_clip([frame for _, _, frame in iter_frames(FEIFEI, stop=40)]))
+    with pytest.raises(InvalidInput, match="no audio stream"):
+        measure_video(silent_video, detector=detector, image_metrics=False, strip_frames=0, progress=False)
+    measured = measure_video(
+        silent_video, detector=detector, image_metrics=False, strip_frames=0, progress=False, audio_optional=True
+    )
+    assert measured.sync is None and measured.sync_error.startswith("no audio: no audio stream")
+    assert measured.audio is None and not measured.silent.any() and measured.flicker.pairs == 0
+    assert measured.as_dict()["audio_seconds"] is None and measured.analysis.frame_count == 40
