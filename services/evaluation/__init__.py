@@ -1,1 +1,10 @@
-"""Quality evaluation: mouth-shape accuracy, model-free audio-visual sync, and image metrics of rendered outputs."""
+"""Quality evaluation: mouth-shape accuracy, model-free audio-visual sync, and image metrics of rendered outputs.
+
+Python API (files in, frozen results out; `as_dict()` is the JSON report):
+    evaluate.evaluate_sync(video, audio=None)               lag of any video against its (or a separate) audio
+    evaluate.evaluate_output(output, target, audio=None)    sync + mouth sharpness, seam energy, silent flicker
+    evaluate.evaluate_shape(clip, model=..., train_videos=) model vs mean-shape and ridge on a held-out clip
+    evaluate.write_reports(result, json_path=, html_path=, timings=)
+Pure metrics: `sync` (envelope, cross-correlation), `image` (regions, sharpness, seam, flicker), `shape`
+(scores, baselines, `load_speaker_model`). Command line: `python -m services.evaluation` (cli.main).
+"""

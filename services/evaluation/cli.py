@@ -23,8 +23,8 @@ from services.runtime.errors import A2VError, InvalidInput
 DEFAULT_OUT = Path("out/eval")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m services.evaluation", description=__doc__.splitlines()[0])
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or "python -m services.evaluation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def outputs(p: argparse.ArgumentParser) -> None:
@@ -127,10 +127,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one evaluation command; returns the exit status (0 ok, 1 bad input, 2 usage)."""
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Run one evaluation command; returns the exit status (0 ok, 1 bad input, 2 usage).
+
+    `prog` names the command in usage messages (e.g. "a2v eval" when another CLI delegates here).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     try:
         return run(args)
     except A2VError as exc:
