@@ -13,49 +13,31 @@ from pathlib import Path
 
 import grpc
 
-from audio2video.lipsync.v1 import lipsync_pb2
+from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from audio2video.orchestrator.v1 import orchestrator_pb2
 from deploy.local import REPO, LocalStack, stack_environment
 from deploy.samples import SAMPLE_DATA
-from orchestrator.cli import upload
-from orchestrator.pipeline import Pipeline, StageClients
-from services.runtime.blobstore import BlobStore
-from services.runtime.config import Config
+from orchestrator.cli import CommandError, Connection, job_outcome
+from services.runtime.clients import create_channel
+from services.runtime.config import service_address
 
 DEFAULT_AUDIO = SAMPLE_DATA / "audio" / "commentary_60s.wav"
 DEFAULT_VIDEO = SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4"
 DEFAULT_TRAINING = [SAMPLE_DATA / "speakers" / "obama" / "obama_clip1.mp4"]
 
 
-class ProgressLine:
-    """One updating terminal line per stage."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.last = ""
-
-    def __call__(self, stage: int, done: int, total: int, unit: str) -> None:
-        name = orchestrator_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
-        amount = f"{done}/{total}" if total else f"{done}"
-        line = f"  {name:<10} {amount} {unit}  ({time.monotonic() - self.started:.0f} s)"
-        if line != self.last:
-            print(f"\r{line:<70}", end="", flush=True)
-            self.last = line
-
-    def done(self, message: str) -> None:
-        print(f"\r  {message:<70}")
-
-
-def speaker_has_model(clients: StageClients, speaker: str) -> bool:
+def speaker_has_model(environ: dict[str, str], speaker: str) -> bool:
+    """Whether TF Serving (through the lipsync stage) has a version of the speaker's model AVAILABLE."""
+    channel = create_channel(service_address("lipsync", environ), timeout_seconds=30)
+    stub = lipsync_pb2_grpc.LipsyncServiceStub(channel)
     try:
-        return (
-            clients.lipsync.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)).latest_available_version
-            > 0
-        )
+        return stub.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)).latest_available_version > 0
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return False
         raise
+    finally:
+        channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,49 +61,43 @@ def main(argv: list[str] | None = None) -> int:
     print("1. local stack")
     if stack.up() != 0:
         return 1
-    store = BlobStore.from_config(Config.from_env("demo", env).store)
     client_env = {**env, **stack.client_environment()}
-    clients = StageClients.from_env(client_env)
-    pipeline = Pipeline(clients, models_dir=str(stack.models_dir))
     try:
-        if not speaker_has_model(clients, args.speaker):
+        connection = Connection(env)
+        if not speaker_has_model(client_env, args.speaker):
             videos = args.train or DEFAULT_TRAINING
-            print(f"2. training speaker {args.speaker!r} on {', '.join(v.name for v in videos)}")
-            progress = ProgressLine()
-            spec = orchestrator_pb2.TrainJobSpec(
-                speaker=args.speaker,
-                videos=[
-                    orchestrator_pb2.TrainingVideo(clip_id=v.stem, video=upload(store, v.resolve())) for v in videos
-                ],
-            )
-            card = pipeline.train(spec, progress=progress, store_env=env)
-            progress.done(card["summary"])
+            print(f"2. training speaker {args.speaker!r} on {', '.join(v.name for v in videos)} (once)")
+            job = connection.train(args.speaker, [v.resolve() for v in videos])
+            job = connection.follow(job.id)
+            if reason := job_outcome(job):
+                raise CommandError(reason)
+            print(f"   model {job.train_result.model.prefix}")
             deadline = time.monotonic() + 60
-            while not speaker_has_model(clients, args.speaker):  # TF Serving picks the new version up
+            while not speaker_has_model(client_env, args.speaker):  # TF Serving picks the new version up
                 if time.monotonic() > deadline:
-                    print("the trained model did not become available in TF Serving", file=sys.stderr)
-                    return 1
+                    raise CommandError("the trained model did not become available in TF Serving")
                 time.sleep(1)
         else:
             print(f"2. speaker {args.speaker!r} already has a model")
-        print(f"3. rendering {args.audio.name} onto {args.video.name}")
-        progress = ProgressLine()
-        spec = orchestrator_pb2.RenderJobSpec(
-            audio=upload(store, args.audio.resolve()),
-            target_video=upload(store, args.video.resolve()),
-            model=lipsync_pb2.ModelSpec(speaker=args.speaker),
-            options=orchestrator_pb2.JobOptions(retiming=not args.no_retiming),
+        print(f"3. rendering {args.audio.name} onto {args.video.name} (job through the orchestrator)")
+        started = time.monotonic()
+        options = orchestrator_pb2.JobOptions(retiming=not args.no_retiming)
+        job = connection.render(args.speaker, args.audio.resolve(), args.video.resolve(), options)
+        job = connection.follow(job.id)
+        if reason := job_outcome(job):
+            raise CommandError(reason)
+        result = job.render_result
+        print(
+            f"   {result.frame_count} frames ({result.duration_seconds:.1f} s) at {result.width}x{result.height} "
+            f"in {time.monotonic() - started:.0f} s"
         )
-        result = pipeline.render(spec, progress=progress)
-        progress.done(
-            f"rendered {result.frame_count} frames ({result.duration_seconds:.1f} s) at "
-            f"{result.width}x{result.height} in {time.monotonic() - progress.started:.0f} s"
-        )
+        connection.download(job, args.out)
+    except CommandError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return exc.status
     except grpc.RpcError as exc:
-        print(f"\nfailed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"demo failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    store.get_file(result.video.key, args.out)
     print(f"4. wrote {args.out}  (the stack stays up: `make down` stops it)")
     return 0
 

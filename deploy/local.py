@@ -150,10 +150,13 @@ class LocalStack:
     # -- commands ------------------------------------------------------------------------------
 
     def up(self) -> int:
-        running = [p for p in self._load_state() if p.running()]
-        if running:
+        recorded = self._load_state()
+        running = [p for p in recorded if p.running()]
+        if running and len(running) == len(recorded):
             print(f"stack already up ({len(running)} processes); `make down` first to restart")
             return self.status()
+        if running:
+            return self._restart_exited(recorded)
         self._check_ports_free()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,34 @@ class LocalStack:
             self.down(quiet=True)
             return 1
         print(f"stack up: object store and {len(processes) - 1} services (logs in {self.logs})")
+        return self.status()
+
+    def _restart_exited(self, recorded: list[Process]) -> int:
+        """Start again what died (as a supervisor or Kubernetes would), on the addresses it had."""
+        by_name = {c.name: c for c in STACK_COMPONENTS}
+        client_env = self.client_environment()
+        processes, restarted = [], []
+        try:
+            for process in recorded:
+                if process.running():
+                    processes.append(process)
+                    continue
+                if process.name == "s3":
+                    processes.append(self._start_s3())
+                else:
+                    component = by_name[process.name.split("-")[0]]
+                    processes.append(self._start_service(component, process.name, process.address, client_env))
+                restarted.append(processes[-1])
+            self._save_state(processes)
+            services = [p for p in restarted if p.grpc_service]
+            with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
+                failures = [f for f in pool.map(self._await_serving, services) if f]
+            if failures:
+                raise RuntimeError("\n".join(failures))
+        except (RuntimeError, Unavailable, ConfigError, OSError) as exc:
+            print(f"restart failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"restarted what had exited: {', '.join(p.name for p in restarted)}")
         return self.status()
 
     def _check_ports_free(self) -> None:

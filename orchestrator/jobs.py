@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator.pipeline import Pipeline
+from orchestrator.pipeline import Pipeline, Reporter, StageFailed, stage_name
 from services.runtime.blobstore import BlobStore
 from services.runtime.errors import A2VError, Cancelled, InvalidInput, NotFound
 from services.runtime.protos import load_result, store_result
@@ -57,10 +57,135 @@ class JobRun:
                     sequence=len(self.events) + 1,
                     time=now(),
                     job_fraction_done=self.job.fraction_done,
+                    job_eta_seconds=self.job.eta_seconds,
                     **event,
                 )
             )
             self.changed.notify_all()
+
+
+# Share of a job's work per stage (first-run costs on 2 cores; cached stages pass through quickly).
+RENDER_WEIGHTS = {
+    pb.STAGE_AUDIO: 0.02,
+    pb.STAGE_FACE: 0.15,
+    pb.STAGE_LIPSYNC: 0.02,
+    pb.STAGE_RETIMING: 0.01,
+    pb.STAGE_TEXTURE: 0.35,
+    pb.STAGE_TEETH: 0.10,
+    pb.STAGE_COMPOSITE: 0.30,
+    pb.STAGE_FINALIZE: 0.05,
+}
+TRAIN_WEIGHTS = {pb.STAGE_AUDIO: 0.05, pb.STAGE_FACE: 0.25, pb.STAGE_DATASET: 0.05, pb.STAGE_TRAIN: 0.65}
+MIN_FRACTION_FOR_ETA = 0.02
+
+
+def expected_stages(job: pb.Job) -> dict[int, float]:
+    """The job's stages in pipeline order with their weights (teeth skipped when off)."""
+    if job.kind == pb.JOB_KIND_TRAIN_SPEAKER:
+        return dict(TRAIN_WEIGHTS)
+    options = job.render.options
+    weights = dict(RENDER_WEIGHTS)
+    if options.HasField("teeth") and not options.teeth:
+        weights[pb.STAGE_TEETH] = 0.0
+    return weights
+
+
+class JobReporter(Reporter):
+    """Turns the pipeline's reports into the job's stage statuses, fraction done, ETAs and events."""
+
+    def __init__(self, manager: JobManager, run: JobRun) -> None:
+        self.manager, self.run = manager, run
+        self.lock = threading.RLock()
+        self.clock: dict[int, float] = {}
+        self.calls: dict[int, int] = {}
+        job = run.job
+        self.weights = expected_stages(job)
+        del job.stages[:]  # a resumed job reports every stage afresh (finished ones come back cached)
+        job.eta_seconds = -1.0
+        for stage, weight in self.weights.items():
+            state = pb.STAGE_STATE_PENDING if weight > 0 else pb.STAGE_STATE_SKIPPED
+            job.stages.add(stage=stage, state=state, eta_seconds=-1.0)
+
+    def status(self, stage: int) -> pb.StageStatus:
+        """The stage's status, marked RUNNING (and announced) the first time the stage reports."""
+        with self.lock:
+            status = next((s for s in self.run.job.stages if s.stage == stage), None)
+            if status is None:
+                status = self.run.job.stages.add(stage=stage, state=pb.STAGE_STATE_PENDING, eta_seconds=-1.0)
+            if status.state == pb.STAGE_STATE_PENDING:
+                status.state = pb.STAGE_STATE_RUNNING
+                status.started.CopyFrom(now())
+                self.clock[stage] = time.monotonic()
+                self.run.emit(stage_changed=status)
+                self.manager._save(self.run)
+            return status
+
+    def progress(self, stage: int, done: int, total: int, unit: str) -> None:
+        with self.lock:
+            status = self.status(stage)
+            status.done, status.total, status.unit = done, total, unit
+            elapsed = time.monotonic() - self.clock.get(stage, time.monotonic())
+            status.eta_seconds = elapsed * (total - done) / done if done and total else -1.0
+            self._update_job()
+            self.run.emit(
+                progress={
+                    "stage": stage_name(stage),
+                    "done": done,
+                    "total": total,
+                    "unit": unit,
+                    "eta_seconds": status.eta_seconds,
+                    "time": now(),
+                }
+            )
+
+    def call_finished(self, stage: int, seconds: float, *, cached: bool | None) -> None:
+        with self.lock:
+            status = self.status(stage)
+            status.attempts += 1
+            status.busy_seconds += seconds
+            if cached is not None:
+                status.cached_calls += int(cached)
+                self.calls[stage] = self.calls.get(stage, 0) + 1
+
+    def retrying(self, stage: int, attempt: int, error: str) -> None:
+        with self.lock:
+            status = self.status(stage)
+            status.attempts += 1
+            status.error = error
+            self.run.emit(stage_changed=status)
+            self.manager._save(self.run)
+
+    def output(self, stage: int, name: str, ref) -> None:
+        with self.lock:
+            self.status(stage).outputs[name].CopyFrom(ref)
+
+    def stage_finished(self, stage: int) -> None:
+        with self.lock:
+            status = self.status(stage)
+            status.state = pb.STAGE_STATE_SUCCEEDED
+            status.finished.CopyFrom(now())
+            status.eta_seconds = 0.0
+            calls = self.calls.get(stage, 0)
+            status.cached = calls > 0 and status.cached_calls == calls
+            self._update_job()
+            self.run.emit(stage_changed=status)
+            self.manager._save(self.run)
+
+    def _update_job(self) -> None:
+        job = self.run.job
+        total = sum(self.weights.values()) or 1.0
+        done = 0.0
+        for status in job.stages:
+            weight = self.weights.get(status.stage, 0.0)
+            if status.state == pb.STAGE_STATE_SUCCEEDED:
+                done += weight
+            elif status.total:
+                done += weight * min(1.0, status.done / status.total)
+        job.fraction_done = min(0.99, done / total)
+        elapsed = time.monotonic() - self.run.started
+        fraction = job.fraction_done
+        job.eta_seconds = elapsed * (1 - fraction) / fraction if fraction >= MIN_FRACTION_FOR_ETA else -1.0
+        job.updated.CopyFrom(now())
 
 
 class JobManager:
@@ -133,21 +258,21 @@ class JobManager:
 
     def _run(self, run: JobRun) -> None:
         job = run.job
+        reporter = JobReporter(self, run)
         self._set_state(run, pb.JOB_STATE_RUNNING)
         job.started.CopyFrom(now())
         try:
             if job.kind == pb.JOB_KIND_RENDER:
-                result = self.pipeline.render(job.render, progress=lambda *a: self._progress(run, *a), stop=run.stop)
+                result = self.pipeline.render(job.render, reporter=reporter, stop=run.stop)
                 job.render_result.CopyFrom(result)
                 job.result.CopyFrom(result.video)
             else:
-                card = self.pipeline.train(job.train, progress=lambda *a: self._progress(run, *a), stop=run.stop)
+                card = self.pipeline.train(job.train, reporter=reporter, stop=run.stop)
                 version = int(card["prefix"].rstrip("/").rsplit("/", 1)[1])
                 job.train_result.model.CopyFrom(
                     lipsync_pb2.ModelVersion(speaker=job.train.speaker, version=version, prefix=card["prefix"])
                 )
-            job.fraction_done = 1.0
-            self._finish_stages(run, pb.STAGE_STATE_SUCCEEDED)
+            job.fraction_done, job.eta_seconds = 1.0, 0.0
             self._set_state(run, pb.JOB_STATE_SUCCEEDED)
         except Cancelled as exc:
             self._finish_stages(run, pb.STAGE_STATE_CANCELLED)
@@ -160,6 +285,10 @@ class JobManager:
             code, reason = self._describe(exc)
             job.failure_code = STATUS_CODES.get(code, 13)
             job.failure_reason = reason
+            if isinstance(exc, StageFailed):
+                job.failed_stage = exc.stage
+                status = reporter.status(exc.stage)
+                status.error = reason
             self._finish_stages(run, pb.STAGE_STATE_FAILED)
             self._set_state(run, pb.JOB_STATE_FAILED, reason)
             log.warning("job %s failed: %s", job.id, reason)
@@ -172,27 +301,6 @@ class JobManager:
             return exc.code().name, f"{exc.code().name}: {exc.details()}"
         log.exception("job failed unexpectedly")
         return "INTERNAL", f"internal error: {type(exc).__name__}"
-
-    def _progress(self, run: JobRun, stage: int, done: int, total: int, unit: str) -> None:
-        job = run.job
-        status = next((s for s in job.stages if s.stage == stage), None)
-        new_stage = status is None
-        if new_stage:
-            for earlier in job.stages:  # stages run in order: a new one means the others are done
-                if earlier.state == pb.STAGE_STATE_RUNNING and earlier.stage not in (pb.STAGE_TEXTURE, pb.STAGE_TEETH):
-                    earlier.state = pb.STAGE_STATE_SUCCEEDED
-                    earlier.finished.CopyFrom(now())
-            status = job.stages.add(stage=stage, state=pb.STAGE_STATE_RUNNING, started=now())
-        status.done, status.total, status.unit = done, total, unit
-        if stage == pb.STAGE_COMPOSITE and total:
-            job.fraction_done = 0.2 + 0.75 * done / total
-        elif stage == pb.STAGE_TRAIN and total:
-            job.fraction_done = 0.3 + 0.7 * done / total
-        job.updated.CopyFrom(now())
-        run.emit(progress={"stage": pb.Stage.Name(stage), "done": done, "total": total, "unit": unit})
-        if new_stage:
-            run.emit(stage_changed=status)
-            self._save(run)
 
     def _finish_stages(self, run: JobRun, state: int) -> None:
         for status in run.job.stages:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
 
 from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
@@ -27,13 +31,15 @@ from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from services.runtime.clients import create_channel
 from services.runtime.config import service_address
-from services.runtime.errors import Cancelled, FailedPrecondition, InvalidInput
+from services.runtime.errors import A2VError, Cancelled, FailedPrecondition, InvalidInput
 
 log = logging.getLogger(__name__)
 Stage = orchestrator_pb2.Stage
 Progress = Callable[[int, int, int, str], None]
 """progress(stage, done, total, unit)."""
 DEFAULT_CHUNK_FRAMES = 150
+DEFAULT_PARALLEL_CHUNKS = 2
+DEFAULT_MAX_ATTEMPTS = 3
 REPO = Path(__file__).resolve().parent.parent
 
 # Training settings for a speaker with only a few minutes of video (the paper's batch of 100 windows
@@ -58,6 +64,9 @@ class StageClients:
         def stub(name: str, module, service: str):
             address = service_address(name, environ)
             channel = create_channel(address, [f"audio2video.{name}.v1.{service}"], timeout_seconds=timeout_seconds)
+            # Connect to every replica now: the first chunks of the first job then spread over all of them
+            # instead of all going to whichever replica answered the lazy first connection.
+            grpc.channel_ready_future(channel)
             return getattr(module, f"{service}Stub")(channel)
 
         return cls(
@@ -71,6 +80,50 @@ class StageClients:
         )
 
 
+class Reporter:
+    """What a running job tells its owner (the job manager, a progress line); the base ignores it all."""
+
+    def progress(self, stage: int, done: int, total: int, unit: str) -> None:
+        """Units of `stage` done out of `total` (0 = unknown)."""
+
+    def call_finished(self, stage: int, seconds: float, *, cached: bool | None) -> None:
+        """One call of `stage` returned after `seconds` (cached: answered from earlier work; None: a call
+        with nothing to reuse, such as a probe)."""
+
+    def retrying(self, stage: int, attempt: int, error: str) -> None:
+        """Call `attempt` of `stage` failed with a retryable error; another follows."""
+
+    def output(self, stage: int, name: str, ref: common_pb2.ObjectRef) -> None:
+        """`stage` stored `ref` (deterministic keys: a re-run finds it again)."""
+
+    def stage_finished(self, stage: int) -> None:
+        """Every call of `stage` for this job is done."""
+
+
+class ProgressReporter(Reporter):
+    """A reporter that only forwards progress to a callback progress(stage, done, total, unit)."""
+
+    def __init__(self, callback: Progress) -> None:
+        self.callback = callback
+
+    def progress(self, stage: int, done: int, total: int, unit: str) -> None:
+        self.callback(stage, done, total, unit)
+
+
+class StageFailed(A2VError):
+    """A stage call failed for good (not retryable, or out of attempts); names the stage and the cause."""
+
+    def __init__(self, stage: int, status: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.status = status
+
+
+def retry_delay(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
+    """Seconds to wait before attempt `attempt + 1`: exponential backoff with up to 25 % jitter."""
+    return min(cap, base * 2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
+
+
 def final_result(events: Iterable, stage: int, progress: Progress | None, stop: threading.Event | None = None):
     """Follow a stage's progress stream; return its result message."""
     for event in events:
@@ -82,7 +135,61 @@ def final_result(events: Iterable, stage: int, progress: Progress | None, stop: 
                 progress(stage, event.progress.done, event.progress.total, event.progress.unit)
         else:
             return event.result
-    raise FailedPrecondition(f"stage {Stage.Name(stage)} ended its stream without a result")
+    raise FailedPrecondition(f"stage {stage_name(stage)} ended its stream without a result")
+
+
+def stage_name(stage: int) -> str:
+    return Stage.Name(stage).removeprefix("STAGE_").lower()
+
+
+class StageCaller:
+    """Makes a job's stage calls: progress, timing, and retries of UNAVAILABLE on another replica.
+
+    The channel's own retry policy only covers calls that have not received anything yet; a replica that
+    dies halfway through a progress stream needs the call made again. Round-robin channels route the new
+    attempt to a replica that is still up; backoff gives Kubernetes (or `a2v up`) time to replace one.
+    """
+
+    def __init__(self, reporter: Reporter, stop: threading.Event | None, max_attempts: int) -> None:
+        self.reporter = reporter
+        self.stop = stop
+        self.max_attempts = max_attempts
+
+    def __call__(self, stage: int, invoke: Callable[[], object], *, streaming: bool, progress: bool = True):
+        """Run `invoke()` (a unary call, or a stream followed to its result) until it succeeds or gives up."""
+        for attempt in range(1, self.max_attempts + 1):
+            if self.stop is not None and self.stop.is_set():
+                raise Cancelled("the job was cancelled")
+            started = time.monotonic()
+            try:
+                if streaming:
+                    forward = self.reporter.progress if progress else None
+                    result = final_result(invoke(), stage, forward, self.stop)
+                else:
+                    result = invoke()
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+                detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                if code == grpc.StatusCode.CANCELLED and self.stop is not None and self.stop.is_set():
+                    raise Cancelled("the job was cancelled") from exc
+                error = f"{code.name}: {detail}"
+                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.max_attempts:
+                    tries = f" after {attempt} attempts" if attempt > 1 else ""
+                    raise StageFailed(stage, code.name, f"stage {stage_name(stage)} failed{tries}: {error}") from exc
+                self.reporter.retrying(stage, attempt, error)
+                log.warning("stage %s attempt %d failed (%s); retrying", stage_name(stage), attempt, error)
+                if self.stop is not None:
+                    if self.stop.wait(retry_delay(attempt)):
+                        raise Cancelled("the job was cancelled") from exc
+                else:
+                    time.sleep(retry_delay(attempt))
+                continue
+            cacheable = "cached" in result.DESCRIPTOR.fields_by_name  # Probe-like reads have nothing to reuse
+            self.reporter.call_finished(
+                stage, time.monotonic() - started, cached=bool(result.cached) if cacheable else None
+            )
+            return result
+        raise AssertionError("unreachable")
 
 
 class Pipeline:
@@ -98,67 +205,83 @@ class Pipeline:
         self,
         spec: orchestrator_pb2.RenderJobSpec,
         *,
-        progress: Progress | None = None,
+        reporter: Reporter | None = None,
         stop: threading.Event | None = None,
     ) -> orchestrator_pb2.RenderJobResult:
         """Audio + target video + speaker model -> the lip-synced mp4."""
         c, options = self.clients, spec.options
+        report = reporter or Reporter()
         retime = options.retiming if options.HasField("retiming") else True
         use_teeth = options.teeth if options.HasField("teeth") else True
         chunk = options.chunk_frames or DEFAULT_CHUNK_FRAMES
-        parallel = options.max_parallel_chunks or 2
-        if chunk < 1 or parallel < 1:
-            raise InvalidInput("chunk_frames and max_parallel_chunks must be >= 1")
+        parallel = options.max_parallel_chunks or DEFAULT_PARALLEL_CHUNKS
+        if chunk < 1 or parallel < 1 or options.max_attempts < 0:
+            raise InvalidInput("chunk_frames, max_parallel_chunks and max_attempts must be >= 1 (0 = default)")
+        call = StageCaller(report, stop, options.max_attempts or DEFAULT_MAX_ATTEMPTS)
 
-        info = c.face.Probe(face_pb2.ProbeRequest(video=spec.target_video)).info
+        info = call(
+            Stage.STAGE_FACE, lambda: c.face.Probe(face_pb2.ProbeRequest(video=spec.target_video)), streaming=False
+        ).info
         rate = info.frame_rate
         with ThreadPoolExecutor(max_workers=2) as pool:  # audio and face analysis are independent
             audio_future = pool.submit(
-                final_result,
-                c.audio.Extract(
+                call,
+                Stage.STAGE_AUDIO,
+                lambda: c.audio.Extract(
                     audio_pb2.ExtractRequest(audio=spec.audio, output_frame_rate=rate, options=options.audio)
                 ),
-                Stage.STAGE_AUDIO,
-                progress,
-                stop,
+                streaming=True,
             )
             face_future = pool.submit(
-                final_result,
-                c.face.Analyze(face_pb2.AnalyzeRequest(video=spec.target_video, options=options.face)),
+                call,
                 Stage.STAGE_FACE,
-                progress,
-                stop,
+                lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=spec.target_video, options=options.face)),
+                streaming=True,
             )
             audio, analysis = audio_future.result(), face_future.result()
+        report.output(Stage.STAGE_AUDIO, "features", audio.features.object)
+        report.stage_finished(Stage.STAGE_AUDIO)
+        report.output(Stage.STAGE_FACE, "manifest", analysis.manifest)
+        report.stage_finished(Stage.STAGE_FACE)
         frames = audio.output_frame_count
         if frames <= 0:
             raise InvalidInput("the audio gives no output frame")
 
-        if progress:
-            progress(Stage.STAGE_LIPSYNC, 0, 1, "calls")
-        predicted = c.lipsync.Predict(
-            lipsync_pb2.PredictRequest(
-                model=spec.model,
-                features=audio.features,
-                output_frame_rate=rate,
-                output_frame_count=frames,
-                speech_activity=audio.speech_activity,
-                options=options.lipsync,
-            )
+        report.progress(Stage.STAGE_LIPSYNC, 0, 1, "calls")
+        predicted = call(
+            Stage.STAGE_LIPSYNC,
+            lambda: c.lipsync.Predict(
+                lipsync_pb2.PredictRequest(
+                    model=spec.model,
+                    features=audio.features,
+                    output_frame_rate=rate,
+                    output_frame_count=frames,
+                    speech_activity=audio.speech_activity,
+                    options=options.lipsync,
+                )
+            ),
+            streaming=False,
         )
-        if progress:
-            progress(Stage.STAGE_LIPSYNC, 1, 1, "calls")
-        retimed = c.retiming.Retime(
-            retiming_pb2.RetimeRequest(
-                speech_activity=audio.speech_activity,
-                target_analysis=analysis.manifest,
-                output_frame_count=frames,
-                enabled=retime,
-                options=options.retiming_options,
-            )
+        report.progress(Stage.STAGE_LIPSYNC, 1, 1, "calls")
+        report.output(Stage.STAGE_LIPSYNC, "mouth_shapes", predicted.mouth_shapes.object)
+        report.stage_finished(Stage.STAGE_LIPSYNC)
+        report.progress(Stage.STAGE_RETIMING, 0, 1, "calls")
+        retimed = call(
+            Stage.STAGE_RETIMING,
+            lambda: c.retiming.Retime(
+                retiming_pb2.RetimeRequest(
+                    speech_activity=audio.speech_activity,
+                    target_analysis=analysis.manifest,
+                    output_frame_count=frames,
+                    enabled=retime,
+                    options=options.retiming_options,
+                )
+            ),
+            streaming=False,
         )
-        if progress:
-            progress(Stage.STAGE_RETIMING, 1, 1, "calls")
+        report.progress(Stage.STAGE_RETIMING, 1, 1, "calls")
+        report.output(Stage.STAGE_RETIMING, "retiming_map", retimed.retiming_map.object)
+        report.stage_finished(Stage.STAGE_RETIMING)
         proxies = None
         if use_teeth:
             selection = teeth_pb2.SelectProxiesRequest(
@@ -168,16 +291,25 @@ class Pipeline:
                 selection.upper_frame_override = options.teeth_upper_frame
             if options.HasField("teeth_lower_frame"):
                 selection.lower_frame_override = options.teeth_lower_frame
-            proxies = c.teeth.SelectProxies(selection).proxies
+            proxies = call(Stage.STAGE_TEETH, lambda: c.teeth.SelectProxies(selection), streaming=False).proxies
 
         ranges = [(a, min(a + chunk, frames)) for a in range(0, frames, chunk)]
-        done = [0]
+        done = dict.fromkeys((Stage.STAGE_TEXTURE, Stage.STAGE_TEETH, Stage.STAGE_COMPOSITE), 0)
         lock = threading.Lock()
+
+        def chunk_done(stage: int, bounds: tuple[int, int]) -> None:
+            with lock:
+                done[stage] += bounds[1] - bounds[0]
+                report.progress(stage, done[stage], frames, "frames")
+
+        for stage in done if use_teeth else (Stage.STAGE_TEXTURE, Stage.STAGE_COMPOSITE):
+            report.progress(stage, 0, frames, "frames")
 
         def one_chunk(bounds: tuple[int, int]) -> composite_pb2.Segment:
             frame_range = common_pb2.FrameRange(start=bounds[0], stop=bounds[1])
-            synthesized = final_result(
-                c.texture.Synthesize(
+            synthesized = call(
+                Stage.STAGE_TEXTURE,
+                lambda: c.texture.Synthesize(
                     texture_pb2.SynthesizeRequest(
                         frames=frame_range,
                         mouth_shapes=predicted.mouth_shapes,
@@ -186,14 +318,15 @@ class Pipeline:
                         options=options.texture,
                     )
                 ),
-                Stage.STAGE_TEXTURE,
-                None,
-                stop,
+                streaming=True,
+                progress=False,
             )
+            chunk_done(Stage.STAGE_TEXTURE, bounds)
             textures = synthesized.textures
             if proxies is not None:
-                enhanced = final_result(
-                    c.teeth.Enhance(
+                enhanced = call(
+                    Stage.STAGE_TEETH,
+                    lambda: c.teeth.Enhance(
                         teeth_pb2.EnhanceRequest(
                             textures=textures,
                             frames=frame_range,
@@ -203,13 +336,14 @@ class Pipeline:
                             options=options.teeth_enhance,
                         )
                     ),
-                    Stage.STAGE_TEETH,
-                    None,
-                    stop,
+                    streaming=True,
+                    progress=False,
                 )
+                chunk_done(Stage.STAGE_TEETH, bounds)
                 textures = enhanced.textures
-            rendered = final_result(
-                c.composite.Render(
+            rendered = call(
+                Stage.STAGE_COMPOSITE,
+                lambda: c.composite.Render(
                     composite_pb2.RenderRequest(
                         frames=frame_range,
                         target_video=spec.target_video,
@@ -224,20 +358,26 @@ class Pipeline:
                         options=options.composite,
                     )
                 ),
-                Stage.STAGE_COMPOSITE,
-                None,
-                stop,
+                streaming=True,
+                progress=False,
             )
-            with lock:
-                done[0] += bounds[1] - bounds[0]
-                if progress:
-                    progress(Stage.STAGE_COMPOSITE, done[0], frames, "frames")
+            report.output(Stage.STAGE_COMPOSITE, f"segment/{bounds[0]:06d}", rendered.segment)
+            chunk_done(Stage.STAGE_COMPOSITE, bounds)
             return composite_pb2.Segment(frames=frame_range, segment=rendered.segment)
 
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            segments = list(pool.map(one_chunk, ranges))
-        finalized = final_result(
-            c.composite.Finalize(
+            futures = [pool.submit(one_chunk, bounds) for bounds in ranges]
+            try:
+                segments = [future.result() for future in futures]
+            except BaseException:
+                for future in futures:  # one chunk failed for good: the rest are not started
+                    future.cancel()
+                raise
+        for stage in done if use_teeth else (Stage.STAGE_TEXTURE, Stage.STAGE_COMPOSITE):
+            report.stage_finished(stage)
+        finalized = call(
+            Stage.STAGE_FINALIZE,
+            lambda: c.composite.Finalize(
                 composite_pb2.FinalizeRequest(
                     segments=segments,
                     audio=audio.normalized_audio,
@@ -246,10 +386,10 @@ class Pipeline:
                     frame_rate=rate,
                 )
             ),
-            Stage.STAGE_FINALIZE,
-            progress,
-            stop,
+            streaming=True,
         )
+        report.output(Stage.STAGE_FINALIZE, "video", finalized.video)
+        report.stage_finished(Stage.STAGE_FINALIZE)
         return orchestrator_pb2.RenderJobResult(
             video=finalized.video,
             duration_seconds=finalized.duration_seconds,
@@ -268,27 +408,31 @@ class Pipeline:
         self,
         spec: orchestrator_pb2.TrainJobSpec,
         *,
-        progress: Progress | None = None,
+        reporter: Reporter | None = None,
         stop: threading.Event | None = None,
         store_env: Mapping[str, str] | None = None,
     ) -> dict:
         """Analyse the speaker's videos, build the dataset, train and export the LSTM; returns the model card."""
         c, options = self.clients, spec.options
+        report = reporter or Reporter()
         if not spec.videos:
             raise InvalidInput("training needs at least one video")
+        if options.max_attempts < 0:
+            raise InvalidInput("max_attempts must be >= 1 (0 = default)")
+        call = StageCaller(report, stop, options.max_attempts or DEFAULT_MAX_ATTEMPTS)
 
         def analyse(video: orchestrator_pb2.TrainingVideo) -> face_pb2.SpeakerClip:
-            extracted = final_result(
-                c.audio.Extract(audio_pb2.ExtractRequest(audio=video.video, options=options.audio)),
+            extracted = call(
                 Stage.STAGE_AUDIO,
-                None,
-                stop,
+                lambda: c.audio.Extract(audio_pb2.ExtractRequest(audio=video.video, options=options.audio)),
+                streaming=True,
+                progress=False,
             )
-            analysed = final_result(
-                c.face.Analyze(face_pb2.AnalyzeRequest(video=video.video, options=options.face)),
+            analysed = call(
                 Stage.STAGE_FACE,
-                None,
-                stop,
+                lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=video.video, options=options.face)),
+                streaming=True,
+                progress=False,
             )
             return face_pb2.SpeakerClip(
                 clip_id=video.clip_id, analysis_manifest=analysed.manifest, features=extracted.features
@@ -297,21 +441,26 @@ class Pipeline:
         clips = []
         for index, video in enumerate(spec.videos):
             clips.append(analyse(video))
-            if progress:
-                progress(Stage.STAGE_FACE, index + 1, len(spec.videos), "videos")
-        dataset = final_result(
-            c.face.BuildSpeakerDataset(
+            report.progress(Stage.STAGE_AUDIO, index + 1, len(spec.videos), "videos")
+            report.progress(Stage.STAGE_FACE, index + 1, len(spec.videos), "videos")
+        report.stage_finished(Stage.STAGE_AUDIO)
+        report.stage_finished(Stage.STAGE_FACE)
+        dataset = call(
+            Stage.STAGE_DATASET,
+            lambda: c.face.BuildSpeakerDataset(
                 face_pb2.BuildSpeakerDatasetRequest(
                     speaker=spec.speaker, clips=clips, validation=spec.validation, options=options.dataset
                 )
             ),
-            Stage.STAGE_DATASET,
-            progress,
-            stop,
+            streaming=True,
         )
-        return self._run_trainer(
-            spec.speaker, dataset, options.training, progress=progress, stop=stop, store_env=store_env
-        )
+        report.output(Stage.STAGE_DATASET, "dataset", dataset.dataset)
+        report.stage_finished(Stage.STAGE_DATASET)
+        started = time.monotonic()
+        card = self._run_trainer(spec.speaker, dataset, options.training, report=report, stop=stop, store_env=store_env)
+        report.call_finished(Stage.STAGE_TRAIN, time.monotonic() - started, cached=False)
+        report.stage_finished(Stage.STAGE_TRAIN)
+        return card
 
     def _run_trainer(
         self,
@@ -319,7 +468,7 @@ class Pipeline:
         dataset: face_pb2.BuildSpeakerDatasetResult,
         training,
         *,
-        progress: Progress | None,
+        report: Reporter,
         stop: threading.Event | None,
         store_env: Mapping[str, str] | None,
     ) -> dict:
@@ -344,8 +493,7 @@ class Pipeline:
             flag = {"max_epochs": "epochs", "early_stopping_patience": "patience"}.get(name, name)
             command += [f"--{flag.replace('_', '-')}", str(value)]
         env = {**os.environ, **(store_env or {}), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        if progress:
-            progress(Stage.STAGE_TRAIN, 0, 0, "epochs")
+        report.progress(Stage.STAGE_TRAIN, 0, 0, "epochs")
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -354,12 +502,12 @@ class Pipeline:
             lines.append(line.rstrip())
             if stop is not None and stop.is_set():
                 process.terminate()
-            if progress and line.startswith("epoch"):
+            if line.startswith("epoch"):
                 parts = line.split()
                 if len(parts) > 1 and "/" in parts[1]:
                     done, total = parts[1].split("/")
                     if done.isdigit() and total.isdigit():
-                        progress(Stage.STAGE_TRAIN, int(done), int(total), "epochs")
+                        report.progress(Stage.STAGE_TRAIN, int(done), int(total), "epochs")
         if process.wait() != 0:
             if stop is not None and stop.is_set():
                 raise Cancelled("training was cancelled")

@@ -175,19 +175,29 @@ def katie_target(s3_server):
     return analyse_clip(store, "fixtures/katie100.mp4", SHARED_DATA / "targets" / "hdtf_katiehill_512.mp4", 100)
 
 
-@pytest.fixture()
-def stack_env(tmp_path):
-    """Environment for a stack on free ports with its own state folder (never the developer's stack)."""
+def make_stack_env(root: Path) -> dict[str, str]:
+    """Environment for a stack on free ports with its own state folder under `root` (never the developer's)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MAKE", "MFLAGS"))}
     env.update(
         {
-            "A2V_STACK_DIR": str(tmp_path / "stack"),
+            "A2V_STACK_DIR": str(root / "stack"),
             "A2V_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
             "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
         }
     )
     for component in STACK_COMPONENTS:
         env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
-    yield env
-    # Whatever happened, stop what this test started.
+    return env
+
+
+def stop_stack(env: dict[str, str]) -> None:
+    """Whatever happened, stop what a test started."""
     subprocess.run(["make", "-s", "down"], cwd=REPO, env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture()
+def stack_env(tmp_path):
+    """Environment for a stack on free ports with its own state folder; the stack is stopped afterwards."""
+    env = make_stack_env(tmp_path)
+    yield env
+    stop_stack(env)

@@ -1,9 +1,17 @@
-"""The whole system as a user runs it: the local stack, `a2v` against the orchestrator, a real mp4 out."""
+"""The whole system as a user runs it: the local stack, `a2v` against the orchestrator, a real mp4 out.
 
+One stack (two texture replicas, as deployments scale it) and one trained speaker serve every test here;
+the tests run in file order and the last one kills a texture replica.
+"""
+
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import grpc
@@ -12,15 +20,26 @@ import pytest
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from deploy.demo import speaker_has_model
 from deploy.local import stack_environment
 from orchestrator.cli import upload
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, make_stack_env, stop_stack, wait_until
 
 pytestmark = pytest.mark.integration
 SPEAKER_VIDEO = SHARED_DATA / "speakers" / "feifeili" / "feifeili_clip3.mp4"
 AUDIO = SHARED_DATA / "audio" / "arctic_sentence_4s.wav"
+RENDER_STAGES = {
+    pb.STAGE_AUDIO,
+    pb.STAGE_FACE,
+    pb.STAGE_LIPSYNC,
+    pb.STAGE_RETIMING,
+    pb.STAGE_TEXTURE,
+    pb.STAGE_TEETH,
+    pb.STAGE_COMPOSITE,
+    pb.STAGE_FINALIZE,
+}
 
 
 def a2v(env, *args, timeout=600):
@@ -34,36 +53,88 @@ def a2v(env, *args, timeout=600):
     )
 
 
-def test_train_then_render_through_the_orchestrator(stack_env, tmp_path):
-    env = stack_env
-    up = a2v(env, "up", timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
-    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(env["A2V_ORCHESTRATOR_ADDR"]))
+class Stack:
+    """The running stack: its environment, the orchestrator's stub, the store, the pids of its processes."""
 
-    # Training through the job API, short (the quality run is `python -m services.lipsync.quality`).
-    store = BlobStore.from_config(Config.from_env("test", stack_environment(env)).store)
-    spec = pb.TrainJobSpec(
-        speaker="e2e", videos=[pb.TrainingVideo(clip_id="clip3", video=upload(store, SPEAKER_VIDEO))]
-    )
-    spec.options.training.max_epochs = 3
-    job = stub.TrainSpeaker(pb.TrainSpeakerRequest(spec=spec), timeout=60).job
-    events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600))
-    assert events[0].HasField("snapshot")
-    final = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=30).job
-    assert final.state == pb.JOB_STATE_SUCCEEDED, final.failure_reason
-    assert final.train_result.model.version >= 1
-    assert any(e.HasField("progress") for e in events)
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(env["A2V_ORCHESTRATOR_ADDR"]))
+        self.store = BlobStore.from_config(Config.from_env("test", stack_environment(env)).store)
 
-    # Rendering with the command line, as a user does; TF Serving picks the new model up within seconds.
-    out = tmp_path / "out.mp4"
-    deadline = time.monotonic() + 60
-    while True:
-        run = a2v(
-            env, "run", "--speaker", "e2e", "--audio", str(AUDIO), "--video", str(SPEAKER_VIDEO), "--out", str(out)
+    def pid(self, name: str) -> int:
+        state = json.loads((Path(self.env["A2V_STACK_DIR"]) / "state.json").read_text())
+        return next(entry["pid"] for entry in state if entry["name"] == name)
+
+    def submit(self, audio: Path, **options) -> pb.Job:
+        spec = pb.RenderJobSpec(
+            audio=upload(self.store, audio),
+            target_video=upload(self.store, SPEAKER_VIDEO),
+            model=lipsync_pb2.ModelSpec(speaker="e2e"),
+            options=pb.JobOptions(**options),
         )
-        if run.returncode == 0 or time.monotonic() > deadline or "NOT_FOUND" not in run.stderr:
-            break
-        time.sleep(2)
+        return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60).job
+
+    def job(self, job_id: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30).job
+
+    def wait(self, job_id: str, timeout: float = 600) -> pb.Job:
+        for _ in self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout):
+            pass
+        return self.job(job_id)
+
+    def poll(self, job_id: str, timeout: float = 600) -> pb.Job:
+        """The job once terminal, by polling (survives an orchestrator restart, unlike a watch stream)."""
+        terminal = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+        def finished():
+            try:
+                return self.job(job_id).state in terminal
+            except grpc.RpcError:
+                return False
+
+        assert wait_until(finished, timeout=timeout, interval=0.5)
+        return self.job(job_id)
+
+
+def stage(job: pb.Job, which: int) -> pb.StageStatus:
+    return next(s for s in job.stages if s.stage == which)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The local stack with two texture replicas and the `e2e` speaker trained through the job API."""
+    env = make_stack_env(tmp_path_factory.mktemp("e2e"))
+    env["A2V_TEXTURE_REPLICAS"] = "2"
+    try:
+        up = a2v(env, "up", timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        running = Stack(env)
+        # Training through the job API, short (the quality run is `python -m services.lipsync.quality`).
+        spec = pb.TrainJobSpec(
+            speaker="e2e", videos=[pb.TrainingVideo(clip_id="clip3", video=upload(running.store, SPEAKER_VIDEO))]
+        )
+        spec.options.training.max_epochs = 3
+        job = running.stub.TrainSpeaker(pb.TrainSpeakerRequest(spec=spec), timeout=60).job
+        events = list(running.stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600))
+        assert events[0].HasField("snapshot")
+        trained = running.job(job.id)
+        assert trained.state == pb.JOB_STATE_SUCCEEDED, trained.failure_reason
+        assert trained.train_result.model.version >= 1
+        assert any(e.HasField("progress") for e in events)
+        assert {s.stage for s in trained.stages} == {pb.STAGE_AUDIO, pb.STAGE_FACE, pb.STAGE_DATASET, pb.STAGE_TRAIN}
+        assert all(s.state == pb.STAGE_STATE_SUCCEEDED for s in trained.stages)
+        # TF Serving picks the new version up within seconds.
+        assert wait_until(lambda: speaker_has_model(env, "e2e"), timeout=60, interval=0.5)
+        yield running
+    finally:
+        stop_stack(env)
+
+
+def test_render_with_the_command_line(stack, tmp_path):
+    out = tmp_path / "out.mp4"
+    run = a2v(
+        stack.env, "run", "--speaker", "e2e", "--audio", str(AUDIO), "--video", str(SPEAKER_VIDEO), "--out", str(out)
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     with av.open(str(out)) as container:
         video, audio = container.streams.video[0], container.streams.audio[0]
@@ -79,49 +150,49 @@ def test_train_then_render_through_the_orchestrator(stack_env, tmp_path):
         )
         assert check.returncode == 0, check.stdout
 
-    # Four jobs at once all complete (they share the target's analysis and the replicas).
-    video = upload(store, SPEAKER_VIDEO)
-    jobs = []
-    for audio_path in (AUDIO, SHARED_DATA / "audio" / "finance_news_5s.wav"):
-        for retime in (True, False):
-            spec = pb.RenderJobSpec(
-                audio=upload(store, audio_path),
-                target_video=video,
-                model=lipsync_pb2.ModelSpec(speaker="e2e"),
-                options=pb.JobOptions(retiming=retime),
-            )
-            jobs.append(stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60).job)
+    # The job's record: every stage finished, timed, with its outputs; progress and ETA were reported.
+    job_id = run.stdout.split()[1]
+    job = stack.job(job_id)
+    assert {s.stage for s in job.stages} == RENDER_STAGES
+    for status in job.stages:
+        assert status.state == pb.STAGE_STATE_SUCCEEDED, pb.Stage.Name(status.stage)
+        assert status.attempts >= 1 and status.busy_seconds > 0, pb.Stage.Name(status.stage)
+    assert stage(job, pb.STAGE_COMPOSITE).done == 120
+    assert "segment/000000" in stage(job, pb.STAGE_COMPOSITE).outputs
+    assert stage(job, pb.STAGE_FINALIZE).outputs["video"].key == job.result.key
+    assert job.fraction_done == 1.0 and job.eta_seconds == 0.0
+
+
+def test_four_jobs_at_once(stack):
+    """They share the target's analysis and the two texture replicas."""
+    jobs = [
+        stack.submit(audio_path, retiming=retime)
+        for audio_path in (AUDIO, SHARED_DATA / "audio" / "finance_news_5s.wav")
+        for retime in (True, False)
+    ]
     for job in jobs:
-        for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600):
-            pass
-        done = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=30).job
+        done = stack.wait(job.id)
         assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
         assert done.render_result.retimed == done.render.options.retiming
-    assert len({stub.GetJob(pb.GetJobRequest(job_id=j.id)).job.result.key for j in jobs}) == 4
+    assert len({stack.job(j.id).result.key for j in jobs}) == 4
 
-    # Cancelling a running job stops it within seconds, and it says so.
-    long_audio = upload(store, SHARED_DATA / "audio" / "commentary_60s.wav")
-    running = stub.SubmitJob(
-        pb.SubmitJobRequest(
-            spec=pb.RenderJobSpec(
-                audio=long_audio, target_video=upload(store, SPEAKER_VIDEO), model=lipsync_pb2.ModelSpec(speaker="e2e")
-            )
-        ),
-        timeout=60,
-    ).job
+
+def test_cancel_stops_a_running_job_within_seconds(stack):
+    running = stack.submit(SHARED_DATA / "audio" / "commentary_60s.wav")
     time.sleep(3)
-    stub.CancelJob(pb.CancelJobRequest(job_id=running.id), timeout=30)
+    stack.stub.CancelJob(pb.CancelJobRequest(job_id=running.id), timeout=30)
     started = time.monotonic()
-    for _ in stub.WatchJob(pb.WatchJobRequest(job_id=running.id), timeout=120):
-        pass
-    cancelled = stub.GetJob(pb.GetJobRequest(job_id=running.id), timeout=30).job
+    cancelled = stack.wait(running.id, timeout=120)
     assert cancelled.state == pb.JOB_STATE_CANCELLED and cancelled.cancel_requested
     assert time.monotonic() - started < 60
     assert not cancelled.HasField("result")
+    assert not any(s.state == pb.STAGE_STATE_RUNNING for s in cancelled.stages)
 
-    # A failing job ends with a reason and the right code; nothing hangs.
+
+def test_a_failing_job_names_its_reason(stack, tmp_path):
+    never = tmp_path / "never.mp4"
     bad = a2v(
-        env,
+        stack.env,
         "run",
         "--speaker",
         "nobody",
@@ -130,7 +201,76 @@ def test_train_then_render_through_the_orchestrator(stack_env, tmp_path):
         "--video",
         str(SPEAKER_VIDEO),
         "--out",
-        str(tmp_path / "never.mp4"),
+        str(never),
     )
     assert bad.returncode != 0 and "nobody" in bad.stderr
-    assert not (tmp_path / "never.mp4").exists()
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert not never.exists()
+    failed = next(j for j in stack.stub.ListJobs(pb.ListJobsRequest(speaker="nobody")).jobs)
+    assert failed.state == pb.JOB_STATE_FAILED and failed.failed_stage == pb.STAGE_LIPSYNC
+    assert failed.failure_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_one_stage_on_its_own(stack):
+    """What another system does: call a stage with a local file and get the output keys back."""
+    request = json.dumps({"audio": {"key": f"@{AUDIO}"}, "outputFrameRate": {"numerator": 30, "denominator": 1}})
+    called = a2v(stack.env, "stage", "audio", "Extract", "--request", request)
+    assert called.returncode == 0, called.stderr
+    result = json.loads(called.stdout)
+    assert result["outputFrameCount"] == "120"
+    features = result["features"]["object"]["key"]
+    assert stack.store.stat(features).size_bytes > 0
+    wrong = a2v(stack.env, "stage", "audio", "Extract", "--request", '{"audio": {"key": "uploads/none.wav"}}')
+    assert wrong.returncode == 1 and "NOT_FOUND" in wrong.stderr
+    unknown = a2v(stack.env, "stage", "mouth", "Predict")
+    assert unknown.returncode == 2 and "unknown stage" in unknown.stderr
+
+
+def test_orchestrator_killed_mid_job_resumes_without_redoing_stages(stack):
+    audio = SHARED_DATA / "audio" / "radio_address_8s.wav"
+    job = stack.submit(audio, chunk_frames=30, max_parallel_chunks=1)
+
+    def some_chunks_done():
+        current = stack.job(job.id)
+        assert current.state == pb.JOB_STATE_RUNNING, current.failure_reason
+        composite = [s for s in current.stages if s.stage == pb.STAGE_COMPOSITE]
+        return bool(composite) and composite[0].done >= 60
+
+    assert wait_until(some_chunks_done, timeout=300, interval=0.1)
+    os.kill(stack.pid("orchestrator"), signal.SIGKILL)
+    restart = a2v(stack.env, "up", timeout=120)
+    assert restart.returncode == 0 and "restarted what had exited: orchestrator" in restart.stdout, restart.stdout
+
+    finished = stack.poll(job.id)
+    assert finished.state == pb.JOB_STATE_SUCCEEDED, finished.failure_reason
+    assert finished.render_result.frame_count == 240
+    # Everything before the chunks came back from the first run; so did the chunks it had finished.
+    for done_before in (pb.STAGE_AUDIO, pb.STAGE_FACE, pb.STAGE_LIPSYNC, pb.STAGE_RETIMING):
+        assert stage(finished, done_before).cached, pb.Stage.Name(done_before)
+    assert stage(finished, pb.STAGE_COMPOSITE).cached_calls >= 2
+    assert stage(finished, pb.STAGE_TEXTURE).cached_calls >= 2
+    assert not stage(finished, pb.STAGE_FINALIZE).cached
+
+
+def test_a_texture_replica_killed_mid_job_the_job_completes(stack):
+    audio = SHARED_DATA / "audio" / "political_address_8s.wav"
+    job = stack.submit(audio, chunk_frames=60, max_parallel_chunks=2)
+
+    def texture_running():
+        current = stack.job(job.id)
+        assert current.state in (pb.JOB_STATE_PENDING, pb.JOB_STATE_RUNNING), current.failure_reason
+        return any(s.stage == pb.STAGE_TEXTURE and s.state == pb.STAGE_STATE_RUNNING for s in current.stages)
+
+    # The first two chunks go one to each replica (round robin): kill the second replica halfway through its own.
+    assert wait_until(texture_running, timeout=300, interval=0.02)
+    time.sleep(1.5)
+    os.kill(stack.pid("texture-2"), signal.SIGKILL)
+    finished = stack.wait(job.id)
+    assert finished.state == pb.JOB_STATE_SUCCEEDED, finished.failure_reason
+    assert finished.render_result.frame_count == 240
+    texture = stage(finished, pb.STAGE_TEXTURE)
+    assert texture.done == 240 and texture.state == pb.STAGE_STATE_SUCCEEDED
+    # A call the replica had not answered yet is retried by the channel itself; one it was streaming
+    # progress for is made again by the orchestrator (counted, with the error it got).
+    assert texture.attempts >= 4
+    assert texture.attempts == 4 or texture.error.startswith("UNAVAILABLE"), texture

@@ -249,9 +249,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
 
     def _version_message(self, speaker: str, version: int, card: Mapping, states: Mapping) -> lipsync_pb2.ModelVersion:
         status = states.get(version)
-        if not states:
-            state = lipsync_pb2.MODEL_STATE_AVAILABLE  # Predict only uses available versions
-        elif status is None:
+        if status is None:  # stored, but TF Serving has not loaded it (yet): Predict would not find it
             state = lipsync_pb2.MODEL_STATE_NOT_LOADED
         elif status.state == "END":
             state = lipsync_pb2.MODEL_STATE_FAILED if status.error else lipsync_pb2.MODEL_STATE_NOT_LOADED
