@@ -10,7 +10,7 @@ GENERATED := audio2video/.generated
 PYTEST_ARGS ?=
 SAMPLE_DATA ?= $(or $(A2V_SAMPLE_DATA),../shared/data)
 
-.PHONY: setup proto test test-all lint format up down status demo e2e clean
+.PHONY: setup proto test test-all lint format up down status demo e2e bench eval clean
 
 # 1. The virtualenv with the pinned requirements.
 $(DEPS): requirements.txt requirements-dev.txt
@@ -76,6 +76,19 @@ e2e: setup
 	else \
 		$(PY) -m pytest tests/test_e2e.py -m integration $(PYTEST_ARGS); \
 	fi
+
+# Speed: real-time factors per stage and end to end (10 s and 60 s of audio on 256² and 512² targets, analysis
+# cached), texture with 1 and 2 replicas, peak memory per service, fast vs naive cores. Starts its own stack on
+# free ports (never the one `make up` started). Prints a table, writes out/bench/bench.json. BENCH_ARGS=--quick.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m deploy.bench $(BENCH_ARGS)
+
+# Quality of a rendered video against the real target footage: audio-visual lag, mouth sharpness, seam energy,
+# silent flicker; JSON + HTML report in out/eval/. Defaults to the demo's output and target.
+EVAL_OUTPUT ?= out/demo.mp4
+eval: setup
+	$(PY) -m services.evaluation output $(EVAL_OUTPUT) --target $(or $(VIDEO),$(SAMPLE_DATA)/speakers/obama/obama_clip2.mp4)
 
 clean:
 	rm -rf $(VENV) audio2video build .pytest_cache .ruff_cache *.egg-info

@@ -7,16 +7,12 @@ deterministic key, so running a job again (or resuming one) reuses whatever the 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -29,6 +25,7 @@ from audio2video.orchestrator.v1 import orchestrator_pb2
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
+from orchestrator.trainers import KubernetesTrainer, LocalTrainer, trainer_arguments
 from services.runtime.clients import create_channel
 from services.runtime.config import service_address
 from services.runtime.errors import A2VError, Cancelled, FailedPrecondition, InvalidInput
@@ -40,7 +37,6 @@ Progress = Callable[[int, int, int, str], None]
 DEFAULT_CHUNK_FRAMES = 150
 DEFAULT_PARALLEL_CHUNKS = 2
 DEFAULT_MAX_ATTEMPTS = 3
-REPO = Path(__file__).resolve().parent.parent
 
 # Training settings for a speaker with only a few minutes of video (the paper's batch of 100 windows
 # of 1 s needs hours of data: on 20 s it takes one step per epoch and never leaves the mean shape).
@@ -195,9 +191,16 @@ class StageCaller:
 class Pipeline:
     """Runs render and training jobs against the stage services."""
 
-    def __init__(self, clients: StageClients, *, models_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        clients: StageClients,
+        *,
+        models_dir: str | None = None,
+        trainer: LocalTrainer | KubernetesTrainer | None = None,
+    ) -> None:
         self.clients = clients
         self.models_dir = models_dir
+        self.trainer = trainer or LocalTrainer()
 
     # -- render ----------------------------------------------------------------------------------
 
@@ -410,7 +413,6 @@ class Pipeline:
         *,
         reporter: Reporter | None = None,
         stop: threading.Event | None = None,
-        store_env: Mapping[str, str] | None = None,
     ) -> dict:
         """Analyse the speaker's videos, build the dataset, train and export the LSTM; returns the model card."""
         c, options = self.clients, spec.options
@@ -457,7 +459,7 @@ class Pipeline:
         report.output(Stage.STAGE_DATASET, "dataset", dataset.dataset)
         report.stage_finished(Stage.STAGE_DATASET)
         started = time.monotonic()
-        card = self._run_trainer(spec.speaker, dataset, options.training, report=report, stop=stop, store_env=store_env)
+        card = self._run_trainer(spec.speaker, dataset, options.training, report=report, stop=stop)
         report.call_finished(Stage.STAGE_TRAIN, time.monotonic() - started, cached=False)
         report.stage_finished(Stage.STAGE_TRAIN)
         return card
@@ -470,50 +472,16 @@ class Pipeline:
         *,
         report: Reporter,
         stop: threading.Event | None,
-        store_env: Mapping[str, str] | None,
     ) -> dict:
-        """The trainer as a process of its own (in Kubernetes: a Job on a GPU node)."""
-        command = [
-            sys.executable,
-            "-m",
-            "services.lipsync.trainer",
-            "--speaker",
-            speaker,
-            "--dataset",
-            dataset.dataset.key,
-            "--pca",
-            dataset.pca.key,
-        ]
-        if self.models_dir:
-            command += ["--models-dir", self.models_dir]
+        """The trainer as a process of its own: a child process locally, a Job on a GPU node in Kubernetes."""
         settings = dict(SMALL_DATA_TRAINING)
         for field, value in training.ListFields():
             settings[field.name] = value
-        for name, value in settings.items():
-            flag = {"max_epochs": "epochs", "early_stopping_patience": "patience"}.get(name, name)
-            command += [f"--{flag.replace('_', '-')}", str(value)]
-        env = {**os.environ, **(store_env or {}), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        arguments = trainer_arguments(speaker, dataset.dataset.key, dataset.pca.key, settings, self.models_dir)
         report.progress(Stage.STAGE_TRAIN, 0, 0, "epochs")
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        run = self.trainer.run(
+            arguments,
+            on_epoch=lambda done, total: report.progress(Stage.STAGE_TRAIN, done, total, "epochs"),
+            stop=stop,
         )
-        lines = []
-        for line in process.stdout:
-            lines.append(line.rstrip())
-            if stop is not None and stop.is_set():
-                process.terminate()
-            if line.startswith("epoch"):
-                parts = line.split()
-                if len(parts) > 1 and "/" in parts[1]:
-                    done, total = parts[1].split("/")
-                    if done.isdigit() and total.isdigit():
-                        report.progress(Stage.STAGE_TRAIN, int(done), int(total), "epochs")
-        if process.wait() != 0:
-            if stop is not None and stop.is_set():
-                raise Cancelled("training was cancelled")
-            reason = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
-            raise FailedPrecondition(f"training failed: {reason}")
-        summary = next((line for line in reversed(lines) if line.startswith("stored ")), "")
-        if not summary:
-            raise FailedPrecondition(f"the trainer ended without storing a model: {lines[-1] if lines else ''}")
-        return {"prefix": summary.split()[1], "summary": summary}
+        return {"prefix": run.prefix, "summary": run.summary}

@@ -8,6 +8,7 @@ from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from orchestrator.jobs import JobManager
 from orchestrator.pipeline import Pipeline, StageClients
+from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config
 from services.runtime.server import ServiceBinding, binding_for
@@ -54,7 +55,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 def bindings(config: Config) -> list[ServiceBinding]:
     """What `python -m orchestrator` serves: SERVING once the store answers; unfinished jobs resume."""
     store = BlobStore.from_config(config.store)
-    pipeline = Pipeline(StageClients.from_env(), models_dir=os.environ.get("A2V_MODELS_DIR"))
+    pipeline = Pipeline(
+        StageClients.from_env(), models_dir=os.environ.get("A2V_MODELS_DIR"), trainer=trainer_from_env()
+    )
     jobs = JobManager(store, pipeline)
 
     def load() -> None:

@@ -71,6 +71,11 @@ def render(folder: Path) -> list[dict[str, Any]]:
         for obj in objects:
             if obj["kind"] not in CLUSTER_SCOPED:
                 obj["metadata"]["namespace"] = kustomization["namespace"]
+            # As kustomize does: ServiceAccount subjects of role bindings follow the namespace too.
+            if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+                for subject in obj.get("subjects", []):
+                    if subject.get("kind") == "ServiceAccount":
+                        subject["namespace"] = kustomization["namespace"]
     for entry in kustomization.get("labels", []):
         if entry.get("includeSelectors") or entry.get("includeTemplates"):
             raise NotImplementedError(f"{folder}: labels with includeSelectors/includeTemplates")

@@ -343,7 +343,9 @@ def test_pods_meet_the_restricted_pod_security_profile(overlay):
             problems.append(f"{where}: pod seccompProfile")
         if pod.get("runAsNonRoot") is not True or pod.get("runAsUser") != catalog.APP_UID:
             problems.append(f"{where}: pod runAsNonRoot/runAsUser")
-        if spec.get("automountServiceAccountToken") is not False:
+        # Only the orchestrator talks to the API server (it creates trainer Jobs), under its own account.
+        token = obj["metadata"]["name"] == "orchestrator" and spec.get("serviceAccountName") == "orchestrator"
+        if spec.get("automountServiceAccountToken") is not token:
             problems.append(f"{where}: automountServiceAccountToken")
         if any(spec.get(flag) for flag in ("hostNetwork", "hostPID", "hostIPC")):
             problems.append(f"{where}: host namespaces")
@@ -920,3 +922,27 @@ def test_warm_caches_fills_the_numba_cache(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(tmp_path.rglob("*.nbi")), "numba wrote no cache index"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_orchestrator_may_manage_trainer_jobs_in_its_namespace_and_nothing_else(overlay):
+    objects = rendered(overlay)
+    assert of_kind(objects, "ClusterRole") == [] and of_kind(objects, "ClusterRoleBinding") == []
+    role = find(objects, "Role", "orchestrator-trainer-jobs")
+    granted = {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+    assert {g for g, _, _ in granted} <= {"batch", ""}
+    assert {r for _, r, _ in granted} == {"cronjobs", "jobs", "jobs/status", "pods", "pods/log"}
+    assert ("batch", "jobs", "create") in granted and ("", "pods/log", "get") in granted
+    read_only = ("cronjobs", "pods", "pods/log", "jobs/status")
+    assert {v for _, r, v in granted if r in read_only} <= {"get", "list", "watch"}
+    binding = find(objects, "RoleBinding", "orchestrator-trainer-jobs")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    subject = {"kind": "ServiceAccount", "name": "orchestrator", "namespace": overlay_namespace(overlay)}
+    assert binding["subjects"] == [subject]
+    find(objects, "ServiceAccount", "orchestrator")
+    container = main_container(find(objects, "Deployment", "orchestrator"))
+    assert env_of(container)["A2V_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    config = find(objects, "ConfigMap", "a2v-config")["data"]
+    assert config["A2V_TRAINER"] == "kubernetes" and config["A2V_TRAINER_TEMPLATE"] == "trainer"

@@ -1,0 +1,280 @@
+"""Where the LSTM trainer runs for a TrainSpeaker job: a local process, or a Kubernetes Job on a GPU node.
+
+The orchestrator image carries no TensorFlow, so in a cluster the trainer runs from its own image: a Job made
+from the suspended `trainer` CronJob template (k8s/base/trainer.yaml; the gpu overlay puts it on GPU nodes).
+Both launchers run the same command line and read the same output: `epoch i/n ...` lines for progress and a
+final `stored <prefix> ...` line naming the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.runtime.config import ConfigError
+from services.runtime.errors import Cancelled, FailedPrecondition, Unavailable
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+TRAINER_MODULE = "services.lipsync.trainer"
+TRAINER_CONTAINER = "trainer"
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)\b")
+
+
+class EpochProgress(Protocol):
+    def __call__(self, done: int, total: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainerRun:
+    """What a finished trainer reported: the stored model's prefix and its summary line."""
+
+    prefix: str
+    summary: str
+
+
+def trainer_arguments(
+    speaker: str, dataset_key: str, pca_key: str, settings: Mapping[str, Any], models_dir: str | None = None
+) -> list[str]:
+    """The trainer's command-line arguments (without the interpreter and module)."""
+    arguments = ["--speaker", speaker, "--dataset", dataset_key, "--pca", pca_key]
+    if models_dir:
+        arguments += ["--models-dir", models_dir]
+    for name, value in settings.items():
+        flag = {"max_epochs": "epochs", "early_stopping_patience": "patience"}.get(name, name)
+        arguments += [f"--{flag.replace('_', '-')}", str(value)]
+    return arguments
+
+
+def follow_output(lines: Iterable[str], on_epoch: EpochProgress | None) -> TrainerRun | None:
+    """Read the trainer's output to its end: report epochs; the run it stored (None if it stored nothing).
+
+    Raises FailedPrecondition with the trainer's own error line when it printed one and stored nothing.
+    """
+    kept: list[str] = []
+    for raw in lines:
+        line = raw.rstrip()
+        kept.append(line)
+        del kept[:-50]
+        match = EPOCH_LINE.match(line)
+        if match and on_epoch:
+            on_epoch(int(match.group(1)), int(match.group(2)))
+    summary = next((line for line in reversed(kept) if line.startswith("stored ")), "")
+    if summary:
+        return TrainerRun(prefix=summary.split()[1], summary=summary)
+    reason = next((line for line in reversed(kept) if "error" in line.lower()), kept[-1] if kept else "")
+    raise FailedPrecondition(f"training failed: {reason or 'the trainer ended without storing a model'}")
+
+
+class LocalTrainer:
+    """The trainer as a child process of the orchestrator (the local stack)."""
+
+    def __init__(self, *, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+
+    def run(self, arguments: list[str], *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
+        env = {**self.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", TRAINER_MODULE, *arguments],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        watcher = _stop_watcher(stop, process.terminate)
+        try:
+            run = follow_output(process.stdout, on_epoch)
+        except FailedPrecondition:
+            process.wait()
+            if stop is not None and stop.is_set():
+                raise Cancelled("training was cancelled") from None
+            raise
+        finally:
+            watcher.set()
+        if process.wait() != 0:
+            if stop is not None and stop.is_set():
+                raise Cancelled("training was cancelled")
+            raise FailedPrecondition(f"the trainer exited with status {process.returncode}")
+        return run
+
+
+def _stop_watcher(stop: threading.Event | None, action) -> threading.Event:
+    """Call `action` once `stop` is set (until the returned event is set)."""
+    finished = threading.Event()
+    if stop is None:
+        return finished
+
+    def watch() -> None:
+        while not finished.is_set():
+            if stop.wait(0.5):
+                action()
+                return
+
+    threading.Thread(target=watch, name="trainer-stop", daemon=True).start()
+    return finished
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------------
+
+
+def job_name(speaker: str, arguments: list[str]) -> str:
+    """A DNS-1123 name unique to the training run: trainer-<speaker>-<hash of the arguments>-<time>."""
+    digest = hashlib.sha256("\0".join(arguments).encode()).hexdigest()[:8]
+    stamp = format(int(time.time()), "x")
+    prefix = re.sub(r"[^a-z0-9-]", "-", speaker.lower()).strip("-")[:30] or "speaker"
+    return f"trainer-{prefix}-{digest}-{stamp}"
+
+
+def job_from_template(cron_job: Mapping[str, Any], name: str, speaker: str, arguments: list[str]) -> dict[str, Any]:
+    """A batch/v1 Job from the `trainer` CronJob's jobTemplate, running the trainer with `arguments`.
+
+    Everything else (image, resources, GPU node selection, volumes, security) comes from the template, so
+    the overlays decide where training runs. The `A2V_TRAIN_SPEAKER` default in the template is replaced.
+    """
+    template = copy.deepcopy(cron_job["spec"]["jobTemplate"])
+    labels = {**template.get("metadata", {}).get("labels", {}), "audio2video/speaker": speaker}
+    spec = template["spec"]
+    pod = spec["template"]
+    pod.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+    containers = [c for c in pod["spec"]["containers"] if c["name"] == TRAINER_CONTAINER]
+    if not containers:
+        raise FailedPrecondition(f"the trainer template has no container named {TRAINER_CONTAINER!r}")
+    container = containers[0]
+    container["args"] = list(arguments)
+    container["env"] = [e for e in container.get("env", []) if e["name"] != "A2V_TRAIN_SPEAKER"]
+    container["env"].append({"name": "A2V_TRAIN_SPEAKER", "value": speaker})
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": cron_job["metadata"].get("namespace"),
+            "labels": labels,
+            "annotations": {"audio2video/created-by": "orchestrator TrainSpeaker"},
+        },
+        "spec": spec,
+    }
+
+
+class KubernetesTrainer:
+    """The trainer as a Kubernetes Job made from the `trainer` CronJob template, followed through its logs.
+
+    Needs the orchestrator's ServiceAccount (k8s/base/orchestrator.yaml): read the CronJob, create, read and
+    delete Jobs, list Pods and read their logs, in its own namespace only.
+    """
+
+    def __init__(self, namespace: str, template: str = "trainer", *, poll_seconds: float = 2.0) -> None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            try:
+                config.load_kube_config()
+            except (config.ConfigException, OSError) as exc:
+                raise ConfigError(f"A2V_TRAINER=kubernetes but no cluster credentials were found: {exc}") from exc
+        self.namespace, self.template, self.poll_seconds = namespace, template, poll_seconds
+        self.batch, self.core = client.BatchV1Api(), client.CoreV1Api()
+        self.api_exception = client.exceptions.ApiException
+
+    def run(self, arguments: list[str], *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
+        speaker = arguments[arguments.index("--speaker") + 1]
+        try:
+            cron_job = self.batch.api_client.sanitize_for_serialization(
+                self.batch.read_namespaced_cron_job(self.template, self.namespace)
+            )
+            name = job_name(speaker, arguments)
+            body = job_from_template(cron_job, name, speaker, arguments)
+            body["metadata"]["namespace"] = self.namespace
+            self.batch.create_namespaced_job(self.namespace, body)
+        except self.api_exception as exc:
+            raise Unavailable(f"could not start the trainer Job: {exc.status} {exc.reason}") from exc
+        log.info("started trainer job %s for speaker %s", name, speaker)
+        watcher = _stop_watcher(stop, lambda: self._delete(name))
+        try:
+            pod = self._wait_for_pod(name, stop)
+            run = follow_output(self._log_lines(pod), on_epoch)
+            self._wait_for_job(name, stop)
+            return run
+        except FailedPrecondition:
+            if stop is not None and stop.is_set():
+                raise Cancelled("training was cancelled") from None
+            raise
+        finally:
+            watcher.set()
+
+    def _wait_for_pod(self, name: str, stop: threading.Event | None) -> str:
+        """The Job's pod once it runs (or already ended); FailedPrecondition if it cannot start."""
+        while True:
+            if stop is not None and stop.is_set():
+                raise Cancelled("training was cancelled")
+            pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"job-name={name}").items
+            for pod in pods:
+                if pod.status.phase in ("Running", "Succeeded", "Failed"):
+                    return pod.metadata.name
+                waiting = [
+                    s.state.waiting
+                    for s in (pod.status.container_statuses or [])
+                    if s.state and s.state.waiting and s.state.waiting.reason in ("ErrImagePull", "ImagePullBackOff")
+                ]
+                if waiting:
+                    raise FailedPrecondition(f"trainer pod {pod.metadata.name}: {waiting[0].reason}")
+            time.sleep(self.poll_seconds)
+
+    def _log_lines(self, pod: str) -> Iterator[str]:
+        response = self.core.read_namespaced_pod_log(
+            pod, self.namespace, container=TRAINER_CONTAINER, follow=True, _preload_content=False
+        )
+        pending = b""
+        for chunk in response.stream(4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace")
+        if pending:
+            yield pending.decode(errors="replace")
+
+    def _wait_for_job(self, name: str, stop: threading.Event | None) -> None:
+        while True:
+            status = self.batch.read_namespaced_job_status(name, self.namespace).status
+            if status.succeeded:
+                return
+            if status.failed and not status.active:
+                raise FailedPrecondition(f"trainer Job {name} failed")
+            if stop is not None and stop.wait(self.poll_seconds):
+                raise Cancelled("training was cancelled")
+            if stop is None:
+                time.sleep(self.poll_seconds)
+
+    def _delete(self, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
+        except self.api_exception as exc:
+            log.warning("could not delete trainer job %s: %s", name, exc.reason)
+
+
+def trainer_from_env(environ: Mapping[str, str] | None = None) -> LocalTrainer | KubernetesTrainer:
+    """A2V_TRAINER: `local` (default; a child process) or `kubernetes` (a Job in A2V_NAMESPACE from the
+    CronJob named by A2V_TRAINER_TEMPLATE, default `trainer`)."""
+    env = os.environ if environ is None else environ
+    kind = env.get("A2V_TRAINER", "local").strip() or "local"
+    if kind == "local":
+        return LocalTrainer(environ=env)
+    if kind == "kubernetes":
+        namespace = env.get("A2V_NAMESPACE", "").strip()
+        if not namespace:
+            raise ConfigError("A2V_TRAINER=kubernetes needs A2V_NAMESPACE (the pod's namespace, downward API)")
+        return KubernetesTrainer(namespace, env.get("A2V_TRAINER_TEMPLATE", "trainer").strip() or "trainer")
+    raise ConfigError(f"A2V_TRAINER must be 'local' or 'kubernetes', not {kind!r}")
