@@ -100,6 +100,65 @@ def naive_retime(activity, motion, openness, valid, options: RetimeOptions) -> t
     return positions, cost
 
 
+def naive_comparison(n: int, m: int, fps: float, naive_scale: float) -> dict:
+    """The naive reference on a problem `naive_scale` times the size, extrapolated per cell to N x M.
+
+    Returns:
+        dict: naive_n, naive_m, naive_seconds, naive_cost, fast_cost, same_cost, same_path,
+        naive_extrapolated_seconds (at N x M) and naive_table_mib (its float64 + int64 tables at N x M).
+    """
+    small_n, small_m = max(2, round(n * naive_scale)), max(2, round(m * naive_scale))
+    small = synthetic_inputs(small_n, small_m, fps, seed=2)
+    options = RetimeOptions()
+    t0 = time.perf_counter()
+    naive_positions, naive_cost = naive_retime(*small, options)
+    naive_seconds = time.perf_counter() - t0
+    fast = core.retime(*small, options=options)
+    cells = small_n * max(small_n, small_m)
+    return {
+        "naive_n": small_n,
+        "naive_m": small_m,
+        "naive_seconds": naive_seconds,
+        "naive_cost": naive_cost,
+        "fast_cost": fast.total_cost,
+        "same_cost": abs(fast.total_cost - naive_cost) < 1e-9,
+        "same_path": bool(np.array_equal(naive_positions, fast.positions)),
+        "naive_extrapolated_seconds": naive_seconds / cells * n * max(n, m),
+        "naive_table_mib": n * max(n, m) * (2 * 8 + 8) / 2**20,
+    }
+
+
+def reference_comparison(
+    *,
+    fps: float = 30.0,
+    audio_seconds: float = 60.0,
+    target_seconds: float = 300.0,
+    repeats: int = 3,
+    naive_scale: float = 0.05,
+) -> dict:
+    """The DP with defaults against the naive reference (extrapolated) for `audio_seconds` on a longer target.
+
+    Returns:
+        dict: n, m, fast_seconds (median), fast_peak_mib (numpy allocations), fast_real_time (audio seconds
+        per second of compute), speedup (extrapolated naive seconds / fast seconds) and `naive_comparison`'s keys.
+    """
+    n, m = round(audio_seconds * fps), round(target_seconds * fps)
+    inputs = synthetic_inputs(n, m, fps)
+    seconds, peak, _ = measure(lambda: core.retime(*inputs), repeats)
+    naive = naive_comparison(n, m, fps, naive_scale)
+    return {
+        "n": n,
+        "m": m,
+        "audio_seconds": audio_seconds,
+        "target_seconds": target_seconds,
+        "fast_seconds": seconds,
+        "fast_peak_mib": peak / 2**20,
+        "fast_real_time": audio_seconds / seconds,
+        "speedup": naive["naive_extrapolated_seconds"] / seconds,
+        **naive,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fps", type=float, default=30.0)
@@ -146,23 +205,13 @@ def main() -> None:
             f"wraps {result.wraps}"
         )
 
-    small_n, small_m = max(2, round(n * args.naive_scale)), max(2, round(m * args.naive_scale))
-    small = synthetic_inputs(small_n, small_m, args.fps, seed=2)
-    options = RetimeOptions()
-    t0 = time.perf_counter()
-    naive_positions, naive_cost = naive_retime(*small, options)
-    naive_seconds = time.perf_counter() - t0
-    fast = core.retime(*small, options=options)
-    agree = (
-        "same cost" if abs(fast.total_cost - naive_cost) < 1e-9 else f"COST DIFFERS ({naive_cost} vs {fast.total_cost})"
-    )
-    cells = small_n * max(small_n, small_m)
-    full = naive_seconds / cells * n * max(n, m)
-    table = n * max(n, m) * (2 * 8 + 8) / 2**20
+    naive = naive_comparison(n, m, args.fps, args.naive_scale)
+    agree = "same cost" if naive["same_cost"] else f"COST DIFFERS ({naive['naive_cost']} vs {naive['fast_cost']})"
     print(
-        f"  naive reference at N = {small_n}, M = {small_m}: {naive_seconds:.2f} s ({agree}, "
-        f"{'same path' if np.array_equal(naive_positions, fast.positions) else 'another path of that cost'}); "
-        f"extrapolated to full size: ~{full:.0f} s and {table:.0f} MiB of tables"
+        f"  naive reference at N = {naive['naive_n']}, M = {naive['naive_m']}: {naive['naive_seconds']:.2f} s "
+        f"({agree}, {'same path' if naive['same_path'] else 'another path of that cost'}); "
+        f"extrapolated to full size: ~{naive['naive_extrapolated_seconds']:.0f} s and "
+        f"{naive['naive_table_mib']:.0f} MiB of tables"
     )
 
 
