@@ -23,6 +23,12 @@ APP_UID = 10001
 TRAINER = "trainer"
 TRAINER_MODULE = "services.lipsync.trainer"
 """`python -m services.lipsync.trainer`: trains one speaker's LSTM and exports a SavedModel."""
+TRAINER_SERVICE_MODULE = "services.lipsync.trainer_service"
+"""`python -m services.lipsync.trainer_service`: the same training as a gRPC service (the compose `trainer`
+service, started from the trainer image; the orchestrator calls it with A2V_TRAINER=grpc)."""
+TRAINER_GRPC_SERVICE = "audio2video.lipsync.v1.TrainerService"
+TRAINER_ADDR_VARIABLE = "A2V_TRAINER_ADDR"
+"""host:port of the trainer service (deploy/.env; compose swaps in the container name)."""
 TF_SERVING = "tfserving"
 """Compose service, Kubernetes Deployment and Service name of TensorFlow Serving."""
 TF_SERVING_VERSION = "2.19.0"
@@ -61,6 +67,8 @@ class Image:
     """Whether the build warms numba's cache (the image's code runs librosa)."""
     planned: bool = False
     """Its module lands with a later issue (the image is ready before the code is)."""
+    also_runs: tuple[str, ...] = ()
+    """Other modules started from the image with an entry point of their own (compose's `entrypoint:`)."""
 
     @property
     def dockerfile(self) -> Path:
@@ -84,5 +92,7 @@ SERVICE_IMAGES = tuple(
     )
     for c in COMPONENTS
 )
-TRAINER_IMAGE = Image(TRAINER, TRAINER_MODULE, None, tensorflow=True, planned=True)
+TRAINER_IMAGE = Image(
+    TRAINER, TRAINER_MODULE, None, tensorflow=True, also_runs=(TRAINER_SERVICE_MODULE, "deploy.healthcheck")
+)
 IMAGES = (*SERVICE_IMAGES, TRAINER_IMAGE)

@@ -25,7 +25,7 @@ from audio2video.orchestrator.v1 import orchestrator_pb2
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
-from orchestrator.trainers import KubernetesTrainer, LocalTrainer, trainer_arguments
+from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
 from services.runtime.clients import create_channel
 from services.runtime.config import service_address
 from services.runtime.errors import A2VError, Cancelled, FailedPrecondition, InvalidInput
@@ -196,7 +196,7 @@ class Pipeline:
         clients: StageClients,
         *,
         models_dir: str | None = None,
-        trainer: LocalTrainer | KubernetesTrainer | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         self.clients = clients
         self.models_dir = models_dir
@@ -473,15 +473,24 @@ class Pipeline:
         report: Reporter,
         stop: threading.Event | None,
     ) -> dict:
-        """The trainer as a process of its own: a child process locally, a Job on a GPU node in Kubernetes."""
-        settings = dict(SMALL_DATA_TRAINING)
-        for field, value in training.ListFields():
-            settings[field.name] = value
-        arguments = trainer_arguments(speaker, dataset.dataset.key, dataset.pca.key, settings, self.models_dir)
+        """The trainer apart from the orchestrator (which has no TensorFlow): a child process locally, a Job on a GPU
+        node in Kubernetes, the trainer service under docker compose (orchestrator/trainers.py).
+
+        The small-data settings go to every trainer explicitly, with the job's own options over them.
+        """
+        options = lipsync_pb2.TrainingOptions(**SMALL_DATA_TRAINING)
+        options.MergeFrom(training)  # set fields only: zero / unset options keep the small-data values
+        spec = TrainSpec(speaker, dataset.dataset, dataset.pca, options, self.models_dir)
         report.progress(Stage.STAGE_TRAIN, 0, 0, "epochs")
-        run = self.trainer.run(
-            arguments,
-            on_epoch=lambda done, total: report.progress(Stage.STAGE_TRAIN, done, total, "epochs"),
-            stop=stop,
-        )
+        try:
+            run = self.trainer.run(
+                spec,
+                on_epoch=lambda done, total: report.progress(Stage.STAGE_TRAIN, done, total, "epochs"),
+                stop=stop,
+            )
+        except Cancelled:
+            raise
+        except A2VError as exc:  # like a stage's failure: the job names the stage and keeps the trainer's status
+            reason = f"stage {stage_name(Stage.STAGE_TRAIN)} failed: {str(exc).removeprefix('training failed: ')}"
+            raise StageFailed(Stage.STAGE_TRAIN, exc.status, reason) from exc
         return {"prefix": run.prefix, "summary": run.summary}

@@ -1,9 +1,11 @@
-"""Where the LSTM trainer runs for a TrainSpeaker job: a local process, or a Kubernetes Job on a GPU node.
+"""Where the LSTM trainer runs for a TrainSpeaker job: a local process, a Kubernetes Job, or a gRPC service.
 
-The orchestrator image carries no TensorFlow, so in a cluster the trainer runs from its own image: a Job made
-from the suspended `trainer` CronJob template (k8s/base/trainer.yaml; the gpu overlay puts it on GPU nodes).
-Both launchers run the same command line and read the same output: `epoch i/n ...` lines for progress and a
-final `stored <prefix> ...` line naming the model.
+The orchestrator image carries no TensorFlow, so outside the local stack the trainer runs from its own image: in
+a cluster as a Job made from the suspended `trainer` CronJob template (k8s/base/trainer.yaml; the gpu overlay puts
+it on GPU nodes), under docker compose as the long-running `trainer` service (lipsync.v1.TrainerService at
+A2V_TRAINER_ADDR). The process and the Job run the same command line and are read the same way: `epoch i/n ...`
+lines for progress and a final `stored <prefix> ...` line naming the model; the service streams the same epochs
+and returns the stored version. Every launcher takes a `TrainSpec` and returns a `TrainerRun`.
 """
 
 from __future__ import annotations
@@ -18,18 +20,27 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.runtime.config import ConfigError
-from services.runtime.errors import Cancelled, FailedPrecondition, Unavailable
+import grpc
+
+from audio2video.common.v1 import common_pb2
+from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
+from services.runtime.clients import create_channel
+from services.runtime.config import ConfigError, service_address
+from services.runtime.errors import A2VError, Cancelled, FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 TRAINER_MODULE = "services.lipsync.trainer"
 TRAINER_CONTAINER = "trainer"
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)\b")
+TRAINER_SERVICE = "audio2video.lipsync.v1.TrainerService"
+TRAINER_KINDS = ("local", "kubernetes", "grpc")
+DEFAULT_TRAIN_TIMEOUT_SECONDS = 86400.0
+"""Deadline of one training call to the trainer service (training on real data takes hours)."""
 
 
 class EpochProgress(Protocol):
@@ -37,11 +48,48 @@ class EpochProgress(Protocol):
 
 
 @dataclass(frozen=True)
+class TrainSpec:
+    """One training run: what to train on and how, the same for every launcher.
+
+    Attributes:
+        speaker: the speaker name ([a-z0-9_-]{1,64}; the TF Serving model name).
+        dataset: the dataset .npz (face.v1.BuildSpeakerDatasetResult.dataset).
+        pca: the mouth PCA .npz of the same build.
+        options: hyper-parameters; the fields set here are passed on explicitly, the others take the trainer's
+            defaults (lipsync.v1.TrainingOptions).
+        models_dir: the process's and the Job's `--models-dir` (where the new version is also written); the
+            trainer service writes to its own A2V_MODELS_DIR instead.
+    """
+
+    speaker: str
+    dataset: common_pb2.ObjectRef
+    pca: common_pb2.ObjectRef
+    options: lipsync_pb2.TrainingOptions = field(default_factory=lipsync_pb2.TrainingOptions)
+    models_dir: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The options that are set, by TrainingOptions field name (= lstm.TrainingSettings field name)."""
+        return {descriptor.name: value for descriptor, value in self.options.ListFields()}
+
+    def arguments(self) -> list[str]:
+        """The trainer's command line (without the interpreter and module)."""
+        return trainer_arguments(self.speaker, self.dataset.key, self.pca.key, self.settings(), self.models_dir)
+
+    def request(self, request_id: str = "") -> lipsync_pb2.TrainRequest:
+        """The trainer service's request."""
+        return lipsync_pb2.TrainRequest(
+            speaker=self.speaker, dataset=self.dataset, pca=self.pca, options=self.options, request_id=request_id
+        )
+
+
+@dataclass(frozen=True)
 class TrainerRun:
-    """What a finished trainer reported: the stored model's prefix and its summary line."""
+    """What a finished trainer reported: the stored model's prefix and its summary line (and, from the trainer
+    service, the stored version as described by lipsync.v1.ModelVersion)."""
 
     prefix: str
     summary: str
+    model: lipsync_pb2.ModelVersion | None = None
 
 
 def trainer_arguments(
@@ -83,10 +131,10 @@ class LocalTrainer:
     def __init__(self, *, environ: Mapping[str, str] | None = None) -> None:
         self.environ = dict(os.environ if environ is None else environ)
 
-    def run(self, arguments: list[str], *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
+    def run(self, spec: TrainSpec, *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
         env = {**self.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         process = subprocess.Popen(
-            [sys.executable, "-m", TRAINER_MODULE, *arguments],
+            [sys.executable, "-m", TRAINER_MODULE, *spec.arguments()],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -189,8 +237,8 @@ class KubernetesTrainer:
         self.batch, self.core = client.BatchV1Api(), client.CoreV1Api()
         self.api_exception = client.exceptions.ApiException
 
-    def run(self, arguments: list[str], *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
-        speaker = arguments[arguments.index("--speaker") + 1]
+    def run(self, spec: TrainSpec, *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
+        speaker, arguments = spec.speaker, spec.arguments()
         try:
             cron_job = self.batch.api_client.sanitize_for_serialization(
                 self.batch.read_namespaced_cron_job(self.template, self.namespace)
@@ -265,9 +313,67 @@ class KubernetesTrainer:
             log.warning("could not delete trainer job %s: %s", name, exc.reason)
 
 
-def trainer_from_env(environ: Mapping[str, str] | None = None) -> LocalTrainer | KubernetesTrainer:
-    """A2V_TRAINER: `local` (default; a child process) or `kubernetes` (a Job in A2V_NAMESPACE from the
-    CronJob named by A2V_TRAINER_TEMPLATE, default `trainer`)."""
+# -- gRPC -----------------------------------------------------------------------------------------------
+
+
+class TrainerFailed(A2VError):
+    """The trainer service refused or failed a training call; `status` is the code it answered with."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class GrpcTrainer:
+    """The trainer as a gRPC service (lipsync.v1.TrainerService; the `trainer` service of docker compose).
+
+    The call streams epochs and ends with the stored version. Setting `stop` cancels the call, which stops the
+    training before its next batch. The channel retries UNAVAILABLE only while nothing has been received (the
+    request never reached a trainer); a trainer lost mid-run fails the run with UNAVAILABLE.
+    """
+
+    def __init__(self, address: str, *, timeout_seconds: float = DEFAULT_TRAIN_TIMEOUT_SECONDS) -> None:
+        self.address = address
+        self.timeout_seconds = timeout_seconds
+        self.channel = create_channel(address, [TRAINER_SERVICE], timeout_seconds=timeout_seconds)
+        self.stub = lipsync_pb2_grpc.TrainerServiceStub(self.channel)
+
+    def run(self, spec: TrainSpec, *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
+        if stop is not None and stop.is_set():
+            raise Cancelled("training was cancelled")
+        call = self.stub.Train(spec.request(), timeout=self.timeout_seconds)
+        watcher = _stop_watcher(stop, call.cancel)
+        result = None
+        try:
+            for event in call:
+                if event.HasField("result"):
+                    result = event.result
+                elif on_epoch is not None and event.progress.total > 0:
+                    on_epoch(int(event.progress.done), int(event.progress.total))
+        except grpc.RpcError as exc:
+            if stop is not None and stop.is_set():
+                raise Cancelled("training was cancelled") from exc
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(f"training failed: UNAVAILABLE: trainer at {self.address}: {detail}") from exc
+            raise TrainerFailed(code.name, f"training failed: {code.name}: {detail}") from exc
+        finally:
+            watcher.set()
+        if result is None:
+            raise FailedPrecondition("training failed: the trainer ended its stream without a result")
+        return TrainerRun(prefix=result.model.prefix, summary=result.summary, model=result.model)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+Trainer = LocalTrainer | KubernetesTrainer | GrpcTrainer
+
+
+def trainer_from_env(environ: Mapping[str, str] | None = None) -> Trainer:
+    """A2V_TRAINER: `local` (default; a child process), `kubernetes` (a Job in A2V_NAMESPACE from the CronJob
+    named by A2V_TRAINER_TEMPLATE, default `trainer`) or `grpc` (the trainer service at A2V_TRAINER_ADDR)."""
     env = os.environ if environ is None else environ
     kind = env.get("A2V_TRAINER", "local").strip() or "local"
     if kind == "local":
@@ -277,4 +383,6 @@ def trainer_from_env(environ: Mapping[str, str] | None = None) -> LocalTrainer |
         if not namespace:
             raise ConfigError("A2V_TRAINER=kubernetes needs A2V_NAMESPACE (the pod's namespace, downward API)")
         return KubernetesTrainer(namespace, env.get("A2V_TRAINER_TEMPLATE", "trainer").strip() or "trainer")
-    raise ConfigError(f"A2V_TRAINER must be 'local' or 'kubernetes', not {kind!r}")
+    if kind == "grpc":
+        return GrpcTrainer(service_address("trainer", env))
+    raise ConfigError(f"A2V_TRAINER must be one of {', '.join(TRAINER_KINDS)}, not {kind!r}")

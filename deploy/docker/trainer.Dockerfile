@@ -1,9 +1,11 @@
 # The LSTM trainer: fits one speaker's audio-to-mouth-shape model and exports a SavedModel.
-# Runs `python -m services.lipsync.trainer`.
+# Runs `python -m services.lipsync.trainer` (one training, then exit); the same image also starts the
+# trainer as a gRPC service, `python -m services.lipsync.trainer_service` (lipsync.v1.TrainerService).
 # Build from the repository root (the build context must be the repository):
 #   docker build -f deploy/docker/trainer.Dockerfile -t audio2video/trainer .
-# It runs as a Kubernetes Job (k8s/base/trainer.yaml) or `docker compose run trainer`, and writes
-# <speaker>/<version>/saved_model.pb under A2V_MODELS_DIR, the folder TF Serving loads from.
+# It runs as a Kubernetes Job (k8s/base/trainer.yaml) or, with the service's entry point, as the compose
+# `trainer` service, and writes <speaker>/<version>/saved_model.pb under A2V_MODELS_DIR, the folder TF
+# Serving loads from.
 # TENSORFLOW_EXTRAS=[and-cuda] adds the CUDA wheels; pass an empty value for a CPU-only image.
 
 # -- builder: the virtualenv with the pinned requirements, and the gRPC stubs --------------------
@@ -45,6 +47,8 @@ COPY --from=builder /src/audio2video/ audio2video/
 COPY services/__init__.py services/
 COPY services/runtime/ services/runtime/
 COPY services/lipsync/ services/lipsync/
+# The gRPC health check that compose runs against the trainer service.
+COPY deploy/__init__.py deploy/healthcheck.py deploy/
 RUN python -m compileall -q /app
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "services.lipsync.trainer"]

@@ -9,13 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from services.lipsync import core
 from services.lipsync.serving import ServingClient
-from services.lipsync.versions import extra_key, stored_versions, version_prefix
+from services.lipsync.versions import extra_key, stored_versions, version_message
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, Env
 from services.runtime.errors import FailedPrecondition, InvalidInput, NotFound
@@ -26,7 +24,6 @@ from services.runtime.protos import (
     frame_rate,
     frame_rate_message,
     load_result,
-    object_ref,
     store_result,
 )
 from services.runtime.server import ServiceBinding, binding_for
@@ -255,37 +252,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             state = lipsync_pb2.MODEL_STATE_FAILED if status.error else lipsync_pb2.MODEL_STATE_NOT_LOADED
         else:
             state = MODEL_STATES.get(status.state, lipsync_pb2.MODEL_STATE_UNSPECIFIED)
-        message = lipsync_pb2.ModelVersion(
-            speaker=speaker,
-            version=version,
-            state=state,
-            prefix=version_prefix(speaker, version),
-            pca_components=int(card.get("pca_components", 0)),
-            feature_dim=int(card.get("feature_dim", 28)),
-            feature_rate_hz=float(card.get("feature_rate_hz", 100.0)),
-            delay_steps=int(card.get("delay_steps", 20)),
-            template_id=str(card.get("template_id", "")),
-        )
-        if card.get("created"):
-            created = Timestamp()
-            created.FromJsonString(card["created"])
-            message.created.CopyFrom(created)
-        for field, name in (
-            ("model_card", "model_card.json"),
-            ("pca", "pca.npz"),
-            ("normalization", "normalization.npz"),
-        ):
-            blob = self.store.stat(extra_key(speaker, version, name), missing_ok=True)
-            if blob is not None:
-                getattr(message, field).CopyFrom(object_ref(blob))
-        if isinstance(card.get("training"), Mapping):
-            json_format.ParseDict(card["training"], message.training, ignore_unknown_fields=True)
-        metrics = card.get("metrics") or {}
-        if isinstance(metrics, Mapping):
-            json_format.ParseDict(
-                {k: v for k, v in metrics.items() if v is not None}, message.metrics, ignore_unknown_fields=True
-            )
-        return message
+        return version_message(self.store, speaker, version, card, state)
 
 
 def read_serving_address(environ: Mapping[str, str] | None = None) -> str:

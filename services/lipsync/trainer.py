@@ -384,6 +384,21 @@ def train_speaker(
     return card
 
 
+def summary_line(card: Mapping) -> str:
+    """One line about a stored version: "stored <prefix>  epochs E (best B)  <metrics>" (n/a where unknown)."""
+    metrics = card.get("metrics") or {}
+
+    def show(name: str) -> str:
+        value = metrics.get(name)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (
+        f"stored {card['prefix']}  epochs {card['epochs']} (best {card['best_epoch']})  "
+        f"train_loss {show('train_loss')}  validation_loss {show('validation_loss')}  "
+        f"landmark_error {show('landmark_error')}  mouth_open_correlation {show('mouth_open_correlation')}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # command line
 
@@ -471,18 +486,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         log.exception("training failed")
         print(f"trainer: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    metrics = card["metrics"]
-
-    def show(value) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
-    print(
-        f"stored {card['prefix']}  epochs {card['epochs']} (best {card['best_epoch']})  "
-        f"train_loss {show(metrics['train_loss'])}  validation_loss {show(metrics['validation_loss'])}  "
-        f"landmark_error {show(metrics['landmark_error'])}  "
-        f"mouth_open_correlation {show(metrics['mouth_open_correlation'])}",
-        flush=True,
-    )
+    print(summary_line(card), flush=True)
     return 0
 
 

@@ -6,8 +6,14 @@ A version is complete once its `assets.extra/model_card.json` exists (the traine
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from audio2video.lipsync.v1 import lipsync_pb2
 from services.runtime.blobstore import BlobStore
+from services.runtime.protos import object_ref
 
 
 def version_prefix(speaker: str, version: int) -> str:
@@ -25,3 +31,48 @@ def stored_versions(store: BlobStore, speaker: str) -> list[int]:
     pattern = re.compile(rf"models/{re.escape(speaker)}/(\d+)/assets\.extra/model_card\.json")
     found = {int(m.group(1)) for key in store.list_keys(f"models/{speaker}/") if (m := pattern.fullmatch(key))}
     return sorted(v for v in found if v > 0)
+
+
+def version_message(
+    store: BlobStore,
+    speaker: str,
+    version: int,
+    card: Mapping,
+    state: int = lipsync_pb2.MODEL_STATE_UNSPECIFIED,
+) -> lipsync_pb2.ModelVersion:
+    """A stored version as `lipsync.v1.ModelVersion`: its model card's fields and references to its extra files.
+
+    Args:
+        store: the store holding the version (the extra files are looked up there; absent ones stay unset).
+        speaker: the speaker name.
+        version: the version number.
+        card: the version's model card (`{}` when it has none: defaults only).
+        state: its serving state (the caller asks TF Serving, or leaves it unspecified).
+    """
+    message = lipsync_pb2.ModelVersion(
+        speaker=speaker,
+        version=version,
+        state=state,
+        prefix=version_prefix(speaker, version),
+        pca_components=int(card.get("pca_components", 0)),
+        feature_dim=int(card.get("feature_dim", 28)),
+        feature_rate_hz=float(card.get("feature_rate_hz", 100.0)),
+        delay_steps=int(card.get("delay_steps", 20)),
+        template_id=str(card.get("template_id", "")),
+    )
+    if card.get("created"):
+        created = Timestamp()
+        created.FromJsonString(card["created"])
+        message.created.CopyFrom(created)
+    for field, name in (("model_card", "model_card.json"), ("pca", "pca.npz"), ("normalization", "normalization.npz")):
+        blob = store.stat(extra_key(speaker, version, name), missing_ok=True)
+        if blob is not None:
+            getattr(message, field).CopyFrom(object_ref(blob))
+    if isinstance(card.get("training"), Mapping):
+        json_format.ParseDict(card["training"], message.training, ignore_unknown_fields=True)
+    metrics = card.get("metrics") or {}
+    if isinstance(metrics, Mapping):
+        json_format.ParseDict(
+            {k: v for k, v in metrics.items() if v is not None}, message.metrics, ignore_unknown_fields=True
+        )
+    return message

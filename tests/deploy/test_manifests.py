@@ -41,6 +41,7 @@ COMPOSE_GPU = REPO / "deploy" / "compose.gpu.yaml"
 MODELS_CONFIG = REPO / "deploy" / "tfserving" / "models.config"
 ENV = read_env_file()
 PORTS = {c.name: parse_address(ENV[f"A2V_{c.name.upper()}_ADDR"])[1] for c in COMPONENTS}
+TRAINER_PORT = parse_address(ENV[catalog.TRAINER_ADDR_VARIABLE])[1]
 BY_NAME = {image.name: image for image in catalog.IMAGES}
 FIRST_PARTY = {"audio2video", "services", "orchestrator", "deploy"}
 TENSORFLOW_IMPORTS = {"tensorflow", "tensorflow_serving", "keras"}
@@ -628,6 +629,7 @@ def test_compose_addresses_are_the_env_files_with_container_names():
         assert env["A2V_S3_ENDPOINT"] == "minio:9000", name
         for component in COMPONENTS:
             assert target_port(env[f"A2V_{component.name.upper()}_ADDR"]) == (component.name, PORTS[component.name])
+        assert target_port(env[catalog.TRAINER_ADDR_VARIABLE]) == (catalog.TRAINER, TRAINER_PORT)
         host, port = target_port(env[catalog.TF_SERVING_ADDR_VARIABLE])
         assert (host, port) == (catalog.TF_SERVING, catalog.TF_SERVING_GRPC_PORT)
         # Replicas of texture are reached through the dns resolver, which returns each of them.
@@ -641,13 +643,34 @@ def test_compose_addresses_are_the_env_files_with_container_names():
 def test_compose_start_order_waits_for_health():
     services = compose()["services"]
     stages = [c.name for c in COMPONENTS if c.name != "orchestrator"]
-    assert services["orchestrator"]["depends_on"] == {s: {"condition": "service_healthy"} for s in stages}
-    for name in stages:
+    called = [*stages, catalog.TRAINER]
+    assert services["orchestrator"]["depends_on"] == {s: {"condition": "service_healthy"} for s in called}
+    for name in called:
         depends = services[name]["depends_on"]
         assert depends["minio"] == {"condition": "service_healthy"}
         assert depends["setup"] == {"condition": "service_completed_successfully"}
     assert services["texture"]["deploy"]["replicas"] >= 2
-    assert services[catalog.TRAINER]["profiles"] == ["train"]
+
+
+def test_compose_runs_the_trainer_service_from_the_trainer_image_and_the_orchestrator_calls_it():
+    from audio2video.lipsync.v1 import lipsync_pb2
+
+    services = compose()["services"]
+    trainer = services[catalog.TRAINER]
+    assert catalog.TRAINER_SERVICE_MODULE in catalog.TRAINER_IMAGE.also_runs
+    assert trainer["entrypoint"] == ["python", "-m", catalog.TRAINER_SERVICE_MODULE]
+    assert "profiles" not in trainer and trainer["restart"] == "unless-stopped", "a long-running service"
+    assert compose_env(trainer)["A2V_LISTEN"] == f"0.0.0.0:{TRAINER_PORT}"
+    assert trainer["healthcheck"]["test"] == ["CMD", "python", "-m", "deploy.healthcheck", catalog.TRAINER_GRPC_SERVICE]
+    assert lipsync_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name == catalog.TRAINER_GRPC_SERVICE
+    assert f"models:{catalog.MODELS_MOUNT}" in trainer["volumes"]  # written, where TF Serving reads
+    orchestrator = compose_env(services["orchestrator"])
+    assert orchestrator["A2V_TRAINER"] == "grpc"
+    assert target_port(orchestrator[catalog.TRAINER_ADDR_VARIABLE]) == (catalog.TRAINER, TRAINER_PORT)
+    # Not a stage of the local stack: its orchestrator trains in a child process.
+    assert catalog.TRAINER not in {c.name for c in COMPONENTS} and "A2V_TRAINER" not in ENV
+    gpu = compose(COMPOSE_GPU)["services"][catalog.TRAINER]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
 def test_compose_tf_serving_reads_the_volume_the_trainer_writes():
@@ -787,7 +810,7 @@ def test_only_the_images_that_need_it_carry_tensorflow(image):
 
 @pytest.mark.parametrize("image", catalog.IMAGES, ids=lambda i: i.name)
 def test_images_whose_code_runs_librosa_warm_numbas_cache_at_build_time(image):
-    _, third_party, _ = import_closure(image.module)
+    _, third_party, _ = image_closure(image)
     needs = image.warms_numba or bool({"librosa", "numba"} & third_party)
     runtime = stages(image.dockerfile)[-1]
     warms = [c for c in runtime if c.cmd == "RUN" and "deploy/docker/warm_caches.py" in c.value[0]]
@@ -804,13 +827,26 @@ def test_entrypoint_module_exists(image):
         if image.planned:
             pytest.skip(f"{image.module} lands with a later issue")
         pytest.fail(f"{image.module} does not exist")
+    for module in image.also_runs:
+        assert importlib.util.find_spec(module) is not None, module
+
+
+def image_closure(image: catalog.Image) -> tuple[set[Path], set[str], set[str]]:
+    """import_closure of every module the image runs (its entry point and `also_runs`)."""
+    files: set[Path] = set()
+    third_party: set[str] = set()
+    missing: set[str] = set()
+    for module in (image.module, *image.also_runs):
+        more_files, more_third_party, more_missing = import_closure(module)
+        files, third_party, missing = files | more_files, third_party | more_third_party, missing | more_missing
+    return files, third_party, missing
 
 
 @pytest.mark.parametrize("image", catalog.IMAGES, ids=lambda i: i.name)
 def test_image_holds_every_module_its_entrypoint_imports(image):
     if image.planned and module_file(image.module) is None:
         pytest.skip(f"{image.module} lands with a later issue")
-    files, _, missing = import_closure(image.module)
+    files, _, missing = image_closure(image)
     assert missing == set(), "imports of modules that do not exist"
     copies = runtime_copies(image)
     for source, destination, from_builder in copies:
@@ -826,7 +862,7 @@ def test_image_holds_every_module_its_entrypoint_imports(image):
 def test_third_party_imports_come_from_the_images_requirements(image):
     if image.planned and module_file(image.module) is None:
         pytest.skip(f"{image.module} lands with a later issue")
-    _, third_party, _ = import_closure(image.module)
+    _, third_party, _ = image_closure(image)
     wanted = requirement_names(REPO / "requirements.txt")
     if image.tensorflow:
         wanted |= requirement_names(REPO / "requirements-tf.txt")
