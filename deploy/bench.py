@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from deploy.local import REPO, LocalStack, stack_environment
@@ -452,7 +453,7 @@ class Target:
         try:
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
-                frames = stream.frames or sum(1 for _ in container.demux(stream) if _.size)
+                frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
                 return cls(path, stream.width, stream.height, float(stream.average_rate or 0), int(frames))
         except (OSError, IndexError, av.FFmpegError) as exc:
             raise BenchError(f"{path} is not a readable video: {exc}") from exc
@@ -479,7 +480,8 @@ def private_stack(
             code, captured = 1, io.StringIO(str(exc))
         if code != 0:
             keep = True
-            raise BenchError(f"the local stack did not start (logs in {stack.logs}): {captured.getvalue().strip()}")
+            said = captured.getvalue().strip().splitlines()
+            raise BenchError(f"the local stack did not start (logs in {stack.logs}){': ' + said[-1] if said else ''}")
         yield env, stack
     finally:
         progress("stopping the private stack")
@@ -575,7 +577,10 @@ class Bench:
         options = pb.TrainOptions()
         options.training.max_epochs = self.args.epochs
         started = time.monotonic()
-        job = self.wait(self.connection.train(SPEAKER, [video], options).id, "training")
+        try:
+            job = self.wait(self.connection.train(SPEAKER, [video], options).id, "training")
+        except grpc.RpcError as exc:
+            raise BenchError(f"training: orchestrator: {exc.code().name}: {exc.details()}") from exc
         if reason := job_outcome(job):
             raise BenchError(f"training failed: {reason}")
         deadline = time.monotonic() + MODEL_WAIT_SECONDS
@@ -604,8 +609,11 @@ class Bench:
         audio = self.audio(seconds, f"{target.label}-{seconds:g}s")
         pids = stack_processes(self.stack)
         before = cpu_seconds(pids)
-        job = self.connection.render(SPEAKER, audio, target.path, pb.JobOptions(**options))
-        job = self.wait(job.id, what)
+        try:
+            job = self.connection.render(SPEAKER, audio, target.path, pb.JobOptions(**options))
+            job = self.wait(job.id, what)
+        except grpc.RpcError as exc:
+            raise BenchError(f"orchestrator: {exc.code().name}: {exc.details()}") from exc
         after = cpu_seconds(pids)
         if reason := job_outcome(job):
             raise BenchError(reason)
@@ -782,8 +790,8 @@ def build_parser(prog: str = "a2v bench") -> argparse.ArgumentParser:
     parser.add_argument(
         "--timings",
         type=Path,
-        default=OUT_DIR / "timings.json",
-        help='stage seconds of the headline case, {"stages": {...}}, for `a2v eval output --timings`',
+        help='stage seconds of the headline case, {"stages": {...}}, for `a2v eval output --timings` '
+        "(default: timings.json beside --json)",
     )
     return parser
 
@@ -822,6 +830,7 @@ def write_json(data: Mapping, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.timings = args.timings or args.json.with_name("timings.json")
     progress = Progress()
     started = time.monotonic()
     previous = None
@@ -869,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
                 bench.close()
     except BenchError as exc:
         print(f"a2v bench: could not run: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"a2v bench: could not run: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("a2v bench: interrupted (the stack was stopped)", file=sys.stderr)
