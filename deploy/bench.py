@@ -775,7 +775,7 @@ def build_parser(prog: str = "a2v bench") -> argparse.ArgumentParser:
     parser.add_argument(
         "--blas-threads",
         type=int,
-        help="OPENBLAS/OMP/MKL_NUM_THREADS of every service of the private stack (default: unset, as deployed)",
+        help="OPENBLAS/OMP/MKL_NUM_THREADS of every service of the private stack (default: deploy/.env, 1)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="no warm-up job per target (analysis not timed)")
     parser.add_argument("--no-replicas", action="store_true", help="skip texture synthesis with 1 and 2 replicas")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local import STACK_COMPONENTS, WEED_PORT_COUNT, weed_command
+from deploy.local import WEED_PORT_COUNT, weed_command
+from deploy.ports import free_port, free_port_block, isolated_stack_env
 from deploy.samples import SAMPLE_DATA
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import StoreConfig
@@ -21,35 +21,6 @@ ACCESS_KEY = "a2v-test"
 SECRET_KEY = "a2v-test-secret-key"
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = SAMPLE_DATA
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_port_block(count: int) -> int:
-    """First port of `count` consecutive free loopback ports."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no block of {count} free ports")
 
 
 class S3Server:
@@ -175,19 +146,9 @@ def katie_target(s3_server):
     return analyse_clip(store, "fixtures/katie100.mp4", SHARED_DATA / "targets" / "hdtf_katiehill_512.mp4", 100)
 
 
-def make_stack_env(root: Path) -> dict[str, str]:
+def make_stack_env(root: Path, *, replicas: int = 1) -> dict[str, str]:
     """Environment for a stack on free ports with its own state folder under `root` (never the developer's)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MAKE", "MFLAGS"))}
-    env.update(
-        {
-            "A2V_STACK_DIR": str(root / "stack"),
-            "A2V_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "A2V_WEED_PORT_BASE": str(free_port_block(WEED_PORT_COUNT)),
-        }
-    )
-    for component in STACK_COMPONENTS:
-        env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
-    return env
+    return isolated_stack_env(root / "stack", replicas=replicas)
 
 
 def stop_stack(env: dict[str, str]) -> None:

@@ -103,8 +103,7 @@ def stage(job: pb.Job, which: int) -> pb.StageStatus:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """The local stack with two texture replicas and the `e2e` speaker trained through the job API."""
-    env = make_stack_env(tmp_path_factory.mktemp("e2e"))
-    env["A2V_TEXTURE_REPLICAS"] = "2"
+    env = make_stack_env(tmp_path_factory.mktemp("e2e"), replicas=2)
     try:
         up = a2v(env, "up", timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
