@@ -28,7 +28,7 @@ from services.runtime.status import grpc_errors
 from services.texture import core
 
 log = logging.getLogger(__name__)
-RESULT_FORMAT_VERSION = 1
+RESULT_FORMAT_VERSION = 2  # 2: detail restored over the mouth region
 MAX_CHUNK_FRAMES = 5000
 MEDIAN_MODES = {
     texture_pb2.MEDIAN_MODE_UNSPECIFIED: "luminance",
@@ -51,6 +51,8 @@ def texture_options(options: texture_pb2.SynthesizeOptions) -> core.TextureOptio
         shape_smoothing_sigma_frames=optional("shape_smoothing_sigma_frames"),
         warmup_frames=optional("warmup_frames"),
         median_mode=MEDIAN_MODES.get(options.median_mode, "luminance"),
+        detail_amount=optional("detail_amount"),
+        detail_sigma_px=optional("detail_sigma_px"),
     )
 
 

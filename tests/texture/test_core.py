@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from services.texture.core import (
     mouth_region_mask,
     prepare_target,
     quantize_weights,
+    restore_detail,
     select_candidates,
     shape_distances,
     solve_widths,
@@ -223,7 +225,8 @@ def test_own_shape_gives_a_texture_close_to_that_frame(bank, analysis):
 
 def test_synthesize_outputs(bank, analysis):
     n = 12
-    chunk = synthesize(bank, analysis.canonical_mouth, 5, 5 + n, options=TextureOptions(n_candidates=20))
+    plain = TextureOptions(n_candidates=20, detail_amount=0.0)  # the median alone (detail: its own test)
+    chunk = synthesize(bank, analysis.canonical_mouth, 5, 5 + n, options=plain)
     h, w = analysis.geometry.crop_shape
     assert chunk.textures.shape == (n, h, w, 3) and chunk.textures.dtype == np.uint8
     assert chunk.valid.all() and chunk.frames_written == n and chunk.frames_skipped == 0
@@ -236,14 +239,58 @@ def test_synthesize_outputs(bank, analysis):
     for i in (0, n - 1):
         stack = analysis.crops[chunk.candidates[i]]
         assert (stack == chunk.textures[i][None]).all(axis=-1).any(axis=0).all()
-    reference = synthesize(
-        bank, analysis.canonical_mouth, 5, 5 + n, options=TextureOptions(n_candidates=20), reference=True
-    )
+    reference = synthesize(bank, analysis.canonical_mouth, 5, 5 + n, options=plain, reference=True)
     np.testing.assert_array_equal(chunk.textures, reference.textures)
 
 
+def test_detail_is_restored_over_the_mouth_only(bank, analysis):
+    n = 6
+    plain = synthesize(
+        bank, analysis.canonical_mouth, 5, 5 + n, options=TextureOptions(n_candidates=20, detail_amount=0)
+    )
+    sharp = synthesize(bank, analysis.canonical_mouth, 5, 5 + n, options=TextureOptions(n_candidates=20))
+    reference = synthesize(
+        bank, analysis.canonical_mouth, 5, 5 + n, options=TextureOptions(n_candidates=20), reference=True
+    )
+    np.testing.assert_array_equal(sharp.textures, reference.textures)
+    for i in range(n):
+        region = mouth_region_mask(sharp.mean_shapes[i], analysis.geometry, margin=0.08, feather=0.03)
+        inside, outside = region > 0.5, region == 0
+        detail = [
+            cv2.Laplacian(cv2.cvtColor(t, cv2.COLOR_BGR2GRAY), cv2.CV_64F)[inside].var()
+            for t in (plain.textures[i], sharp.textures[i])
+        ]
+        assert detail[1] > 1.3 * detail[0], detail
+        np.testing.assert_array_equal(sharp.textures[i][outside], plain.textures[i][outside])
+
+
+def test_restore_detail_checks_and_identities():
+    rng = np.random.default_rng(3)
+    texture = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    region = np.zeros((40, 30), np.float32)
+    region[10:30, 5:25] = 1.0
+    np.testing.assert_array_equal(restore_detail(texture, region, amount=0.0, sigma_px=1.5), texture)
+    np.testing.assert_array_equal(restore_detail(texture, np.zeros_like(region), amount=1.0, sigma_px=1.5), texture)
+    out = restore_detail(texture, region, amount=1.0, sigma_px=1.5)
+    np.testing.assert_array_equal(out[region == 0], texture[region == 0])
+    base = texture.astype(np.float32)
+    expected = np.clip(
+        base + (base - cv2.GaussianBlur(base, (0, 0), 1.5, borderType=cv2.BORDER_REPLICATE)) + 0.5, 0, 255
+    )
+    np.testing.assert_array_equal(out[15, 10], expected.astype(np.uint8)[15, 10])
+    with pytest.raises(InvalidInput, match="uint8"):
+        restore_detail(texture.astype(np.float32), region, amount=1.0, sigma_px=1.5)
+    with pytest.raises(InvalidInput, match="region"):
+        restore_detail(texture, region[:10], amount=1.0, sigma_px=1.5)
+    with pytest.raises(InvalidInput, match="sigma_px"):
+        restore_detail(texture, region, amount=1.0, sigma_px=0.0)
+    for bad in ({"detail_amount": -0.1}, {"detail_amount": 6.0}, {"detail_sigma_px": 0.0}):
+        with pytest.raises(InvalidInput, match="detail"):
+            TextureOptions(**bad)
+
+
 def test_per_channel_and_mouth_region_modes(bank, analysis):
-    opts = TextureOptions(n_candidates=15, median_mode="per_channel")
+    opts = TextureOptions(n_candidates=15, median_mode="per_channel", detail_amount=0.0)
     chunk = synthesize(bank, analysis.canonical_mouth, 20, 22, options=opts)
     cand = chunk.candidates[0]
     q = quantize_weights(chunk.candidate_weights[0])
@@ -252,7 +299,7 @@ def test_per_channel_and_mouth_region_modes(bank, analysis):
     for ch in range(3):
         expected, _ = weighted_median_reference(np.ascontiguousarray(flat[:, :, ch]), q[keep])
         np.testing.assert_array_equal(chunk.textures[0].reshape(-1, 3)[:, ch], expected)
-    opts = TextureOptions(n_candidates=15, median_region="mouth")
+    opts = TextureOptions(n_candidates=15, median_region="mouth", detail_amount=0.0)
     mouth = synthesize(bank, analysis.canonical_mouth, 20, 22, options=opts)
     full = synthesize(bank, analysis.canonical_mouth, 20, 22, options=dataclasses.replace(opts, median_region="crop"))
     region = mouth_region_mask(
