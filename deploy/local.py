@@ -172,10 +172,7 @@ class LocalStack:
                     processes.append(self._start_service(component, name, address, client_env))
                     starts.append(processes[-1])
                     self._save_state(processes)
-            with ThreadPoolExecutor(max_workers=len(starts)) as pool:
-                failures = [f for f in pool.map(self._await_serving, starts) if f]
-            if failures:
-                raise RuntimeError("\n".join(failures))
+            self._await_all_serving(starts)
         except (RuntimeError, Unavailable, ConfigError, OSError) as exc:
             print(f"stack failed to start: {exc}", file=sys.stderr)
             self.down(quiet=True)
@@ -200,11 +197,7 @@ class LocalStack:
                     processes.append(self._start_service(component, process.name, process.address, client_env))
                 restarted.append(processes[-1])
             self._save_state(processes)
-            services = [p for p in restarted if p.grpc_service]
-            with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
-                failures = [f for f in pool.map(self._await_serving, services) if f]
-            if failures:
-                raise RuntimeError("\n".join(failures))
+            self._await_all_serving([p for p in restarted if p.grpc_service])
         except (RuntimeError, Unavailable, ConfigError, OSError) as exc:
             print(f"restart failed: {exc}", file=sys.stderr)
             return 1
@@ -242,6 +235,13 @@ class LocalStack:
         return Process(
             name, process.pid, address, component.grpc_service, str(log_path), marker=f"-m {component.module}"
         )
+
+    def _await_all_serving(self, processes: list[Process]) -> None:
+        """Wait for every process to report SERVING at once; RuntimeError naming each that did not."""
+        with ThreadPoolExecutor(max_workers=max(1, len(processes))) as pool:
+            failures = [f for f in pool.map(self._await_serving, processes) if f]
+        if failures:
+            raise RuntimeError("\n".join(failures))
 
     def _await_serving(self, process: Process) -> str:
         try:

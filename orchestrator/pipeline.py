@@ -26,9 +26,9 @@ from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
-from services.runtime.clients import create_channel
+from services.runtime.clients import create_channel, rpc_failure
 from services.runtime.config import service_address
-from services.runtime.errors import A2VError, Cancelled, FailedPrecondition, InvalidInput
+from services.runtime.errors import A2VError, CallFailed, Cancelled, FailedPrecondition, InvalidInput
 
 log = logging.getLogger(__name__)
 Stage = orchestrator_pb2.Stage
@@ -106,13 +106,12 @@ class ProgressReporter(Reporter):
         self.callback(stage, done, total, unit)
 
 
-class StageFailed(A2VError):
+class StageFailed(CallFailed):
     """A stage call failed for good (not retryable, or out of attempts); names the stage and the cause."""
 
     def __init__(self, stage: int, status: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(status, message)
         self.stage = stage
-        self.status = status
 
 
 def retry_delay(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
@@ -164,8 +163,7 @@ class StageCaller:
                 else:
                     result = invoke()
             except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-                detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                code, detail = rpc_failure(exc)
                 if code == grpc.StatusCode.CANCELLED and self.stop is not None and self.stop.is_set():
                     raise Cancelled("the job was cancelled") from exc
                 error = f"{code.name}: {detail}"
@@ -297,7 +295,8 @@ class Pipeline:
             proxies = call(Stage.STAGE_TEETH, lambda: c.teeth.SelectProxies(selection), streaming=False).proxies
 
         ranges = [(a, min(a + chunk, frames)) for a in range(0, frames, chunk)]
-        done = dict.fromkeys((Stage.STAGE_TEXTURE, Stage.STAGE_TEETH, Stage.STAGE_COMPOSITE), 0)
+        chunk_stages = (Stage.STAGE_TEXTURE, *((Stage.STAGE_TEETH,) if use_teeth else ()), Stage.STAGE_COMPOSITE)
+        done = dict.fromkeys(chunk_stages, 0)
         lock = threading.Lock()
 
         def chunk_done(stage: int, bounds: tuple[int, int]) -> None:
@@ -305,7 +304,7 @@ class Pipeline:
                 done[stage] += bounds[1] - bounds[0]
                 report.progress(stage, done[stage], frames, "frames")
 
-        for stage in done if use_teeth else (Stage.STAGE_TEXTURE, Stage.STAGE_COMPOSITE):
+        for stage in chunk_stages:
             report.progress(stage, 0, frames, "frames")
 
         def one_chunk(bounds: tuple[int, int]) -> composite_pb2.Segment:
@@ -376,7 +375,7 @@ class Pipeline:
                 for future in futures:  # one chunk failed for good: the rest are not started
                     future.cancel()
                 raise
-        for stage in done if use_teeth else (Stage.STAGE_TEXTURE, Stage.STAGE_COMPOSITE):
+        for stage in chunk_stages:
             report.stage_finished(stage)
         finalized = call(
             Stage.STAGE_FINALIZE,

@@ -28,9 +28,9 @@ import grpc
 
 from audio2video.common.v1 import common_pb2
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
-from services.runtime.clients import create_channel
+from services.runtime.clients import create_channel, rpc_failure
 from services.runtime.config import ConfigError, service_address
-from services.runtime.errors import A2VError, Cancelled, FailedPrecondition, Unavailable
+from services.runtime.errors import CallFailed, Cancelled, FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -263,6 +263,13 @@ class KubernetesTrainer:
         finally:
             watcher.set()
 
+    def _pause(self, stop: threading.Event | None) -> None:
+        """Wait one poll interval; Cancelled as soon as `stop` is set."""
+        if stop is None:
+            time.sleep(self.poll_seconds)
+        elif stop.wait(self.poll_seconds):
+            raise Cancelled("training was cancelled")
+
     def _wait_for_pod(self, name: str, stop: threading.Event | None) -> str:
         """The Job's pod once it runs (or already ended); FailedPrecondition if it cannot start."""
         while True:
@@ -279,7 +286,7 @@ class KubernetesTrainer:
                 ]
                 if waiting:
                     raise FailedPrecondition(f"trainer pod {pod.metadata.name}: {waiting[0].reason}")
-            time.sleep(self.poll_seconds)
+            self._pause(stop)
 
     def _log_lines(self, pod: str) -> Iterator[str]:
         response = self.core.read_namespaced_pod_log(
@@ -301,10 +308,7 @@ class KubernetesTrainer:
                 return
             if status.failed and not status.active:
                 raise FailedPrecondition(f"trainer Job {name} failed")
-            if stop is not None and stop.wait(self.poll_seconds):
-                raise Cancelled("training was cancelled")
-            if stop is None:
-                time.sleep(self.poll_seconds)
+            self._pause(stop)
 
     def _delete(self, name: str) -> None:
         try:
@@ -314,14 +318,6 @@ class KubernetesTrainer:
 
 
 # -- gRPC -----------------------------------------------------------------------------------------------
-
-
-class TrainerFailed(A2VError):
-    """The trainer service refused or failed a training call; `status` is the code it answered with."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class GrpcTrainer:
@@ -353,11 +349,10 @@ class GrpcTrainer:
         except grpc.RpcError as exc:
             if stop is not None and stop.is_set():
                 raise Cancelled("training was cancelled") from exc
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            code, detail = rpc_failure(exc)
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable(f"training failed: UNAVAILABLE: trainer at {self.address}: {detail}") from exc
-            raise TrainerFailed(code.name, f"training failed: {code.name}: {detail}") from exc
+            raise CallFailed(code.name, f"training failed: {code.name}: {detail}") from exc
         finally:
             watcher.set()
         if result is None:

@@ -67,6 +67,13 @@ def create_channel(
     return grpc.insecure_channel(address, options=options)
 
 
+def rpc_failure(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The status code and detail of a failed call (UNKNOWN and the error's text when it is no call)."""
+    if isinstance(exc, grpc.Call):
+        return exc.code(), exc.details()
+    return grpc.StatusCode.UNKNOWN, str(exc)
+
+
 def health_status(channel: grpc.Channel, service: str = "", *, timeout_seconds: float = 2.0) -> str:
     """The health status name ("SERVING", "NOT_SERVING", "SERVICE_UNKNOWN") or "UNREACHABLE"."""
     stub = health_pb2_grpc.HealthStub(channel)

@@ -49,6 +49,14 @@ class IntegrityError(A2VError):
     status = "DATA_LOSS"
 
 
+class CallFailed(A2VError):
+    """Another service answered a call with an error; `status` is the code it answered with."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Cancelled(A2VError):
     """The caller cancelled the work."""
 

@@ -15,7 +15,6 @@ from orchestrator.pipeline import SMALL_DATA_TRAINING, Pipeline, Reporter, Stage
 from orchestrator.trainers import (
     GrpcTrainer,
     LocalTrainer,
-    TrainerFailed,
     TrainerRun,
     TrainSpec,
     follow_output,
@@ -29,7 +28,7 @@ from services.lipsync import trainer as lipsync_trainer
 from services.lipsync.trainer_service import TrainerServicer
 from services.lipsync.versions import stored_versions
 from services.runtime.config import ConfigError
-from services.runtime.errors import Cancelled, FailedPrecondition, Unavailable
+from services.runtime.errors import CallFailed, Cancelled, FailedPrecondition, Unavailable
 from services.runtime.server import binding_for
 from tests.conftest import free_port, wait_until
 from tests.deploy.test_manifests import K8S_VERSION, OVERLAYS, find, rendered
@@ -165,7 +164,7 @@ def test_the_pipeline_sends_the_small_data_settings_explicitly_with_the_jobs_opt
     ("error", "status"),
     [
         (Unavailable("training failed: UNAVAILABLE: trainer at x: down"), "UNAVAILABLE"),
-        (TrainerFailed("NOT_FOUND", "training failed: NOT_FOUND: no dataset"), "NOT_FOUND"),
+        (CallFailed("NOT_FOUND", "training failed: NOT_FOUND: no dataset"), "NOT_FOUND"),
         (FailedPrecondition("training failed: trainer: error: boom"), "FAILED_PRECONDITION"),
     ],
 )
@@ -236,10 +235,10 @@ def test_the_grpc_trainer_stops_the_training_when_the_job_is_cancelled(store, gr
 @pytest.mark.integration
 def test_the_grpc_trainer_keeps_the_services_status(grpc_trainer, tiny_spec, key_prefix):
     missing = TrainSpec(tiny_spec.speaker, common_pb2.ObjectRef(key=f"{key_prefix}/none.npz"), tiny_spec.pca)
-    with pytest.raises(TrainerFailed, match="NOT_FOUND") as err:
+    with pytest.raises(CallFailed, match="NOT_FOUND") as err:
         grpc_trainer.run(missing, on_epoch=None, stop=None)
     assert err.value.status == "NOT_FOUND"
-    with pytest.raises(TrainerFailed) as err:
+    with pytest.raises(CallFailed) as err:
         grpc_trainer.run(TrainSpec("Bad Name", tiny_spec.dataset, tiny_spec.pca), on_epoch=None, stop=None)
     assert err.value.status == "INVALID_ARGUMENT"
     nobody = GrpcTrainer(f"127.0.0.1:{free_port()}", timeout_seconds=10)
