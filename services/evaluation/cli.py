@@ -1,9 +1,12 @@
-"""Command line of the quality evaluation: `sync`, `output` and `shape`, each writing a JSON and an HTML report.
+"""Command line of the quality evaluation (sync, output, shape, resynth): each writes a JSON and an HTML report.
 
     python -m services.evaluation sync VIDEO [--audio AUDIO]
     python -m services.evaluation output OUT.mp4 --target TARGET.mp4 [--audio AUDIO] [--timings T.json]
     python -m services.evaluation shape --models-dir DIR --speaker NAME [--version N] --clip HELDOUT.mp4
         --train-video TRAIN.mp4 [--train-video ...]
+    python -m services.evaluation resynth --speaker NAME --clip HELDOUT.mp4 --target TARGET.mp4 [--retiming]
+        [--seconds S] [--out-video OUT.mp4]          (renders through the stack: `a2v up`)
+    python -m services.evaluation resynth --clip HELDOUT.mp4 --rendered OUT.mp4 [--job ID]
 
 Reports go to --json / --html (default out/eval/<name>-<command>.json / .html); progress goes to stderr, a
 one-line summary to stdout. Exit status 0 on success, 1 with a one-line reason on bad input (missing file,
@@ -61,6 +64,22 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--train-video", type=Path, action="append", default=[], help="training video for ridge (repeat)")
     p.add_argument("--window-rows", type=int, default=20, help="ridge window half-width, 10 ms rows (default 20)")
     outputs(p)
+
+    p = sub.add_parser(
+        "resynth",
+        help="lip accuracy: render a held-out clip's speech and compare the mouth with the clip's real one",
+    )
+    p.add_argument("--clip", type=Path, required=True, help="held-out video of the speaker, with its own speech")
+    p.add_argument("--speaker", help="speaker model to render with (required unless --rendered / --job)")
+    p.add_argument("--target", type=Path, help="video to render onto (required unless --rendered / --job)")
+    p.add_argument("--rendered", type=Path, help="measure this existing render of the clip's audio instead")
+    p.add_argument("--job", help="a finished render job: its predicted shapes (model row), and its video")
+    p.add_argument("--out-video", type=Path, help="where the render goes (default out/eval/<clip>-resynth.mp4)")
+    p.add_argument("--retiming", action="store_true", help="render with head-motion re-timing (default off)")
+    p.add_argument("--seconds", type=float, help="render only the clip's first S seconds of speech (>= 2)")
+    p.add_argument("--strip-frames", type=int, default=6, help="frame pairs in the real/render strip (default 6)")
+    lag(p)
+    outputs(p)
     return parser
 
 
@@ -101,6 +120,28 @@ def run(args: argparse.Namespace) -> int:
             f"{args.output.name}: {lag}, sharpness x{rel['mouth_sharpness_ratio']:.2f}, "
             f"seam x{rel['seam_energy_ratio']:.2f}, silent flicker x{rel['flicker_silent_ratio']:.2f} of the target"
         )
+    elif args.command == "resynth":
+        from services.evaluation.resynth import evaluate_resynth
+
+        name = args.clip.stem
+        if args.strip_frames < 0:
+            raise InvalidInput(f"--strip-frames must be >= 0, got {args.strip_frames}")
+        if args.rendered is None and args.job is None and not (args.speaker and args.target):
+            raise InvalidInput("give --speaker and --target to render, or --rendered OUT.mp4 (or --job ID)")
+        result = evaluate_resynth(
+            args.clip,
+            speaker=args.speaker,
+            target=args.target,
+            rendered=args.rendered,
+            out_video=args.out_video or _default(name, args.command, ".mp4"),
+            job_id=args.job,
+            retiming=args.retiming,
+            seconds=args.seconds,
+            max_lag=args.max_lag,
+            strip_frames=args.strip_frames,
+            progress=progress,
+        )
+        summary = result.summary()
     else:
         name = args.clip.stem
         model = None

@@ -488,6 +488,13 @@ def report_content(
     evaluation: Evaluation, *, timings: dict[str, float] | None = None
 ) -> tuple[str, dict, list[report.Figure], list[tuple[str, object]]]:
     """(title, JSON data, figures, headline numbers) of an evaluation's report."""
+    own = getattr(evaluation, "report_content", None)  # evaluations in their own modules (resynth)
+    if own is not None:
+        title, data, figures, highlights = own()
+        if timings:
+            data["stage_seconds"] = dict(timings)
+            figures.append(("time per stage", report.plot_stage_times(timings)))
+        return title, data, figures, highlights
     data = evaluation.as_dict()
     figures: list[report.Figure] = []
     highlights: list[tuple[str, object]] = []

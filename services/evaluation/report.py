@@ -138,6 +138,25 @@ def plot_cross_correlation(curves: Mapping[str, SyncResult]) -> bytes:
     return _png(fig)
 
 
+def plot_lag_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xlabel: str, title: str) -> bytes:
+    """Correlation against lag (frames) for named (lags, correlation) curves, each peak marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name, (lags, correlation) in curves.items():
+        values = np.asarray(correlation, np.float64)
+        if not np.isfinite(values).any():
+            continue
+        peak = int(np.nanargmax(values))
+        (line,) = ax.plot(lags, values, marker=".", label=f"{name}: peak at {int(lags[peak]):+d}")
+        ax.plot([lags[peak]], [values[peak]], "o", color=line.get_color(), markersize=8)
+    ax.axvline(0, color="0.5", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("correlation")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def plot_stage_times(stages: Mapping[str, float]) -> bytes:
     """Horizontal bars of seconds per stage, largest on top."""
     names = sorted(stages, key=stages.get)
