@@ -162,3 +162,12 @@ def stack_env(tmp_path):
     env = make_stack_env(tmp_path)
     yield env
     stop_stack(env)
+
+
+@pytest.fixture(scope="session")
+def e2e_stack(tmp_path_factory):
+    """The local stack with the tiny `e2e` speaker trained, once per session (tests/support/stack.py)."""
+    from tests.support.stack import trained_stack
+
+    with trained_stack(tmp_path_factory.mktemp("e2e")) as stack:
+        yield stack

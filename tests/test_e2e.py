@@ -1,7 +1,8 @@
 """The whole system as a user runs it: the local stack, `a2v` against the orchestrator, a real mp4 out.
 
-One stack (two texture replicas, as deployments scale it) and one trained speaker serve every test here;
-the tests run in file order and the last one kills a texture replica.
+One stack (two texture replicas, as deployments scale it) and one trained speaker serve every test here
+(`e2e_stack`, shared with the other tests that render: tests/support/stack.py); the tests run in file order
+and the last one kills a texture replica.
 """
 
 import json
@@ -9,26 +10,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import av
 import grpc
 import pytest
 
-from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
-from deploy.demo import speaker_has_model
-from deploy.local import stack_environment
-from orchestrator.cli import upload
-from services.runtime.blobstore import BlobStore
-from services.runtime.config import Config
-from tests.conftest import REPO, SHARED_DATA, make_stack_env, stop_stack, wait_until
+from tests.conftest import SHARED_DATA, wait_until
+from tests.support.stack import SPEAKER_VIDEO, a2v
 
 pytestmark = pytest.mark.integration
-SPEAKER_VIDEO = SHARED_DATA / "speakers" / "feifeili" / "feifeili_clip3.mp4"
 AUDIO = SHARED_DATA / "audio" / "arctic_sentence_4s.wav"
 RENDER_STAGES = {
     pb.STAGE_AUDIO,
@@ -42,91 +34,14 @@ RENDER_STAGES = {
 }
 
 
-def a2v(env, *args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-class Stack:
-    """The running stack: its environment, the orchestrator's stub, the store, the pids of its processes."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(env["A2V_ORCHESTRATOR_ADDR"]))
-        self.store = BlobStore.from_config(Config.from_env("test", stack_environment(env)).store)
-
-    def pid(self, name: str) -> int:
-        state = json.loads((Path(self.env["A2V_STACK_DIR"]) / "state.json").read_text())
-        return next(entry["pid"] for entry in state if entry["name"] == name)
-
-    def submit(self, audio: Path, **options) -> pb.Job:
-        spec = pb.RenderJobSpec(
-            audio=upload(self.store, audio),
-            target_video=upload(self.store, SPEAKER_VIDEO),
-            model=lipsync_pb2.ModelSpec(speaker="e2e"),
-            options=pb.JobOptions(**options),
-        )
-        return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60).job
-
-    def job(self, job_id: str) -> pb.Job:
-        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30).job
-
-    def wait(self, job_id: str, timeout: float = 600) -> pb.Job:
-        for _ in self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout):
-            pass
-        return self.job(job_id)
-
-    def poll(self, job_id: str, timeout: float = 600) -> pb.Job:
-        """The job once terminal, by polling (survives an orchestrator restart, unlike a watch stream)."""
-        terminal = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-
-        def finished():
-            try:
-                return self.job(job_id).state in terminal
-            except grpc.RpcError:
-                return False
-
-        assert wait_until(finished, timeout=timeout, interval=0.5)
-        return self.job(job_id)
-
-
 def stage(job: pb.Job, which: int) -> pb.StageStatus:
     return next(s for s in job.stages if s.stage == which)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """The local stack with two texture replicas and the `e2e` speaker trained through the job API."""
-    env = make_stack_env(tmp_path_factory.mktemp("e2e"), replicas=2)
-    try:
-        up = a2v(env, "up", timeout=300)
-        assert up.returncode == 0, up.stdout + up.stderr
-        running = Stack(env)
-        # Training through the job API, short (the quality run is `python -m services.lipsync.quality`).
-        spec = pb.TrainJobSpec(
-            speaker="e2e", videos=[pb.TrainingVideo(clip_id="clip3", video=upload(running.store, SPEAKER_VIDEO))]
-        )
-        spec.options.training.max_epochs = 3
-        job = running.stub.TrainSpeaker(pb.TrainSpeakerRequest(spec=spec), timeout=60).job
-        events = list(running.stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600))
-        assert events[0].HasField("snapshot")
-        trained = running.job(job.id)
-        assert trained.state == pb.JOB_STATE_SUCCEEDED, trained.failure_reason
-        assert trained.train_result.model.version >= 1
-        assert any(e.HasField("progress") for e in events)
-        assert {s.stage for s in trained.stages} == {pb.STAGE_AUDIO, pb.STAGE_FACE, pb.STAGE_DATASET, pb.STAGE_TRAIN}
-        assert all(s.state == pb.STAGE_STATE_SUCCEEDED for s in trained.stages)
-        # TF Serving picks the new version up within seconds.
-        assert wait_until(lambda: speaker_has_model(env, "e2e"), timeout=60, interval=0.5)
-        yield running
-    finally:
-        stop_stack(env)
+def stack(e2e_stack):
+    """The session's local stack (two texture replicas, the `e2e` speaker trained through the job API)."""
+    return e2e_stack
 
 
 def test_render_with_the_command_line(stack, tmp_path):
