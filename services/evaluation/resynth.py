@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.audio.core import encode_wav
+from services.audio.core import decode_audio, encode_wav
 from services.evaluation import lips, report
 from services.evaluation.evaluate import STRIP_FRAMES, VideoMeasures, _existing, _frame_pass, measure_video, say
 from services.evaluation.sync import DEFAULT_MAX_LAG
@@ -424,15 +424,17 @@ def compare_resynthesis(
     }
 
 
-def held_out_audio(clip: VideoMeasures, folder: Path, seconds: float | None) -> Path:
-    """The held-out clip's audio (its first `seconds`, or all) as a WAV in `folder`, for the render job."""
-    audio = clip.audio
-    if audio is None:
-        raise InvalidInput(f"{clip.path.name} has no audio to render")
+def held_out_audio(clip: Path, folder: Path, seconds: float | None) -> Path:
+    """The held-out clip's audio (its first `seconds`, or all) as a WAV in `folder`, for the render job.
+
+    Raises:
+        InvalidInput: the clip has no audio stream.
+    """
+    audio = decode_audio(clip)
     if seconds is not None:
         count = min(len(audio.samples), round(seconds * audio.sample_rate))
         audio = dataclasses.replace(audio, samples=audio.samples[:count], duration_seconds=count / audio.sample_rate)
-    path = folder / f"{clip.path.stem}-speech.wav"
+    path = folder / f"{clip.stem}-speech.wav"
     path.write_bytes(encode_wav(audio))
     return path
 
@@ -490,23 +492,23 @@ def evaluate_resynth(
         raise InvalidInput("out_video is needed to download the job's render")
     target = _existing(target, "target video") if target is not None else None
     rendered = _existing(rendered, "rendered video") if rendered is not None else None
-    detector = detector or LandmarkDetector()
-    real = measure_video(
-        clip, detector=detector, image_metrics=False, strip_frames=0, max_lag=max_lag, progress=progress
-    )
-    job = None
+    job = None  # render first: a stack that is down fails here, before minutes of analysis
     if rendered is None:
         rendered = Path(out_video)
         if job_id is not None:
             job = existing_job(job_id, environ=environ, download_to=rendered)
         else:
             with tempfile.TemporaryDirectory(prefix="a2v-resynth-") as folder:
-                speech = held_out_audio(real, Path(folder), seconds)
+                speech = held_out_audio(clip, Path(folder), seconds)
                 job = render_through_stack(
                     speaker, speech, target, rendered, retiming=retiming, environ=environ, progress=progress
                 )
     elif job_id is not None:
         job = existing_job(job_id, environ=environ)
+    detector = detector or LandmarkDetector()
+    real = measure_video(
+        clip, detector=detector, image_metrics=False, strip_frames=0, max_lag=max_lag, progress=progress
+    )
     measured = measure_video(
         rendered, detector=detector, image_metrics=False, strip_frames=0, max_lag=max_lag, progress=progress
     )
