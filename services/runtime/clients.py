@@ -13,29 +13,76 @@ from services.runtime.errors import Unavailable
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+KEEPALIVE_SECONDS = 30.0
+"""A client pings a connection whose calls are silent this often, to notice a dead server within a minute.
+
+Servers must accept pings at least this often (`ServerConfig.min_ping_interval_seconds`, default 10 s): gRPC's
+own server default is one ping per 5 minutes, and a server sends GOAWAY "too many pings" after a few strikes,
+which killed progress streams that stayed silent for minutes."""
+KEEPALIVE_TIMEOUT_SECONDS = 20.0
 
 
 def service_config(
-    service_names: Sequence[str], *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, max_attempts: int = 4
+    service_names: Sequence[str],
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    max_attempts: int = 4,
+    open_ended_methods: Sequence[str] = (),
 ) -> str:
     """A gRPC service config: round_robin over every resolved address; per-method deadline; retries.
 
     Only UNAVAILABLE is retried (the request never reached a healthy replica, so a retry cannot
     repeat side effects). The timeout here is the default deadline of every call to these services,
-    so no call can hang even when the caller forgets to pass `timeout=`.
+    so no call can hang even when the caller forgets to pass `timeout=`, except `open_ended_methods`
+    ("package.Service/Method"): streams that last as long as what they watch (a job), which gRPC
+    would otherwise cut at this deadline whatever `timeout=` the call passes.
     """
-    method_config = {
-        "name": [{"service": name} for name in service_names] or [{}],
-        "timeout": f"{timeout_seconds:.3f}s",
-        "retryPolicy": {
-            "maxAttempts": max(2, min(max_attempts, 5)),
-            "initialBackoff": "0.2s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
+    retry_policy = {
+        "maxAttempts": max(2, min(max_attempts, 5)),
+        "initialBackoff": "0.2s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method_config]})
+    method_configs = [
+        {
+            "name": [{"service": name} for name in service_names] or [{}],
+            "timeout": f"{timeout_seconds:.3f}s",
+            "retryPolicy": retry_policy,
+        }
+    ]
+    if open_ended_methods:
+        names = [dict(zip(("service", "method"), name.split("/", 1), strict=True)) for name in open_ended_methods]
+        method_configs.append({"name": names, "retryPolicy": retry_policy})  # no "timeout": no default deadline
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": method_configs})
+
+
+def channel_options(
+    service_names: Sequence[str] = (),
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    max_attempts: int = 4,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    keepalive_seconds: float = KEEPALIVE_SECONDS,
+    open_ended_methods: Sequence[str] = (),
+) -> list[tuple[str, object]]:
+    """The options of every channel `create_channel` makes (see there)."""
+    config = service_config(
+        service_names, timeout_seconds=timeout_seconds, max_attempts=max_attempts, open_ended_methods=open_ended_methods
+    )
+    return [
+        ("grpc.service_config", config),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Re-resolve DNS promptly when replicas come and go behind a headless Service.
+        ("grpc.dns_min_time_between_resolutions_ms", 5000),
+        # Keep pinging a silent stream (gRPC stops after two pings without data by default), so a server that
+        # died or a connection that broke fails the call instead of leaving it waiting for ever.
+        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def create_channel(
@@ -45,25 +92,24 @@ def create_channel(
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     max_attempts: int = 4,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    keepalive_seconds: float = KEEPALIVE_SECONDS,
+    open_ended_methods: Sequence[str] = (),
 ) -> grpc.Channel:
     """An insecure channel to `address` for calls to `service_names`.
 
     `address` is any gRPC target: "127.0.0.1:50051", "dns:///texture-headless:50051" (a Kubernetes
     headless Service: every pod's address, balanced round-robin) or "ipv4:127.0.0.1:1,127.0.0.1:2"
-    (several local replicas).
+    (several local replicas). Every call has `timeout_seconds` as its deadline except those of
+    `open_ended_methods` ("package.Service/Method"), which have none unless the call passes one.
     """
-    options = [
-        (
-            "grpc.service_config",
-            service_config(service_names, timeout_seconds=timeout_seconds, max_attempts=max_attempts),
-        ),
-        ("grpc.enable_retries", 1),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # Re-resolve DNS promptly when replicas come and go behind a headless Service.
-        ("grpc.dns_min_time_between_resolutions_ms", 5000),
-        ("grpc.keepalive_time_ms", 30000),
-    ]
+    options = channel_options(
+        service_names,
+        timeout_seconds=timeout_seconds,
+        max_attempts=max_attempts,
+        max_message_bytes=max_message_bytes,
+        keepalive_seconds=keepalive_seconds,
+        open_ended_methods=open_ended_methods,
+    )
     return grpc.insecure_channel(address, options=options)
 
 

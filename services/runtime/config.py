@@ -114,9 +114,14 @@ class ServerConfig:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     # Clients re-resolve DNS only when a connection closes: ageing connections out lets replicas that
-    # an autoscaler added receive calls. In-flight calls get `max_connection_age_grace_seconds` to end.
+    # an autoscaler added receive calls. In-flight calls get `max_connection_age_grace_seconds` to end;
+    # None (the default) lets them run to their end, since a progress stream lasts as long as its work
+    # (a 10-minute training video, a job being watched) and new calls already go to a new connection.
     max_connection_age_seconds: float = 60.0
-    max_connection_age_grace_seconds: float = 600.0
+    max_connection_age_grace_seconds: float | None = None
+    # Clients ping silent calls every 30 s (services.runtime.clients.KEEPALIVE_SECONDS); pings closer
+    # together than this count as abuse and a few of them close the connection ("too many pings").
+    min_ping_interval_seconds: float = 10.0
 
     @classmethod
     def read(cls, env: Env, service: str) -> ServerConfig:
@@ -140,6 +145,9 @@ class ServerConfig:
                 cls.max_connection_age_grace_seconds,
                 minimum=0.0,
                 maximum=86400.0,
+            ),
+            min_ping_interval_seconds=env.get_float(
+                "A2V_MIN_PING_INTERVAL_SECONDS", cls.min_ping_interval_seconds, minimum=0.1, maximum=3600.0
             ),
         )
 

@@ -54,8 +54,10 @@ class Server:
         health_servicer: health.HealthServicer,
         bindings: Sequence[ServiceBinding],
         grace_seconds: float,
+        options: Sequence[tuple[str, object]] = (),
     ) -> None:
         self.grpc_server = grpc_server
+        self.options = dict(options)  # the channel arguments it was built with (tests compare them with clients')
         self.port = port
         self.health = health_servicer
         self.bindings = tuple(bindings)
@@ -103,8 +105,12 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)),
+        # Accept the clients' keepalive pings on calls that send nothing for minutes (see ServerConfig).
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_ping_interval_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if config.max_connection_age_grace_seconds is not None:
+        options.append(("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)))
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.service),
         options=options,
@@ -125,7 +131,7 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     bound_port = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if bound_port == 0:
         raise ConfigError(f"cannot listen on {config.listen} (address in use or not available)")
-    server = Server(grpc_server, bound_port, health_servicer, bindings, config.grace_seconds)
+    server = Server(grpc_server, bound_port, health_servicer, bindings, config.grace_seconds, options)
     return server, bound_port
 
 
