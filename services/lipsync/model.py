@@ -86,6 +86,54 @@ class TrainingSettings:
         return dataclasses.asdict(self)
 
 
+# Training defaults by the amount of training speech (seconds -> overrides of TrainingSettings), so `a2v train`
+# needs no hyper-parameter from a user. Up to a few minutes (what a user usually has, 20 s to 2 min) an epoch
+# holds only tens of windows: small batches (several steps per epoch), short windows, a higher learning rate,
+# and heavy dropout on a 2-layer model (chosen on the held-back end of obama_clip1; services/lipsync/quality.py).
+# With tens of minutes (the paper's regime) the paper's batch and window apply with a wider 2-layer model.
+DATA_SIZE_REGIMES: tuple[tuple[str, float, dict[str, Any]], ...] = (
+    (
+        "small",
+        180.0,
+        {"batch_size": 10, "learning_rate": 3e-3, "sequence_length": 50, "dropout": 0.5, "layers": 2},
+    ),
+    (
+        "medium",
+        900.0,
+        {"batch_size": 50, "learning_rate": 2e-3, "sequence_length": 100, "dropout": 0.3, "layers": 2},
+    ),
+    (
+        "large",
+        math.inf,
+        {
+            "batch_size": 100,
+            "sequence_length": 100,
+            "dropout": 0.2,
+            "layers": 2,
+            "hidden_units": 128,
+            "max_epochs": 100,
+            "early_stopping_patience": 10,
+        },
+    ),
+)
+
+
+def data_size_regime(train_seconds: float) -> tuple[str, dict[str, Any]]:
+    """(name, TrainingSettings overrides) of the regime that `train_seconds` of training speech falls in."""
+    if not train_seconds >= 0:
+        raise InvalidInput(f"train_seconds must be >= 0, got {train_seconds}")
+    for name, upto, overrides in DATA_SIZE_REGIMES:
+        if train_seconds < upto:
+            return name, dict(overrides)
+    raise AssertionError("the last regime is unbounded")  # pragma: no cover
+
+
+def settings_for_data(train_seconds: float, overrides: dict[str, Any] | None = None) -> TrainingSettings:
+    """TrainingSettings for `train_seconds` of training speech; `overrides` (fields a user set) win."""
+    _, chosen = data_size_regime(train_seconds)
+    return TrainingSettings(**(chosen | dict(overrides or {})))
+
+
 @dataclass(frozen=True, eq=False)
 class Sequences:
     """Training windows: input step t of window i is a feature row r, its target the mouth of row r - delay.
@@ -319,6 +367,7 @@ def train_model(
     settings: TrainingSettings = TrainingSettings(),
     on_epoch: Callable[[EpochResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    initial_weights: Sequence[np.ndarray] | None = None,
 ) -> TrainingResult:
     """Train the LSTM on windows of the training sections; early-stop on the validation sections.
 
@@ -362,6 +411,8 @@ def train_model(
     keras.utils.set_random_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     model = build_model(features_norm.shape[1], coefficients.shape[1], settings)
+    if initial_weights is not None:
+        model.set_weights([np.asarray(w) for w in initial_weights])
     optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate, global_clipnorm=settings.gradient_clip_norm)
     optimizer.build(model.trainable_variables)
     # Fixed tilings for the losses, gathered batch by batch (a long dataset's windows need not fit in memory).
@@ -613,3 +664,69 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 def mouth_metrics(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(landmark_error, mouth_open_correlation) of predicted vs true float [N, 20, 2] shapes."""
     return landmark_error(predicted, truth), pearson(mouth_opening(predicted), mouth_opening(truth))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# amplitude calibration
+
+MAX_AMPLITUDE_GAIN = 3.0
+
+
+def amplitude_gain(
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    pca_mean: np.ndarray,
+    pca_components: np.ndarray,
+    *,
+    max_gain: float = MAX_AMPLITUDE_GAIN,
+) -> float:
+    """Gain on predicted coefficients that gives held-out predictions the true spread of mouth opening.
+
+    A model trained on little speech regresses to the mean: on held-out Obama speech its mouth opened with
+    0.4-0.6x the real standard deviation, a mumbling mouth. Squared-error training makes that the optimal
+    answer for the loss, not for a viewer, so the output is scaled back up by one factor measured on held-out
+    rows: std(real opening) / std(predicted opening), opening = inner-lip gap / mouth width. Correlation is
+    unchanged by a gain; the amplitude is what the rendered mouth needs.
+
+    Args:
+        predicted: float [N, K] predicted PCA coefficients of held-out rows.
+        truth: float [N, K] their true coefficients.
+        pca_mean: float [40] and pca_components: float [K, 40], the mouth PCA.
+        max_gain: upper bound (>= 1); the gain is never below 1 (a model that over-shoots is left alone).
+
+    Returns:
+        The gain in [1, max_gain]; 1 when either opening series is constant or N < 2.
+    """
+    predicted, truth = np.asarray(predicted, np.float64), np.asarray(truth, np.float64)
+    if predicted.shape != truth.shape or predicted.ndim != 2:
+        raise InvalidInput(f"predicted {predicted.shape} and true {truth.shape} coefficients must both be [N, K]")
+    if not max_gain >= 1:
+        raise InvalidInput(f"max_gain must be >= 1, got {max_gain}")
+    if len(predicted) < 2:
+        return 1.0
+
+    def spread(coefficients: np.ndarray) -> float:
+        flat = np.asarray(pca_mean, np.float64) + coefficients @ np.asarray(pca_components, np.float64)
+        opening = mouth_opening(flat.reshape(-1, MOUTH_POINTS, 2)) / np.maximum(
+            mouth_width(flat.reshape(-1, MOUTH_POINTS, 2)), 1e-12
+        )
+        return float(np.std(opening))
+
+    predicted_spread, true_spread = spread(predicted), spread(truth)
+    if true_spread <= 0 or predicted_spread <= 1e-6 * true_spread:  # constant (up to rounding): nothing to scale
+        return 1.0
+    return float(np.clip(true_spread / predicted_spread, 1.0, max_gain))
+
+
+def scale_output(model, gain: float, centre: np.ndarray) -> None:
+    """Scale the model's output about `centre` (float [K]) by `gain`, in its last Dense layer, in place.
+
+    y' = centre + gain (y - centre) = (gain W) x + gain b + (1 - gain) centre, so the exported SavedModel
+    carries the calibration and TF Serving needs nothing else.
+    """
+    layer = model.get_layer(OUTPUT_KEY)
+    kernel, bias = layer.get_weights()
+    centre = np.asarray(centre, np.float32).reshape(-1)
+    if centre.shape != bias.shape:
+        raise InvalidInput(f"centre must have {bias.shape[0]} values, got {centre.shape[0]}")
+    layer.set_weights([kernel * np.float32(gain), bias * np.float32(gain) + np.float32(1 - gain) * centre])

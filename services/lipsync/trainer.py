@@ -45,6 +45,8 @@ MODELS_DIR_VARIABLE = "A2V_MODELS_DIR"
 TRAIN_SPEAKER_VARIABLE = "A2V_TRAIN_SPEAKER"
 MODEL_CARD_FORMAT_VERSION = 1
 MOUTH_VECTOR = 40
+HELD_BACK_SHARE = 0.2  # of each section, when the dataset has no validation clip
+MIN_HELD_BACK_ROWS = 100  # 1 s of supervised rows, at least
 DATASET_ARRAYS = (
     "features",
     "shapes",
@@ -89,6 +91,16 @@ def settings_from_proto(options: lipsync_pb2.TrainingOptions | None) -> lstm.Tra
         early_stopping_patience=optional("early_stopping_patience"),
         seed=optional("seed"),
     )
+
+
+def overrides_from_proto(options: lipsync_pb2.TrainingOptions | None) -> dict:
+    """The fields a caller set (non-zero, or present for the optional ones), by TrainingSettings name.
+
+    Everything else takes the defaults `lstm.settings_for_data` picks for the amount of training speech.
+    """
+    if options is None:
+        return {}
+    return {descriptor.name: value for descriptor, value in options.ListFields()}
 
 
 def settings_to_proto(settings: lstm.TrainingSettings) -> lipsync_pb2.TrainingOptions:
@@ -187,21 +199,84 @@ def _content_type(path: Path) -> str:
     return {".json": "application/json", ".npz": NPZ_CONTENT_TYPE}.get(path.suffix, "application/octet-stream")
 
 
-def _validation_metrics(signature, dataset: dict, features_norm: np.ndarray, pca: dict, sections, delay: int):
-    """(landmark_error, mouth_open_correlation) of the exported model over whole validation sections."""
-    offsets = dataset["section_offsets"]
+def hold_back_tails(
+    section_offsets: np.ndarray, sections: np.ndarray, *, share: float, min_rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the last `share` of each of `sections` off as a validation section (those long enough to spare it).
+
+    A single training clip has no validation clip, so without this it trains blind (no early stopping) and
+    its output could not be calibrated. A tail shorter than `min_rows` is not split off.
+
+    Returns:
+        (new section_offsets, training section indices, validation section indices) into the new offsets.
+    """
+    offsets = np.asarray(section_offsets, np.int64)
+    cuts = []
+    for section in np.asarray(sections, np.int64):
+        a, b = int(offsets[section]), int(offsets[section + 1])
+        tail = int(round((b - a) * share))
+        if tail >= min_rows and b - a - tail >= min_rows:
+            cuts.append(b - tail)
+    if not cuts:
+        return offsets, np.asarray(sections, np.int64), np.zeros(0, np.int64)
+    new = np.unique(np.concatenate([offsets, cuts]))
+    cut_set = set(cuts)
+    chosen = set()
+    for section in np.asarray(sections, np.int64):
+        a, b = int(offsets[section]), int(offsets[section + 1])
+        chosen.update(np.flatnonzero((new[:-1] >= a) & (new[:-1] < b)).tolist())
+    validation = np.array(sorted(i for i in chosen if int(new[i]) in cut_set), np.int64)
+    training = np.array(sorted(chosen - set(validation.tolist())), np.int64)
+    return new, training, validation
+
+
+def _rows(offsets: np.ndarray, sections) -> np.ndarray:
+    spans = [np.arange(offsets[s], offsets[s + 1]) for s in sections]
+    return np.concatenate(spans).astype(np.int64) if spans else np.zeros(0, np.int64)
+
+
+def _predict_sections(model, features_norm, coefficients, offsets, sections, delay: int):
+    """(predicted, true) coefficients over whole sections, each predicted from the zero state in one call."""
     predicted, truth = [], []
     for section in sections:
         a, b = int(offsets[section]), int(offsets[section + 1])
-        if b <= a:
-            continue
-        coefficients = lstm.predict_sequence(signature, features_norm[a:b], delay=delay)
-        predicted.append(shapes_from_coefficients(coefficients, pca["mean"], pca["components"]))
-        truth.append(dataset["shapes"][a:b])
+        if b > a:
+            predicted.append(lstm.predict_sequence(model, features_norm[a:b], delay=delay))
+            truth.append(coefficients[a:b])
     if not predicted:
+        return np.zeros((0, coefficients.shape[1])), np.zeros((0, coefficients.shape[1]))
+    return np.concatenate(predicted), np.concatenate(truth)
+
+
+def _validation_metrics(signature, dataset: dict, features_norm, pca: dict, offsets, sections, delay: int):
+    """(landmark_error, mouth_open_correlation) of the exported model over whole validation sections."""
+    predicted, _ = _predict_sections(signature, features_norm, dataset["coefficients"], offsets, sections, delay)
+    if not len(predicted):
         return None, None
-    error, correlation = lstm.mouth_metrics(np.concatenate(predicted), np.concatenate(truth))
+    truth = dataset["shapes"][_rows(offsets, sections)]
+    shapes = shapes_from_coefficients(predicted, pca["mean"], pca["components"])
+    error, correlation = lstm.mouth_metrics(shapes, truth)
     return error, (None if math.isnan(correlation) else correlation)
+
+
+def _sync_card(dataset: dict, clip_ids: list[str]) -> dict:
+    """Per clip: the audio-to-mouth offset the dataset measured and whether pairing removed it."""
+    if "clip_sync_offset_seconds" not in dataset or len(dataset["clip_sync_offset_seconds"]) != len(clip_ids):
+        return {}
+    return {
+        clip: {
+            "offset_seconds": round(float(offset), 4),
+            "correlation": None if not math.isfinite(float(r)) else round(float(r), 4),
+            "applied": bool(applied),
+        }
+        for clip, offset, r, applied in zip(
+            clip_ids,
+            dataset["clip_sync_offset_seconds"],
+            dataset["clip_sync_correlation"],
+            dataset["clip_sync_applied"],
+            strict=True,
+        )
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,6 +290,7 @@ def train_speaker(
     dataset_key: str,
     pca_key: str,
     settings: lstm.TrainingSettings | None = None,
+    overrides: Mapping | None = None,
     models_dir: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -232,7 +308,9 @@ def train_speaker(
         speaker: [a-z0-9_-]{1,64}; the TF Serving model name.
         dataset_key: key of the dataset .npz (face.v1.BuildSpeakerDatasetResult.dataset).
         pca_key: key of the mouth PCA .npz of the same build.
-        settings: hyper-parameters; None = defaults.
+        settings: hyper-parameters, all of them; None = the defaults for the amount of training speech
+            (`lstm.settings_for_data`) with `overrides` applied.
+        overrides: TrainingSettings fields a caller set explicitly (used when `settings` is None).
         models_dir: also write the version to <models_dir>/<speaker>/<version>/ (atomically).
         progress: progress(done_epochs, max_epochs) after every epoch.
         should_stop: polled before every batch; True raises Cancelled.
@@ -247,7 +325,6 @@ def train_speaker(
         Cancelled: should_stop returned True.
         Unavailable: the object store is unreachable.
     """
-    settings = settings or lstm.TrainingSettings()
     validate_speaker(speaker)
     started = time.monotonic()
     dataset, pca, pca_bytes = _load_dataset(store, dataset_key, pca_key)
@@ -261,6 +338,18 @@ def train_speaker(
     train_rows, validation_rows = int(lengths[train_sections].sum()), int(lengths[validation_sections].sum())
     if train_rows == 0:
         raise InvalidInput(f"dataset {dataset_key!r} has no training rows (clips {clip_ids}, all held out or empty)")
+    train_seconds = train_rows / lstm.FEATURE_RATE_HZ
+    regime, _ = lstm.data_size_regime(train_seconds)
+    if settings is None:
+        settings = lstm.settings_for_data(train_seconds, dict(overrides or {}))
+    section_offsets = dataset["section_offsets"].astype(np.int64)
+    held_back = 0
+    if len(validation_sections) == 0:  # one clip: hold back the end of each section for stopping and calibration
+        section_offsets, train_sections, validation_sections = hold_back_tails(
+            section_offsets, train_sections, share=HELD_BACK_SHARE, min_rows=settings.delay_steps + MIN_HELD_BACK_ROWS
+        )
+        held_back = int(np.diff(section_offsets)[validation_sections].sum())
+        train_rows, validation_rows = train_rows - held_back, held_back
     mean = dataset["feature_mean"].astype(np.float32)
     std = dataset["feature_std"].astype(np.float32)
     features_norm = ((dataset["features"] - mean) / std).astype(np.float32)
@@ -284,13 +373,21 @@ def train_speaker(
     trained = lstm.train_model(
         features_norm,
         coefficients,
-        dataset["section_offsets"],
+        section_offsets,
         train_sections,
         validation_sections,
         settings=settings,
         on_epoch=epoch_done,
         should_stop=should_stop,
     )
+
+    gain = 1.0
+    if len(validation_sections):
+        predicted, truth = _predict_sections(
+            trained.model, features_norm, coefficients, section_offsets, validation_sections, settings.delay_steps
+        )
+        gain = lstm.amplitude_gain(predicted, truth, pca["mean"], pca["components"])
+        lstm.scale_output(trained.model, gain, coefficients[_rows(section_offsets, train_sections)].mean(axis=0))
 
     models_root = Path(models_dir) / speaker if models_dir else None
     if models_root is not None:
@@ -308,7 +405,7 @@ def train_speaker(
 
         signature = tf.saved_model.load(str(work)).signatures[lstm.SIGNATURE_KEY]
         error, correlation = _validation_metrics(
-            signature, dataset, features_norm, pca, validation_sections, settings.delay_steps
+            signature, dataset, features_norm, pca, section_offsets, validation_sections, settings.delay_steps
         )
         extra = work / "assets.extra"
         extra.mkdir()
@@ -335,8 +432,12 @@ def train_speaker(
                 "validation_frames": validation_rows,
                 "train_sections": len(train_sections),
                 "validation_sections": len(validation_sections),
+                "held_back_frames": held_back,
+                "sync": _sync_card(dataset, clip_ids),
             },
+            "regime": {"name": regime, "train_seconds": round(train_seconds, 2), "overrides": dict(overrides or {})},
             "training": settings.as_dict(),
+            "amplitude_gain": round(gain, 4),
             "history": {
                 "train_loss": trained.train_losses,
                 "validation_loss": trained.validation_losses,
@@ -403,8 +504,23 @@ def summary_line(card: Mapping) -> str:
 # command line
 
 
+TRAINING_FLAGS = (  # (flag, TrainingSettings field, type, help)
+    ("--epochs", "max_epochs", int, "maximum epochs"),
+    ("--hidden-units", "hidden_units", int, "LSTM units per layer"),
+    ("--layers", "layers", int, "stacked LSTM layers"),
+    ("--delay-steps", "delay_steps", int, "steps (10 ms) of future audio the model hears"),
+    ("--sequence-length", "sequence_length", int, "supervised steps per training window"),
+    ("--batch-size", "batch_size", int, "windows per gradient step"),
+    ("--learning-rate", "learning_rate", float, "Adam step size"),
+    ("--learning-rate-decay", "learning_rate_decay", float, "factor on the learning rate after each epoch"),
+    ("--gradient-clip-norm", "gradient_clip_norm", float, "global gradient norm clip"),
+    ("--dropout", "dropout", float, "dropout rate on LSTM inputs and outputs"),
+    ("--patience", "early_stopping_patience", int, "epochs without improvement before stopping; 0 = never"),
+    ("--seed", "seed", int, "seed of initialisation, dropout and window sampling"),
+)
+
+
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    defaults = lstm.TrainingSettings()
     parser = argparse.ArgumentParser(
         prog="python -m services.lipsync.trainer",
         description="Train a speaker's LSTM from a stored dataset and store it as models/<speaker>/<version>/.",
@@ -420,19 +536,11 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=environ.get(MODELS_DIR_VARIABLE, "").strip() or None,
         help=f"also write <dir>/<speaker>/<version>/ (${MODELS_DIR_VARIABLE})",
     )
-    options = parser.add_argument_group("training options (defaults: the paper's)")
-    options.add_argument("--epochs", type=int, default=defaults.max_epochs, help="maximum epochs")
-    options.add_argument("--hidden-units", type=int, default=defaults.hidden_units)
-    options.add_argument("--layers", type=int, default=defaults.layers)
-    options.add_argument("--delay-steps", type=int, default=defaults.delay_steps)
-    options.add_argument("--sequence-length", type=int, default=defaults.sequence_length)
-    options.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    options.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    options.add_argument("--learning-rate-decay", type=float, default=defaults.learning_rate_decay)
-    options.add_argument("--gradient-clip-norm", type=float, default=defaults.gradient_clip_norm)
-    options.add_argument("--dropout", type=float, default=defaults.dropout)
-    options.add_argument("--patience", type=int, default=defaults.early_stopping_patience, help="0 = never stop early")
-    options.add_argument("--seed", type=int, default=defaults.seed)
+    options = parser.add_argument_group(
+        "training options (unset: chosen by the amount of training speech, see lstm.DATA_SIZE_REGIMES)"
+    )
+    for flag, name, kind, what in TRAINING_FLAGS:
+        options.add_argument(flag, dest=name, type=kind, default=None, help=what)
     return parser
 
 
@@ -442,20 +550,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
-        settings = lstm.TrainingSettings(
-            hidden_units=args.hidden_units,
-            layers=args.layers,
-            delay_steps=args.delay_steps,
-            sequence_length=args.sequence_length,
-            batch_size=args.batch_size,
-            max_epochs=args.epochs,
-            learning_rate=args.learning_rate,
-            learning_rate_decay=args.learning_rate_decay,
-            gradient_clip_norm=args.gradient_clip_norm,
-            dropout=args.dropout,
-            early_stopping_patience=args.patience,
-            seed=args.seed,
-        )
+        overrides = {name: getattr(args, name) for _, name, _, _ in TRAINING_FLAGS if getattr(args, name) is not None}
+        lstm.TrainingSettings(**overrides)  # bad values fail here, before the dataset is read
         config = Config.from_env("trainer", environ)
         store = BlobStore.from_config(config.store)
 
@@ -472,7 +568,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             speaker=args.speaker,
             dataset_key=args.dataset,
             pca_key=args.pca,
-            settings=settings,
+            overrides=overrides,
             models_dir=args.models_dir,
             on_epoch=report,
         )

@@ -56,8 +56,9 @@ class TrainerServicer(lipsync_pb2_grpc.TrainerServiceServicer):
         validate_speaker(request.speaker)
         dataset_key = self._key(request.dataset, "dataset")
         pca_key = self._key(request.pca, "PCA")
-        settings = trainer.settings_from_proto(request.options)
-        log.info("train %s on %s (request %s): %s", request.speaker, dataset_key, request.request_id or "-", settings)
+        overrides = trainer.overrides_from_proto(request.options)
+        trainer.settings_from_proto(request.options)  # out-of-range values fail here, before waiting for the trainer
+        log.info("train %s on %s (request %s): %s", request.speaker, dataset_key, request.request_id or "-", overrides)
 
         def work(progress, should_stop) -> dict:
             while not self._one_at_a_time.acquire(timeout=WAIT_POLL_SECONDS):
@@ -69,7 +70,7 @@ class TrainerServicer(lipsync_pb2_grpc.TrainerServiceServicer):
                     speaker=request.speaker,
                     dataset_key=dataset_key,
                     pca_key=pca_key,
-                    settings=settings,
+                    overrides=overrides,
                     models_dir=self.models_dir,
                     progress=progress,
                     should_stop=should_stop,

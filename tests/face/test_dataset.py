@@ -6,11 +6,14 @@ import pytest
 from services.face.dataset import (
     ClipTracks,
     MouthPCA,
+    SyncOffset,
     build_speaker_dataset,
     choose_validation,
+    estimate_sync_offset,
     fit_mouth_pca,
     pair_clip,
 )
+from services.runtime.canonical import mouth_opening_ratio
 from services.runtime.errors import InvalidInput, NoFace
 
 FPS = 30000 / 1001
@@ -120,3 +123,64 @@ def test_bad_inputs():
         build_speaker_dataset([faceless])
     with pytest.raises(InvalidInput, match="retained_variance"):
         fit_mouth_pca(clip.mouth_shapes, retained_variance=1.5)
+
+
+# ---------------------------------------------------------------------- audio-to-mouth offset
+
+
+def talking_clip(mouth_lag_seconds, *, seconds=12.0, fps=25.0, seed=3, clip_id="talk"):
+    """A clip whose mouth opening follows its loudness (syllable-rate envelope) `mouth_lag_seconds` later."""
+    rng = np.random.default_rng(seed)
+    rates = rng.uniform(2.0, 6.0, 6)
+    phases = rng.uniform(0, 2 * np.pi, 6)
+
+    def envelope(t):
+        return np.sin(2 * np.pi * rates[:, None] * t[None, :] + phases[:, None]).sum(axis=0)
+
+    feature_times = 0.0125 + np.arange(int(seconds * 100)) / 100
+    features = rng.standard_normal((len(feature_times), 28)).astype(np.float32) * 0.1
+    features[:, 13] = envelope(feature_times)
+    timestamps = np.arange(int(seconds * fps)) / fps
+    opening = 0.15 + 0.02 * envelope(timestamps - mouth_lag_seconds)
+    shapes = np.zeros((len(timestamps), 20, 2), np.float32)
+    shapes[:, :, 0] = np.linspace(0.33, 0.67, 20)[None]  # corners (0, 6) 0.1 apart, as wide as a mouth
+    shapes[:, 0, 0], shapes[:, 6, 0] = 0.33, 0.67
+    shapes[:, :, 1] = 0.75
+    for upper, lower in ((13, 19), (14, 18), (15, 17)):
+        shapes[:, lower, 1] = 0.75 + opening * 0.34
+    return ClipTracks(clip_id, timestamps, shapes, np.ones(len(timestamps), bool), features)
+
+
+@pytest.mark.parametrize("lag_frames", [-4, -1, 0, 3])
+def test_the_audio_to_mouth_offset_is_measured(lag_frames):
+    offset = estimate_sync_offset(talking_clip(lag_frames / 25.0))
+    assert offset.applied and offset.correlation > 0.9
+    assert offset.seconds == pytest.approx(lag_frames / 25.0, abs=0.015)
+
+
+def test_an_offset_without_a_clear_peak_or_too_short_is_not_applied():
+    noisy = make_clip(seconds=12.0)  # mouth and loudness unrelated
+    assert not estimate_sync_offset(noisy).applied
+    short = talking_clip(0.1, seconds=3.0)
+    assert estimate_sync_offset(short) == SyncOffset()
+    with pytest.raises(InvalidInput, match="max_lag_seconds"):
+        estimate_sync_offset(short, max_lag_seconds=0)
+
+
+def test_the_dataset_removes_each_clips_offset_before_pairing():
+    """Two clips 160 ms apart in offset end up paired alike: loudness on its own mouth opening."""
+    clips = [talking_clip(-0.16, clip_id="early", seed=1), talking_clip(0.0, clip_id="synced", seed=2)]
+    corrected = build_speaker_dataset(clips)
+    plain = build_speaker_dataset(clips, sync_correction=False)
+    arrays = corrected.arrays()
+    np.testing.assert_allclose(arrays["clip_sync_offset_seconds"], [-0.16, 0.0], atol=0.015)
+    assert arrays["clip_sync_applied"].tolist() == [1, 1]
+    assert plain.arrays()["clip_sync_applied"].tolist() == [0, 0]
+
+    def lag0_correlation(dataset, clip):
+        rows = slice(dataset.section_offsets[clip], dataset.section_offsets[clip + 1])
+        opening = mouth_opening_ratio(dataset.shapes[rows])
+        return np.corrcoef(dataset.features[rows, 13], opening)[0, 1]
+
+    assert lag0_correlation(corrected, 0) > 0.95
+    assert lag0_correlation(plain, 0) < 0.8

@@ -268,3 +268,57 @@ def test_metrics_are_normalised_by_mouth_width():
     assert error == pytest.approx(0.05 / width)
     assert correlation == pytest.approx(1.0)
     assert np.isnan(lstm.pearson(np.ones(4), np.arange(4)))
+
+
+# ---------------------------------------------------------------------- data-size defaults and amplitude
+
+
+def test_training_defaults_follow_the_amount_of_speech_and_user_values_win():
+    assert lstm.data_size_regime(20)[0] == "small"
+    assert lstm.data_size_regime(600)[0] == "medium"
+    assert lstm.data_size_regime(1800)[0] == "large"
+    small = lstm.settings_for_data(60)
+    assert (small.batch_size, small.dropout, small.layers) == (10, 0.5, 2)
+    large = lstm.settings_for_data(1800, {"max_epochs": 7})
+    assert large.max_epochs == 7 and large.batch_size == 100 and large.hidden_units == 128
+    with pytest.raises(InvalidInput, match="train_seconds"):
+        lstm.data_size_regime(-1)
+    with pytest.raises(InvalidInput, match="dropout"):
+        lstm.settings_for_data(60, {"dropout": 1.5})
+
+
+def _opening_pca():
+    """A 1-component mouth PCA whose component opens the inner lips (mouth 0.34 wide)."""
+    mean = np.zeros((20, 2))
+    mean[:, 0] = np.linspace(0.33, 0.67, 20)
+    mean[0, 0], mean[6, 0] = 0.33, 0.67
+    mean[[19, 18, 17], 0] = mean[[13, 14, 15], 0]  # each lower inner-lip point right below its upper one
+    component = np.zeros((20, 2))
+    component[[17, 18, 19], 1] = 1.0
+    component = component.reshape(1, 40) / np.linalg.norm(component)
+    return mean.reshape(40), component
+
+
+def test_amplitude_gain_restores_the_true_spread_of_the_opening():
+    mean, components = _opening_pca()
+    truth = np.random.default_rng(0).standard_normal((500, 1)) * 0.02 + 0.1  # the lips never cross
+    damped = 0.1 + (truth - 0.1) * 0.4  # a model regressed to the mean: 0.4x the spread, same timing
+    assert lstm.amplitude_gain(damped, truth, mean, components) == pytest.approx(2.5, rel=1e-3)
+    assert lstm.amplitude_gain(truth * 3, truth, mean, components) == 1.0  # never damps
+    assert lstm.amplitude_gain(0.1 + (truth - 0.1) * 0.01, truth, mean, components) == lstm.MAX_AMPLITUDE_GAIN
+    assert lstm.amplitude_gain(np.full_like(truth, 0.1), truth, mean, components) == 1.0  # constant: no gain
+    with pytest.raises(InvalidInput, match="must both be"):
+        lstm.amplitude_gain(truth[:10], truth, mean, components)
+
+
+def test_scaling_the_output_layer_scales_predictions_about_the_centre():
+    settings = lstm.TrainingSettings(hidden_units=4, layers=1, seed=1)
+    model = lstm.build_model(3, 2, settings)
+    x = np.random.default_rng(1).standard_normal((1, 30, 3)).astype(np.float32)
+    before = np.asarray(model.predict_on_batch(x))
+    centre = np.array([0.1, -0.2], np.float32)
+    lstm.scale_output(model, 2.0, centre)
+    after = np.asarray(model.predict_on_batch(x))
+    np.testing.assert_allclose(after, centre + 2.0 * (before - centre), atol=1e-5)
+    with pytest.raises(InvalidInput, match="centre"):
+        lstm.scale_output(model, 2.0, np.zeros(3))

@@ -209,3 +209,32 @@ def test_training_options_convert_to_and_from_the_proto():
     assert trainer.settings_from_proto(trainer.settings_to_proto(settings)) == settings
     with pytest.raises(InvalidInput, match="dropout"):
         trainer.settings_from_proto(lipsync_pb2.TrainingOptions(dropout=1.5))
+
+
+def test_hold_back_tails_splits_the_end_of_each_long_enough_section():
+    offsets = np.array([0, 1000, 1050, 2000])
+    new, training, validation = trainer.hold_back_tails(offsets, np.array([0, 1, 2]), share=0.2, min_rows=100)
+    assert new.tolist() == [0, 800, 1000, 1050, 1810, 2000]
+    assert training.tolist() == [0, 2, 3] and validation.tolist() == [1, 4]  # the 50-row section keeps its rows
+    unchanged, kept, none = trainer.hold_back_tails(offsets, np.array([1]), share=0.2, min_rows=100)
+    assert unchanged.tolist() == offsets.tolist() and kept.tolist() == [1] and none.size == 0
+
+
+def test_a_single_clip_holds_back_its_end_picks_defaults_by_size_and_calibrates(store, key_prefix, speaker):
+    single = build_speaker_dataset([clip("only", 14.0, 4)])
+    dataset_key, pca_key = upload(store, key_prefix, single.arrays(), single.pca.arrays())
+    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5}
+    card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, overrides=overrides)
+    assert card["regime"] == {"name": "small", "train_seconds": pytest.approx(14.0, abs=0.2), "overrides": overrides}
+    assert card["training"]["batch_size"] == 10 and card["training"]["hidden_units"] == 6  # regime + user's values
+    held = card["dataset"]["held_back_frames"]
+    assert 200 < held < 320 and card["dataset"]["validation_frames"] == held
+    assert card["metrics"]["landmark_error"] is not None and len(card["history"]["validation_loss"]) == 2
+    assert 1.0 <= card["amplitude_gain"] <= lstm.MAX_AMPLITUDE_GAIN
+    assert set(card["dataset"]["sync"]) == {"only"}
+
+
+def test_only_the_options_a_caller_set_override_the_defaults():
+    options = lipsync_pb2.TrainingOptions(max_epochs=5, dropout=0.0)
+    assert trainer.overrides_from_proto(options) == {"max_epochs": 5, "dropout": 0.0}
+    assert trainer.overrides_from_proto(None) == {}
