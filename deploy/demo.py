@@ -17,7 +17,7 @@ from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from audio2video.orchestrator.v1 import orchestrator_pb2
 from deploy.local import REPO, LocalStack, stack_environment
 from deploy.samples import SAMPLE_DATA
-from orchestrator.cli import CommandError, Connection, job_outcome
+from orchestrator.cli import CommandError, Connection, interrupted, job_outcome
 from services.runtime.clients import create_channel
 from services.runtime.config import service_address
 
@@ -38,6 +38,14 @@ def speaker_has_model(environ: dict[str, str], speaker: str) -> bool:
         raise
     finally:
         channel.close()
+
+
+def follow(connection: Connection, job: orchestrator_pb2.Job) -> orchestrator_pb2.Job:
+    """The job once it ended; Ctrl-C offers to cancel it (or says how to find it again) instead of a traceback."""
+    try:
+        return connection.follow(job.id)
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted(connection, job.id)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             videos = args.train or DEFAULT_TRAINING
             print(f"2. training speaker {args.speaker!r} on {', '.join(v.name for v in videos)} (once)")
             job = connection.train(args.speaker, [v.resolve() for v in videos])
-            job = connection.follow(job.id)
+            job = follow(connection, job)
             if reason := job_outcome(job):
                 raise CommandError(reason)
             print(f"   model {job.train_result.model.prefix}")
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         options = orchestrator_pb2.JobOptions(retiming=not args.no_retiming)
         job = connection.render(args.speaker, args.audio.resolve(), args.video.resolve(), options)
-        job = connection.follow(job.id)
+        job = follow(connection, job)
         if reason := job_outcome(job):
             raise CommandError(reason)
         result = job.render_result

@@ -7,25 +7,40 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
 from audio2video.common.v1 import common_pb2
-from audio2video.lipsync.v1 import lipsync_pb2
+from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from deploy import local
+from orchestrator.pipeline import retry_delay
+from services.lipsync.versions import stored_speakers
 from services.runtime.blobstore import BlobStore
-from services.runtime.clients import create_channel
-from services.runtime.config import Config, ConfigError, service_address
+from services.runtime.clients import create_channel, rpc_failure
+from services.runtime.config import Config, ConfigError, Env, service_address
 from services.runtime.protos import object_ref
 
 CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
 SERVICE = "audio2video.orchestrator.v1.OrchestratorService"
+WATCH_METHOD = f"{SERVICE}/WatchJob"
+LIPSYNC_SERVICE = "audio2video.lipsync.v1.LipsyncService"
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+DEFAULT_RECONNECT_SECONDS = 600.0
+RECONNECT_CODES = {
+    grpc.StatusCode.UNAVAILABLE,  # the orchestrator restarted or a connection broke
+    grpc.StatusCode.CANCELLED,  # a server draining at shutdown cancels the streams it holds
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # a proxy's own limit on stream length
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # the orchestrator is at its bound of concurrent calls
+}
+"""Why a WatchJob stream may end before the job: the CLI opens it again."""
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 STAGE_SERVICES = {
     "audio": "AudioService",
     "face": "FaceService",
@@ -62,17 +77,28 @@ def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
 
 
 class Connection:
-    """The object store and the orchestrator as the environment (default: the local stack) names them."""
+    """The object store and the orchestrator as the environment (default: the local stack) names them.
+
+    Unary calls have the deadline A2V_RPC_TIMEOUT_SECONDS (default 60 s); WatchJob has none, since a job takes as
+    long as it takes, and a dropped watch is opened again for up to A2V_WATCH_RECONNECT_SECONDS (default 600 s).
+    """
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = dict(local.stack_environment() if environ is None else environ)
         try:
-            self.store = BlobStore.from_config(Config.from_env("a2v", self.environ).store)
+            config = Config.from_env("a2v", self.environ)
+            self.store = BlobStore.from_config(config.store)
             address = service_address("orchestrator", self.environ)
+            env = Env(self.environ)
+            self.reconnect_seconds = env.get_float(
+                "A2V_WATCH_RECONNECT_SECONDS", DEFAULT_RECONNECT_SECONDS, minimum=0.0, maximum=7 * 86400.0
+            )
+            env.check()
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
+        self.timeout_seconds = config.rpc_timeout_seconds
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            create_channel(address, [SERVICE], timeout_seconds=120)
+            create_channel(address, [SERVICE], timeout_seconds=self.timeout_seconds, open_ended_methods=[WATCH_METHOD])
         )
 
     def train(self, speaker: str, videos: Sequence[Path], options: pb.TrainOptions | None = None) -> pb.Job:
@@ -94,15 +120,42 @@ class Connection:
         )
         return self.orchestrator.SubmitJob(pb.SubmitJobRequest(spec=spec)).job
 
-    def follow(self, job_id: str, *, out=sys.stdout) -> pb.Job:
-        """Show the job's progress (one line per stage) until it ends; return the final job."""
-        follow(self.orchestrator, job_id, out=out)
+    def job(self, job_id: str) -> pb.Job:
         return self.orchestrator.GetJob(pb.GetJobRequest(job_id=job_id)).job
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self.orchestrator.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="cancelled from a2v")).job
+
+    def follow(self, job_id: str, *, out=sys.stdout) -> pb.Job:
+        """Show the job's progress (one line per stage) until it ends, across dropped streams; the final job."""
+        follow(self.orchestrator, job_id, out=out, reconnect_seconds=self.reconnect_seconds)
+        return self.job(job_id)
 
     def download(self, job: pb.Job, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.store.get_file(job.result.key, path, bucket=job.result.bucket or None)
         return path
+
+    def speakers(self) -> list[lipsync_pb2.DescribeModelResponse]:
+        """Every speaker with a stored model, its versions and their serving state (the lipsync stage asks TF
+        Serving), by name."""
+        try:
+            address = service_address("lipsync", self.environ)
+        except ConfigError as exc:
+            raise CommandError(str(exc), status=2) from exc
+        channel = create_channel(address, [LIPSYNC_SERVICE], timeout_seconds=self.timeout_seconds)
+        stub = lipsync_pb2_grpc.LipsyncServiceStub(channel)
+        described = []
+        try:
+            for speaker in stored_speakers(self.store):
+                try:
+                    described.append(stub.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)))
+                except grpc.RpcError as exc:
+                    if rpc_failure(exc)[0] != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: its versions went meanwhile
+                        raise
+        finally:
+            channel.close()
+        return described
 
 
 def eta_text(seconds: float) -> str:
@@ -111,31 +164,122 @@ def eta_text(seconds: float) -> str:
     return f"ETA {seconds:.0f} s" if seconds < 120 else f"ETA {seconds / 60:.1f} min"
 
 
-def follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, job_id: str, *, out=sys.stdout) -> None:
-    """Print each stage's progress on its own updating line (bar, counts, ETA) until the job ends."""
-    last_stage = ""
-    interactive = out.isatty()
-    for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=24 * 3600):
-        kind = event.WhichOneof("event")
-        if kind == "progress":
-            progress = event.progress
-            stage = progress.stage.removeprefix("STAGE_").lower()
-            if stage != last_stage and last_stage:
-                print(file=out)
-            elif stage == last_stage and not interactive and progress.total and progress.done < progress.total:
-                continue  # a log file gets each stage's start and end, not every update
-            last_stage = stage
-            share = progress.done / progress.total if progress.total else 0.0
-            bar = "#" * int(20 * share) + "." * (20 - int(20 * share)) if progress.total else " " * 20
-            amount = f"{progress.done}/{progress.total}" if progress.total else str(progress.done)
-            line = (
-                f"  {stage:<10} [{bar}] {amount} {progress.unit}  job {event.job_fraction_done:4.0%} "
-                f"{eta_text(event.job_eta_seconds)}"
+def watch_events(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
+    job_id: str,
+    *,
+    reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
+    on_reconnect: Callable[[str, float], None] | None = None,
+) -> Iterator[pb.JobEvent]:
+    """The job's events until it ends: a snapshot at each (re)connection, then every event once.
+
+    A stream that drops (UNAVAILABLE: the orchestrator restarted, a proxy closed it) is opened again with
+    backoff from the last sequence seen; the server replays what was missed, and whatever it sends twice is
+    skipped here. After `reconnect_seconds` without a single event, CommandError says how to watch again.
+    """
+    last = 0
+    attempt = 0
+    failing_since: float | None = None
+    while True:
+        call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_sequence=last))
+        try:
+            for event in call:
+                if event.HasField("snapshot"):
+                    # A snapshot numbered below what was seen comes from a restarted orchestrator: its events
+                    # start again from there.
+                    last = min(last, event.sequence) if last else event.sequence
+                    yield event
+                    if event.snapshot.state in TERMINAL:
+                        return
+                    continue
+                attempt, failing_since = 0, None
+                if event.sequence <= last:
+                    continue
+                last = event.sequence
+                yield event
+                if event.HasField("state_changed") and event.state_changed.current in TERMINAL:
+                    return
+            reason = "the stream ended before the job"
+        except grpc.RpcError as exc:
+            code, detail = rpc_failure(exc)
+            if code not in RECONNECT_CODES:
+                raise
+            reason = f"{code.name}: {detail}"
+        finally:
+            call.cancel()
+        failing_since = failing_since or time.monotonic()
+        if time.monotonic() - failing_since > reconnect_seconds:
+            raise CommandError(
+                f"lost the job's progress ({reason}); it may still be running: a2v watch {job_id} follows it again"
             )
-            print(f"\r{line:<90}", end="", flush=True, file=out)
+        attempt += 1
+        delay = retry_delay(attempt)
+        if on_reconnect is not None:
+            on_reconnect(reason, delay)
+        time.sleep(delay)
+
+
+class ProgressPrinter:
+    """Each stage's progress on its own updating line (bar, counts, ETA); a log file gets each stage's start and
+    end, not every update."""
+
+    def __init__(self, out=sys.stdout) -> None:
+        self.out = out
+        self.interactive = out.isatty()
+        self.last_stage = ""
+
+    def show(self, event: pb.JobEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "snapshot":
+            running = [s for s in event.snapshot.stages if s.state == pb.STAGE_STATE_RUNNING]
+            for status in running[-1:]:  # where a job being watched again stands
+                progress = common_pb2.Progress(
+                    stage=pb.Stage.Name(status.stage), done=status.done, total=status.total, unit=status.unit
+                )
+                self.line(progress, event.job_fraction_done, event.snapshot.eta_seconds)
+        elif kind == "progress":
+            self.line(event.progress, event.job_fraction_done, event.job_eta_seconds)
         elif kind == "state_changed" and event.state_changed.current in TERMINAL:
-            print(file=out)
+            self.end_line()
+
+    def line(self, progress: common_pb2.Progress, fraction: float, eta_seconds: float) -> None:
+        stage = progress.stage.removeprefix("STAGE_").lower()
+        if stage != self.last_stage and self.last_stage:
+            print(file=self.out)
+        elif stage == self.last_stage and not self.interactive and progress.total and progress.done < progress.total:
             return
+        self.last_stage = stage
+        share = progress.done / progress.total if progress.total else 0.0
+        bar = "#" * int(20 * share) + "." * (20 - int(20 * share)) if progress.total else " " * 20
+        amount = f"{progress.done}/{progress.total}" if progress.total else str(progress.done)
+        line = f"  {stage:<10} [{bar}] {amount} {progress.unit}  job {fraction:4.0%} {eta_text(eta_seconds)}"
+        print(f"\r{line:<90}", end="", flush=True, file=self.out)
+
+    def end_line(self) -> None:
+        if self.last_stage:
+            print(file=self.out, flush=True)
+            self.last_stage = ""
+
+
+def follow(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
+    job_id: str,
+    *,
+    out=sys.stdout,
+    reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
+) -> None:
+    """Print the job's progress until it ends, watching again (and saying so on stderr) when the stream drops."""
+    printer = ProgressPrinter(out)
+
+    def reconnecting(reason: str, delay: float) -> None:
+        printer.end_line()
+        print(f"  lost the job's progress ({reason}); watching again in {delay:.1f} s", file=sys.stderr, flush=True)
+
+    try:
+        for event in watch_events(stub, job_id, reconnect_seconds=reconnect_seconds, on_reconnect=reconnecting):
+            printer.show(event)
+    finally:
+        printer.end_line()
 
 
 def job_outcome(job: pb.Job) -> str:
@@ -143,7 +287,85 @@ def job_outcome(job: pb.Job) -> str:
     if job.state == pb.JOB_STATE_SUCCEEDED:
         return ""
     state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+    if job.state not in TERMINAL:
+        return f"job {job.id} is {state} ({job.fraction_done:.0%} done): a2v watch {job.id} follows it"
     return f"job {job.id} {state}: {job.failure_reason or 'cancelled'}"
+
+
+def interrupted(connection: Connection, job_id: str, *, stdin=None, out=None) -> int:
+    """Ctrl-C while following a job: at a terminal, ask whether to cancel it; otherwise say how to get back to it.
+
+    The job runs in the orchestrator, not here, so leaving the command leaves it running unless asked."""
+    stdin, out = stdin or sys.stdin, out or sys.stderr
+    print(file=out)
+    if stdin.isatty():
+        print(f"cancel job {job_id}? [y/N] ", end="", flush=True, file=out)
+        try:
+            answer = stdin.readline().strip().lower()
+        except KeyboardInterrupt:
+            answer = ""
+        if answer in ("y", "yes"):
+            connection.cancel(job_id)
+            print(f"cancelling job {job_id} (a2v watch {job_id} shows it stop)", file=out)
+            return INTERRUPTED
+    print(
+        f"job {job_id} goes on: a2v watch {job_id} follows it, a2v cancel {job_id} cancels it",
+        file=out,
+    )
+    return INTERRUPTED
+
+
+def job_table(jobs: Sequence[pb.Job]) -> str:
+    """`a2v jobs`: one line per job, newest first."""
+    rows = [("JOB", "KIND", "STATE", "SPEAKER", "CREATED", "DONE", "TOOK", "NOTE")]
+    for job in jobs:
+        kind = "train" if job.kind == pb.JOB_KIND_TRAIN_SPEAKER else "render"
+        speaker = job.train.speaker if job.kind == pb.JOB_KIND_TRAIN_SPEAKER else job.render.model.speaker
+        created = job.created.ToDatetime().astimezone() if job.HasField("created") else None
+        end = job.finished.ToSeconds() if job.HasField("finished") else time.time()
+        took = f"{end - job.started.ToSeconds():.0f} s" if job.HasField("started") else ""
+        note = job.failure_reason if job.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED) else ""
+        if job.cancel_requested and job.state not in TERMINAL:
+            note = "cancelling"
+        rows.append(
+            (
+                job.id,
+                kind,
+                pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+                speaker,
+                created.strftime("%Y-%m-%d %H:%M:%S") if created else "",
+                f"{job.fraction_done:.0%}",
+                took,
+                note[:60],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def speaker_table(described: Sequence[lipsync_pb2.DescribeModelResponse]) -> str:
+    """`a2v speakers`: one line per stored model version; SERVED says whether TF Serving has it loaded, and
+    which version a job that names no version gets (latest)."""
+    rows = [("SPEAKER", "VERSION", "STATE", "SERVED", "CREATED", "PCA")]
+    for response in described:
+        for version in response.versions:
+            served = version.state == lipsync_pb2.MODEL_STATE_AVAILABLE
+            created = version.created.ToDatetime().astimezone() if version.HasField("created") else None
+            rows.append(
+                (
+                    response.speaker,
+                    str(version.version),
+                    lipsync_pb2.ModelState.Name(version.state).removeprefix("MODEL_STATE_").lower(),
+                    ("yes (latest)" if version.version == response.latest_available_version else "yes")
+                    if served
+                    else "no",
+                    created.strftime("%Y-%m-%d %H:%M:%S") if created else "",
+                    str(version.pca_components or ""),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 # -- a2v stage ---------------------------------------------------------------------------------
@@ -260,22 +482,39 @@ def print_stage_progress(progress: common_pb2.Progress) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="a2v", description="audio2video: audio-driven lip sync")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="a2v",
+        description="audio2video: audio-driven lip sync. Jobs run in the orchestrator: leaving a command that "
+        "follows one (Ctrl-C) leaves the job running; a2v watch / a2v cancel find it again.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("up", help="start the local stack (object store and every service)")
     commands.add_parser("down", help="stop the local stack")
     commands.add_parser("status", help="show each component of the local stack and its health")
     train = commands.add_parser("train", help="train a speaker's model from videos of the speaker")
-    train.add_argument("--speaker", required=True)
+    train.add_argument("--speaker", required=True, help="speaker name, [a-z0-9_-]{1,64}: the model's name")
     train.add_argument("--epochs", type=int, help="maximum training epochs (default: the trainer's)")
-    train.add_argument("videos", type=Path, nargs="+")
+    train.add_argument("videos", type=Path, nargs="+", help="videos of the speaker talking, with their audio")
     run = commands.add_parser("run", help="lip-sync AUDIO onto VIDEO with a trained speaker model")
-    run.add_argument("--speaker", required=True)
-    run.add_argument("--audio", type=Path, required=True)
-    run.add_argument("--video", type=Path, required=True)
-    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--speaker", required=True, help="trained speaker model to use (a2v speakers lists them)")
+    run.add_argument("--audio", type=Path, required=True, help="speech to lip-sync (any audio or video file)")
+    run.add_argument("--video", type=Path, required=True, help="target video of the speaker facing the camera")
+    run.add_argument("--out", type=Path, required=True, help="where to write the lip-synced mp4")
     run.add_argument("--no-retiming", action="store_true", help="play the target as it is")
     run.add_argument("--chunk-frames", type=int, default=0, help="frames per texture/composite chunk")
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", choices=JOB_STATES, help="only jobs in this state (default: any)")
+    jobs.add_argument("--kind", choices=("render", "train"), help="only render or only training jobs")
+    jobs.add_argument("--speaker", default="", help="only jobs of this speaker")
+    jobs.add_argument("--limit", type=int, default=20, help="at most this many jobs (default 20, at most 500)")
+    watch = commands.add_parser("watch", help="follow a job's progress until it ends (exit status 0 if it succeeded)")
+    watch.add_argument("job", help="job id (a2v jobs lists them)")
+    cancel = commands.add_parser("cancel", help="cancel a job (it stops within seconds)")
+    cancel.add_argument("job", help="job id (a2v jobs lists them)")
+    get = commands.add_parser("get", help="download a finished render job's video")
+    get.add_argument("job", help="job id of a render job that succeeded")
+    get.add_argument("--out", type=Path, required=True, help="where to write the mp4")
+    commands.add_parser("speakers", help="list the trained speakers, their model versions and whether each is served")
     stage = commands.add_parser(
         "stage",
         help="call one stage on its own and print its result (output keys) as JSON",
@@ -295,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "speed benchmarks: real-time factors per stage, replicas, memory (see a2v bench -h)"),
     ):
         extra = commands.add_parser(name, help=help_text, add_help=False)
-        extra.add_argument("arguments", nargs=argparse.REMAINDER)
+        extra.add_argument("arguments", nargs=argparse.REMAINDER, help=f"the arguments of a2v {name} (a2v {name} -h)")
     return parser
 
 
@@ -319,8 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a2v: error: {exc}", file=sys.stderr)
         return exc.status
     except grpc.RpcError as exc:
-        print(f"a2v: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        code, detail = rpc_failure(exc)
+        print(f"a2v: error: {code.name}: {detail}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before a job exists (uploading) or while a short call waits: nothing to leave
+        print("\na2v: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -339,8 +582,44 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
 
     connection = Connection()
+    if args.command == "jobs":
+        request = pb.ListJobsRequest(
+            page_size=max(1, min(args.limit, 500)),
+            state=pb.JobState.Value(f"JOB_STATE_{args.state.upper()}") if args.state else 0,
+            kind={"render": pb.JOB_KIND_RENDER, "train": pb.JOB_KIND_TRAIN_SPEAKER}.get(args.kind or "", 0),
+            speaker=args.speaker,
+        )
+        listed = connection.orchestrator.ListJobs(request).jobs
+        print(job_table(listed) if listed else "no jobs")
+        return 0
+    if args.command == "speakers":
+        described = connection.speakers()
+        print(speaker_table(described) if described else "no trained speakers (a2v train --speaker NAME VIDEO...)")
+        return 0
+    if args.command == "cancel":
+        job = connection.cancel(args.job)
+        if job.state in TERMINAL:
+            state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            print(f"job {job.id} had already ended ({state})")
+        else:
+            print(f"cancelling job {job.id} (a2v watch {job.id} shows it stop)")
+        return 0
+    if args.command == "get":
+        job = connection.job(args.job)
+        if job.kind != pb.JOB_KIND_RENDER:
+            raise CommandError(
+                f"job {job.id} is a training job: its model is {job.train_result.model.prefix or 'not made'}"
+            )
+        if reason := job_outcome(job):
+            raise CommandError(reason)
+        connection.download(job, args.out)
+        print(f"wrote {args.out}")
+        return 0
+
     started = time.monotonic()
-    if args.command == "train":
+    if args.command == "watch":
+        job = connection.job(args.job)
+    elif args.command == "train":
         options = pb.TrainOptions()
         if args.epochs:
             options.training.max_epochs = args.epochs
@@ -348,12 +627,18 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         options = pb.JobOptions(retiming=not args.no_retiming, chunk_frames=args.chunk_frames)
         job = connection.render(args.speaker, args.audio, args.video, options)
-    print(f"job {job.id}")
-    job = connection.follow(job.id)
+    print(f"job {job.id}", flush=True)
+    try:
+        job = connection.follow(job.id)
+    except KeyboardInterrupt:
+        return interrupted(connection, job.id)
     if reason := job_outcome(job):
         raise CommandError(reason)
-    if args.command == "train":
-        print(f"trained {job.train_result.model.prefix} in {time.monotonic() - started:.0f} s")
+    if job.kind == pb.JOB_KIND_TRAIN_SPEAKER:
+        took = f" in {time.monotonic() - started:.0f} s" if args.command == "train" else ""
+        print(f"trained {job.train_result.model.prefix}{took}")
+    elif args.command == "watch":
+        print(f"job {job.id} succeeded: a2v get {job.id} --out FILE downloads the video")
     else:
         connection.download(job, args.out)
         result = job.render_result

@@ -49,6 +49,12 @@ class JobRun:
         self.stop = threading.Event()
         self.started = time.monotonic()
 
+    def ended(self) -> bool:
+        """Whether the change to a terminal state was emitted (the job's state is set a moment before: its
+        manifest is saved in between, and a watcher must not stop there without that last event)."""
+        last = self.events[-1] if self.events else None
+        return last is not None and last.HasField("state_changed") and last.state_changed.current in TERMINAL
+
     def emit(self, **event) -> None:
         with self.changed:
             self.events.append(
@@ -335,7 +341,12 @@ class JobManager:
         return job
 
     def watch(self, job_id: str, after_sequence: int, is_active) -> Iterator[pb.JobEvent]:
-        """A snapshot, then every event after it, until the job ends (or the watcher goes away)."""
+        """A snapshot, then the events after `after_sequence` (0: after the snapshot), until the job ends.
+
+        A watcher whose stream dropped asks again with the last sequence it saw and misses nothing. Events are
+        numbered by this process: a sequence above the job's last one was seen from an orchestrator that has
+        restarted since, so that watcher goes on from the snapshot (whose sequence tells it so).
+        """
         job = self.get(job_id)
         run = self.runs.get(job_id)
         sequence = len(run.events) if run else 0
@@ -344,15 +355,15 @@ class JobManager:
         )
         if run is None:
             return
-        position = max(after_sequence, sequence)
+        position = after_sequence if 0 < after_sequence <= sequence else sequence
         while is_active():
             with run.changed:
-                if len(run.events) <= position and run.job.state not in TERMINAL:
+                if len(run.events) <= position and not run.ended():
                     run.changed.wait(timeout=1.0)
                 fresh = run.events[position:]
             yield from fresh
             position += len(fresh)
-            if run.job.state in TERMINAL and position >= len(run.events):
+            if run.ended() and position >= len(run.events):
                 return
 
     def cancel(self, job_id: str) -> pb.Job:

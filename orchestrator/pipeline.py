@@ -27,7 +27,7 @@ from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
 from services.runtime.clients import create_channel, rpc_failure
-from services.runtime.config import service_address
+from services.runtime.config import Env, service_address
 from services.runtime.errors import A2VError, CallFailed, Cancelled, FailedPrecondition, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,17 @@ class StageClients:
     composite: composite_pb2_grpc.CompositeServiceStub
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, timeout_seconds: float = 3600.0) -> StageClients:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, timeout_seconds: float | None = None
+    ) -> StageClients:
+        """Stubs for the stages the environment names; a stage call's deadline is `timeout_seconds`, else
+        A2V_STAGE_TIMEOUT_SECONDS (default an hour: one call, such as analysing 30 minutes of footage; a job has
+        no deadline of its own)."""
+        if timeout_seconds is None:
+            env = Env(environ)
+            timeout_seconds = env.get_float("A2V_STAGE_TIMEOUT_SECONDS", 3600.0, minimum=1.0, maximum=7 * 86400.0)
+            env.check()
+
         def stub(name: str, module, service: str):
             address = service_address(name, environ)
             channel = create_channel(address, [f"audio2video.{name}.v1.{service}"], timeout_seconds=timeout_seconds)
@@ -106,6 +116,32 @@ class ProgressReporter(Reporter):
         self.callback(stage, done, total, unit)
 
 
+class SequentialProgress:
+    """One stage's progress over inputs handled one after another, counted as one total (all videos' frames).
+
+    A training job's face analysis reports every batch of frames of every video this way, instead of once per
+    video: with 10 minutes of footage, one event per video left the job's watchers without news for minutes.
+    """
+
+    def __init__(self, reporter: Reporter, stage: int, totals: Iterable[int], unit: str) -> None:
+        self.reporter, self.stage, self.unit = reporter, stage, unit
+        self.totals = [max(1, int(total)) for total in totals]
+        self.total = sum(self.totals)
+
+    def part(self, index: int) -> Progress:
+        """The progress callback of input `index`'s stream (its own done/total become shares of the whole)."""
+        before = sum(self.totals[:index])
+
+        def forward(_stage: int, done: int, total: int, _unit: str) -> None:
+            share = min(1.0, done / total) if total > 0 else 0.0
+            self.reporter.progress(self.stage, before + int(share * self.totals[index]), self.total, self.unit)
+
+        return forward
+
+    def finished(self, index: int) -> None:
+        self.reporter.progress(self.stage, sum(self.totals[: index + 1]), self.total, self.unit)
+
+
 class StageFailed(CallFailed):
     """A stage call failed for good (not retryable, or out of attempts); names the stage and the cause."""
 
@@ -150,15 +186,19 @@ class StageCaller:
         self.stop = stop
         self.max_attempts = max_attempts
 
-    def __call__(self, stage: int, invoke: Callable[[], object], *, streaming: bool, progress: bool = True):
-        """Run `invoke()` (a unary call, or a stream followed to its result) until it succeeds or gives up."""
+    def __call__(self, stage: int, invoke: Callable[[], object], *, streaming: bool, progress: bool | Progress = True):
+        """Run `invoke()` (a unary call, or a stream followed to its result) until it succeeds or gives up.
+
+        A stream's progress goes to the reporter as it is (`progress=True`), to a callable given instead
+        (which re-counts it, e.g. frames of one video among several), or nowhere (`False`).
+        """
         for attempt in range(1, self.max_attempts + 1):
             if self.stop is not None and self.stop.is_set():
                 raise Cancelled("the job was cancelled")
             started = time.monotonic()
             try:
                 if streaming:
-                    forward = self.reporter.progress if progress else None
+                    forward = self.reporter.progress if progress is True else progress or None
                     result = final_result(invoke(), stage, forward, self.stop)
                 else:
                     result = invoke()
@@ -422,28 +462,37 @@ class Pipeline:
             raise InvalidInput("max_attempts must be >= 1 (0 = default)")
         call = StageCaller(report, stop, options.max_attempts or DEFAULT_MAX_ATTEMPTS)
 
-        def analyse(video: orchestrator_pb2.TrainingVideo) -> face_pb2.SpeakerClip:
+        # The videos' lengths first, so audio and face report seconds and frames of all videos from the start.
+        infos = [
+            call(
+                Stage.STAGE_FACE, lambda v=video: c.face.Probe(face_pb2.ProbeRequest(video=v.video)), streaming=False
+            ).info
+            for video in spec.videos
+        ]
+        audio_progress = SequentialProgress(report, Stage.STAGE_AUDIO, [i.duration_seconds for i in infos], "seconds")
+        face_progress = SequentialProgress(report, Stage.STAGE_FACE, [i.frame_count for i in infos], "frames")
+        report.progress(Stage.STAGE_FACE, 0, face_progress.total, "frames")
+
+        def analyse(index: int, video: orchestrator_pb2.TrainingVideo) -> face_pb2.SpeakerClip:
             extracted = call(
                 Stage.STAGE_AUDIO,
                 lambda: c.audio.Extract(audio_pb2.ExtractRequest(audio=video.video, options=options.audio)),
                 streaming=True,
-                progress=False,
+                progress=audio_progress.part(index),
             )
+            audio_progress.finished(index)
             analysed = call(
                 Stage.STAGE_FACE,
                 lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=video.video, options=options.face)),
                 streaming=True,
-                progress=False,
+                progress=face_progress.part(index),
             )
+            face_progress.finished(index)
             return face_pb2.SpeakerClip(
                 clip_id=video.clip_id, analysis_manifest=analysed.manifest, features=extracted.features
             )
 
-        clips = []
-        for index, video in enumerate(spec.videos):
-            clips.append(analyse(video))
-            report.progress(Stage.STAGE_AUDIO, index + 1, len(spec.videos), "videos")
-            report.progress(Stage.STAGE_FACE, index + 1, len(spec.videos), "videos")
+        clips = [analyse(index, video) for index, video in enumerate(spec.videos)]
         report.stage_finished(Stage.STAGE_AUDIO)
         report.stage_finished(Stage.STAGE_FACE)
         dataset = call(

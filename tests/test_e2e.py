@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import av
@@ -17,7 +18,7 @@ import grpc
 import pytest
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-from tests.conftest import SHARED_DATA, wait_until
+from tests.conftest import REPO, SHARED_DATA, wait_until
 from tests.support.stack import SPEAKER_VIDEO, a2v
 
 pytestmark = pytest.mark.integration
@@ -143,6 +144,15 @@ def test_one_stage_on_its_own(stack):
 def test_orchestrator_killed_mid_job_resumes_without_redoing_stages(stack):
     audio = SHARED_DATA / "audio" / "radio_address_8s.wav"
     job = stack.submit(audio, chunk_frames=30, max_parallel_chunks=1)
+    # A user watching it from the command line stays with it through the restart.
+    watching = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "watch", job.id],
+        cwd=REPO,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def some_chunks_done():
         current = stack.job(job.id)
@@ -164,6 +174,9 @@ def test_orchestrator_killed_mid_job_resumes_without_redoing_stages(stack):
     assert stage(finished, pb.STAGE_COMPOSITE).cached_calls >= 2
     assert stage(finished, pb.STAGE_TEXTURE).cached_calls >= 2
     assert not stage(finished, pb.STAGE_FINALIZE).cached
+    out, err = watching.communicate(timeout=120)
+    assert watching.returncode == 0, out + err
+    assert f"job {job.id} succeeded" in out and "watching again" in err
 
 
 def test_a_texture_replica_killed_mid_job_the_job_completes(stack):

@@ -33,6 +33,13 @@ def stored_versions(store: BlobStore, speaker: str) -> list[int]:
     return sorted(v for v in found if v > 0)
 
 
+def stored_speakers(store: BlobStore) -> list[str]:
+    """Speakers with at least one complete version in the store, by name (`a2v speakers`)."""
+    pattern = re.compile(r"models/([a-z0-9_-]{1,64})/(\d+)/assets\.extra/model_card\.json")
+    found = {m.group(1) for key in store.list_keys("models/") if (m := pattern.fullmatch(key)) and int(m.group(2)) > 0}
+    return sorted(found)
+
+
 def version_message(
     store: BlobStore,
     speaker: str,
