@@ -38,9 +38,10 @@ DEFAULT_CHUNK_FRAMES = 150
 DEFAULT_PARALLEL_CHUNKS = 2
 DEFAULT_MAX_ATTEMPTS = 3
 
-# Training settings for a speaker with only a few minutes of video (the paper's batch of 100 windows
-# of 1 s needs hours of data: on 20 s it takes one step per epoch and never leaves the mean shape).
-SMALL_DATA_TRAINING = {"batch_size": 10, "learning_rate": 3e-3, "sequence_length": 50, "dropout": 0.5, "layers": 2}
+# Without named validation clips, no whole clip is held out: with the 2-4 clips a user has, that would take a
+# third or half of the speech away from training. The trainer then holds back the end of every clip instead
+# (services/lipsync/trainer.py hold_back_tails), for early stopping and the output calibration.
+DEFAULT_VALIDATION = face_pb2.ValidationSelection(validation_fraction=0.0)
 
 
 @dataclass
@@ -499,7 +500,10 @@ class Pipeline:
             Stage.STAGE_DATASET,
             lambda: c.face.BuildSpeakerDataset(
                 face_pb2.BuildSpeakerDatasetRequest(
-                    speaker=spec.speaker, clips=clips, validation=spec.validation, options=options.dataset
+                    speaker=spec.speaker,
+                    clips=clips,
+                    validation=spec.validation if spec.HasField("validation") else DEFAULT_VALIDATION,
+                    options=options.dataset,
                 )
             ),
             streaming=True,
@@ -524,11 +528,9 @@ class Pipeline:
         """The trainer apart from the orchestrator (which has no TensorFlow): a child process locally, a Job on a GPU
         node in Kubernetes, the trainer service under docker compose (orchestrator/trainers.py).
 
-        The small-data settings go to every trainer explicitly, with the job's own options over them.
+        Only the job's own options go to the trainer; the rest it chooses by the amount of training speech.
         """
-        options = lipsync_pb2.TrainingOptions(**SMALL_DATA_TRAINING)
-        options.MergeFrom(training)  # set fields only: zero / unset options keep the small-data values
-        spec = TrainSpec(speaker, dataset.dataset, dataset.pca, options, self.models_dir)
+        spec = TrainSpec(speaker, dataset.dataset, dataset.pca, training, self.models_dir)
         report.progress(Stage.STAGE_TRAIN, 0, 0, "epochs")
         try:
             run = self.trainer.run(

@@ -143,11 +143,10 @@ def talking_clip(mouth_lag_seconds, *, seconds=12.0, fps=25.0, seed=3, clip_id="
     timestamps = np.arange(int(seconds * fps)) / fps
     opening = 0.15 + 0.02 * envelope(timestamps - mouth_lag_seconds)
     shapes = np.zeros((len(timestamps), 20, 2), np.float32)
-    shapes[:, :, 0] = np.linspace(0.33, 0.67, 20)[None]  # corners (0, 6) 0.1 apart, as wide as a mouth
-    shapes[:, 0, 0], shapes[:, 6, 0] = 0.33, 0.67
+    shapes[:, :, 0] = np.linspace(0.33, 0.67, 20)[None]
+    shapes[:, 0, 0], shapes[:, 6, 0] = 0.33, 0.67  # the corners: a mouth 0.34 wide
     shapes[:, :, 1] = 0.75
-    for upper, lower in ((13, 19), (14, 18), (15, 17)):
-        shapes[:, lower, 1] = 0.75 + opening * 0.34
+    shapes[:, [19, 18, 17], 1] = 0.75 + opening[:, None] * 0.34  # lower inner lip: opening x mouth width
     return ClipTracks(clip_id, timestamps, shapes, np.ones(len(timestamps), bool), features)
 
 

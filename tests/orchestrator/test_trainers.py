@@ -11,7 +11,7 @@ import pytest
 from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
-from orchestrator.pipeline import SMALL_DATA_TRAINING, Pipeline, Reporter, Stage, StageFailed
+from orchestrator.pipeline import Pipeline, Reporter, Stage, StageFailed
 from orchestrator.trainers import (
     GrpcTrainer,
     LocalTrainer,
@@ -151,12 +151,12 @@ def run_pipeline_trainer(trainer, training: lipsync_pb2.TrainingOptions) -> dict
     return pipeline._run_trainer("obama", dataset, training, report=Reporter(), stop=None)
 
 
-def test_the_pipeline_sends_the_small_data_settings_explicitly_with_the_jobs_options_over_them():
+def test_the_pipeline_sends_only_the_jobs_own_options_and_the_trainer_chooses_the_rest():
     trainer = RecordingTrainer()
     card = run_pipeline_trainer(trainer, lipsync_pb2.TrainingOptions(max_epochs=7, dropout=0.0, layers=0))
     assert card == {"prefix": "models/obama/3/", "summary": "stored models/obama/3/  epochs 1"}
     (spec,) = trainer.specs
-    assert spec.settings() == SMALL_DATA_TRAINING | {"max_epochs": 7, "dropout": 0.0}
+    assert spec.settings() == {"max_epochs": 7, "dropout": 0.0}
     assert (spec.speaker, spec.dataset, spec.pca, spec.models_dir) == ("obama", SPEC.dataset, SPEC.pca, "/models")
 
 
