@@ -15,6 +15,7 @@ place in one rename so a TF Serving polling the folder never sees half a version
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -90,6 +91,7 @@ def settings_from_proto(options: lipsync_pb2.TrainingOptions | None) -> lstm.Tra
         dropout=optional("dropout"),
         early_stopping_patience=optional("early_stopping_patience"),
         seed=optional("seed"),
+        ensemble=options.ensemble or defaults.ensemble,
     )
 
 
@@ -364,22 +366,29 @@ def train_speaker(
         coefficients.shape[1],
     )
 
-    def epoch_done(result: lstm.EpochResult) -> None:
-        if progress is not None:
-            progress(result.epoch, result.max_epochs)
-        if on_epoch is not None:
-            on_epoch(result)
+    members, max_epochs = settings.ensemble, settings.max_epochs
+    runs: list[lstm.TrainingResult] = []
+    for member in range(members):
 
-    trained = lstm.train_model(
-        features_norm,
-        coefficients,
-        section_offsets,
-        train_sections,
-        validation_sections,
-        settings=settings,
-        on_epoch=epoch_done,
-        should_stop=should_stop,
-    )
+        def epoch_done(result: lstm.EpochResult, done_before: int = member * max_epochs) -> None:
+            if progress is not None:  # all members' epochs on one scale; a member that stops early skips ahead
+                progress(done_before + result.epoch, members * max_epochs)
+            if on_epoch is not None:
+                on_epoch(result)
+
+        runs.append(
+            lstm.train_model(
+                features_norm,
+                coefficients,
+                section_offsets,
+                train_sections,
+                validation_sections,
+                settings=dataclasses.replace(settings, seed=settings.seed + member),
+                on_epoch=epoch_done,
+                should_stop=should_stop,
+            )
+        )
+    trained = dataclasses.replace(runs[0], model=lstm.average_models([run.model for run in runs]))
 
     gain = 1.0
     if len(validation_sections):
@@ -445,8 +454,18 @@ def train_speaker(
             },
             "epochs": trained.epochs,
             "best_epoch": trained.best_epoch,
+            "ensemble": [
+                {
+                    "seed": settings.seed + index,
+                    "epochs": run.epochs,
+                    "best_epoch": run.best_epoch,
+                    "best_validation_loss": run.best_validation_loss,
+                    "seconds": round(run.seconds, 3),
+                }
+                for index, run in enumerate(runs)
+            ],
             "stopped_early": trained.stopped_early,
-            "training_seconds": round(trained.seconds, 3),
+            "training_seconds": round(sum(run.seconds for run in runs), 3),
             "metrics": {
                 "train_loss": trained.final_train_loss,
                 "validation_loss": trained.best_validation_loss,
@@ -517,6 +536,7 @@ TRAINING_FLAGS = (  # (flag, TrainingSettings field, type, help)
     ("--dropout", "dropout", float, "dropout rate on LSTM inputs and outputs"),
     ("--patience", "early_stopping_patience", int, "epochs without improvement before stopping; 0 = never"),
     ("--seed", "seed", int, "seed of initialisation, dropout and window sampling"),
+    ("--ensemble", "ensemble", int, "models trained from successive seeds and averaged"),
 )
 
 

@@ -67,8 +67,11 @@ __all__ = [
     "TargetBank",
     "TextureChunk",
     "TextureOptions",
+    "face_masks",
     "flicker",
     "mouth_region_mask",
+    "pose_distances",
+    "pose_penalty",
     "prepare_target",
     "quantize_weights",
     "select_candidates",
@@ -88,10 +91,14 @@ class TextureOptions:
 
     Attributes:
         n_candidates: Candidates per output frame (n), >= 1; clamped to the number of valid target frames.
-            Default 100.
+            Default 20. The paper's 100 suit hours of target footage; from a target of seconds or minutes,
+            100 candidates span most mouth shapes and their median is a half-open mouth whatever the
+            prediction: held-out Obama speech rendered with 100 kept r 0.20 of the predicted shapes' 0.41
+            with the real mouth, at 0.64x its amplitude; 20 keep r 0.37 at 0.97x (`a2v eval resynth`).
         mass_share: Share of the total Gaussian weight the n best candidates hold, in (0, 1). Default 0.9.
         temporal_coherence_weight: Previous frame's candidates get their distance multiplied by
-            (1 - this), in [0, 1); 0 = off. Default 0.3.
+            (1 - this), in [0, 1); 0 = off. Default 0: the favoured candidates hold the mouth back (with 0.3,
+            r with the real mouth fell from 0.37 to 0.25 in the measurement above).
         shape_smoothing_sigma_frames: Gaussian sigma of the predicted shape track, output frames, >= 0;
             0 = off. Default 1.0.
         warmup_frames: Output frames before the chunk processed (not returned) so smoothing and coherence
@@ -104,25 +111,31 @@ class TextureOptions:
         region_margin: Dilation of the mouth region beyond the outer lip, canonical template units (>= 0).
         region_feather: Feather (Gaussian sigma) of the mouth region's edge, canonical units (>= 0).
         detail_amount: Unsharp-mask amount over the mouth region after the median, in [0, 5]; 0 = off.
-            The median of imperfectly aligned candidates averages away lip and skin detail: the demo's mouth
-            had 0.54x the target footage's sharpness (`a2v eval output`); 0.7 / 1.5 px gave 0.69x, and the
-            default 1.2 / 2.5 px gives 1.0x with silent flicker 0.59x of the footage's (0.53x without).
-            Default 1.2.
+            The median of imperfectly aligned candidates averages away lip and skin detail. With 100
+            candidates the demo's mouth had 0.54x the target footage's sharpness and 1.2 restored it; the
+            median of 20 is sharper: on the demo (obama, commentary_60s onto obama_clip2) 0 gives 0.89x,
+            0.5 gives 1.18x and 1.2 gives 1.72x the footage's sharpness (`a2v eval output`). Default 0.3.
         detail_sigma_px: Gaussian sigma of that unsharp mask, crop pixels, in (0, 10]; wide enough that the
             restored detail survives the warp into the frame and H.264. Default 2.5.
+        pose_tolerance_degrees: Candidates whose head pose (yaw, pitch) differs from the displayed target frame's
+            by more than this get a penalty added to their shape distance: (excess / tolerance)^2 times the
+            target's mouth-shape spread (`TargetBank.spread`), so a frontal mouth is not mixed into a turned face
+            while near-equal poses compete on mouth shape alone. In [0, 90]; 0 = pose ignored (the seed). Needs
+            the target's head poses and a retiming map. Default 6.
     """
 
-    n_candidates: int = 100
+    n_candidates: int = 20
     mass_share: float = 0.9
-    temporal_coherence_weight: float = 0.3
+    temporal_coherence_weight: float = 0.0
     shape_smoothing_sigma_frames: float = 1.0
     warmup_frames: int = 8
     median_mode: str = "luminance"
     median_region: str = "crop"
     region_margin: float = 0.04
     region_feather: float = 0.015
-    detail_amount: float = 1.2
+    detail_amount: float = 0.3
     detail_sigma_px: float = 2.5
+    pose_tolerance_degrees: float = 6.0
 
     def __post_init__(self) -> None:
         if int(self.n_candidates) != self.n_candidates or self.n_candidates < 1:
@@ -147,6 +160,8 @@ class TextureOptions:
             raise InvalidInput(
                 f"region_margin and region_feather must be >= 0, got {self.region_margin}, {self.region_feather}"
             )
+        if not 0.0 <= self.pose_tolerance_degrees <= 90.0:
+            raise InvalidInput(f"pose_tolerance_degrees must be in [0, 90], got {self.pose_tolerance_degrees}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,8 +180,14 @@ class TargetBank:
         centred_sq: float64 [V] squared norms of `centred`.
         crops: uint8 [M, P, 3] BGR crops, flattened view of the analysis' crops.
         luma: uint8 [M, P] luminance (BT.601, OpenCV's BGR2GRAY); 255 where the crop mask is 0.
-        masks: uint8 [M, P] crop masks (1 = rendered pixel).
-        full_mask: bool [M] the crop mask is 1 everywhere (the median skips mask handling for these).
+        masks: uint8 [M, P] 1 where the crop pixel may vote: rendered from inside the frame and, when jaw lines
+            are given, inside that frame's own face outline (`face_masks`), so no candidate brings neck or
+            background into the texture.
+        full_mask: bool [M] the mask is 1 everywhere (the median skips mask handling for these).
+        poses: float64 [M, 2] head yaw and pitch (radians) of each target frame, or None when not given (NaN
+            where unknown).
+        spread: Mean squared distance of the usable translation-free mouth shapes from their mean (canonical
+            units^2): the scale of the pose penalty.
     """
 
     geometry: CanonicalGeometry
@@ -180,6 +201,8 @@ class TargetBank:
     luma: np.ndarray
     masks: np.ndarray
     full_mask: np.ndarray
+    poses: np.ndarray | None = None
+    spread: float = 0.0
 
     @property
     def frame_count(self) -> int:
@@ -242,6 +265,8 @@ class TextureChunk:
             has no jaw lines.
         candidates: int32 [n, k] candidate target frame indices, best first.
         candidate_weights: float32 [n, k] normalised weights (rows sum to 1).
+        pose_differences: float32 [n] weighted mean of the candidates' head-pose distance (yaw, pitch) from the
+            displayed target frame's, degrees; NaN where unknown (no poses, no retiming map, frame skipped).
     """
 
     start: int
@@ -253,6 +278,7 @@ class TextureChunk:
     mean_jaw_lines: np.ndarray | None
     candidates: np.ndarray
     candidate_weights: np.ndarray
+    pose_differences: np.ndarray | None = None
 
     @property
     def frames_written(self) -> int:
@@ -281,8 +307,9 @@ def prepare_target(
     geometry: CanonicalGeometry,
     *,
     jaw_lines: np.ndarray | None = None,
+    head_pose: np.ndarray | None = None,
 ) -> TargetBank:
-    """Check a target analysis and precompute what every chunk needs (centred shapes, luminance).
+    """Check a target analysis and precompute what every chunk needs (centred shapes, luminance, voting masks).
 
     Args:
         shapes: float32 [M, 20, 2] canonical mouth shapes (dlib 48-67), template units; NaN where no face.
@@ -290,7 +317,10 @@ def prepare_target(
         crops: uint8 [M, H, W, 3] BGR canonical lower-face crops, (H, W) = geometry.crop_shape.
         crop_masks: uint8/bool [M, H, W] 1 where the crop pixel was rendered.
         geometry: The analysis' canonical geometry.
-        jaw_lines: Optional float32 [M, 17, 2] canonical jaw lines (for `TextureChunk.mean_jaw_lines`).
+        jaw_lines: Optional float32 [M, 17, 2] canonical jaw lines (for `TextureChunk.mean_jaw_lines`); they also
+            limit each crop's votes to its own face (`face_masks`).
+        head_pose: Optional float [M, >= 2] head yaw and pitch (radians) first (face.v1 head_pose [M, 6]), for
+            pose-aware candidates.
 
     Returns:
         The TargetBank (holds views of `crops` and `crop_masks`, not copies).
@@ -321,6 +351,12 @@ def prepare_target(
         if len(jaw) != m:
             raise InvalidInput(f"jaw lines must be [{m}, 17, 2] like the mouth shapes, got {jaw.shape}")
         jaw = jaw.astype(np.float32, copy=False)
+    poses = None
+    if head_pose is not None:
+        hp = np.asarray(head_pose, dtype=np.float64)
+        if hp.ndim != 2 or hp.shape[0] != m or hp.shape[1] < 2:
+            raise InvalidInput(f"head pose must be float [{m}, >= 2] (yaw, pitch first), got {hp.shape}")
+        poses = np.ascontiguousarray(hp[:, :2])
     s = s.astype(np.float32, copy=False)
     usable = v.astype(bool) & np.isfinite(s).all(axis=(1, 2))
     if not usable.any():
@@ -333,6 +369,8 @@ def prepare_target(
     # One cvtColor over the stack seen as a single tall image.
     luma = cv2.cvtColor(c.reshape(m * h, w, 3), cv2.COLOR_BGR2GRAY).reshape(m, p)
     masks = np.ascontiguousarray(k).reshape(m, p)
+    if jaw is not None:
+        masks = masks & face_masks(jaw, usable, geometry).reshape(m, p)
     full = (masks != 0).all(axis=1)
     if not full.all():
         # Sentinel 255 where the mask is 0: such entries never count below 255 in the median's search.
@@ -350,7 +388,46 @@ def prepare_target(
         luma=luma,
         masks=masks,
         full_mask=full,
+        poses=poses,
+        spread=float(((centred - centred.mean(axis=0)) ** 2).sum(axis=1).mean()),
     )
+
+
+FACE_MASK_MARGIN = 0.012
+"""Canonical units a crop's voting mask stays inside its face outline (~4 crop pixels): the outline's pixels
+mix face and background, and dlib's jaw points wander by about this much."""
+
+
+def face_masks(
+    jaw_lines: np.ndarray, valid: np.ndarray, geometry: CanonicalGeometry, *, margin: float = FACE_MASK_MARGIN
+) -> np.ndarray:
+    """Crop pixels inside each frame's own face outline, uint8 [M, H, W] (1 = face).
+
+    The outline is the frame's canonical jaw line 0..16 closed across the top (above the crop), shrunk by
+    `margin` canonical units. Frames that are not `valid` (or whose jaw line is not finite) get all ones (their
+    crop masks decide).
+
+    Args:
+        jaw_lines: float [M, 17, 2] canonical jaw lines.
+        valid: bool [M].
+        geometry: Crop geometry.
+        margin: Shrinkage, canonical units, >= 0.
+    """
+    jaw = np.asarray(jaw_lines, dtype=np.float64)
+    h, w = geometry.crop_shape
+    left, top, right, bottom = geometry.crop_region
+    px_per_unit = 0.5 * (w / (right - left) + h / (bottom - top))
+    r = int(round(margin * px_per_unit))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) if r > 0 else None
+    out = np.ones((len(jaw), h, w), np.uint8)
+    for i in np.flatnonzero(np.asarray(valid, bool) & np.isfinite(jaw).all(axis=(1, 2))):
+        outline = geometry.canonical_to_crop(jaw[i])
+        mask = np.zeros((h + 2, w + 2), np.uint8)  # one pixel of border: the erosion sees the crop's edge as face
+        cv2.fillPoly(mask, [np.round((outline + 1.0) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+        if kernel is not None:
+            mask = cv2.erode(mask, kernel, borderType=cv2.BORDER_REPLICATE)
+        out[i] = mask[1:-1, 1:-1]
+    return out
 
 
 # ---------------------------------------------------------------------- candidate selection
@@ -428,9 +505,11 @@ def select_candidates(
     bank: TargetBank,
     *,
     first: int = 0,
-    n_candidates: int = 100,
+    n_candidates: int = 20,
     mass_share: float = 0.9,
-    temporal_coherence_weight: float = 0.3,
+    temporal_coherence_weight: float = 0.0,
+    target_poses: np.ndarray | None = None,
+    pose_tolerance: float = 0.0,
 ) -> Candidates:
     """Candidate target frames and their weights for a run of output shapes (already smoothed).
 
@@ -447,6 +526,10 @@ def select_candidates(
         mass_share: In (0, 1).
         temporal_coherence_weight: Previous frame's candidates get their distance multiplied by (1 - this);
             in [0, 1).
+        target_poses: Optional float [L, 2] yaw and pitch (radians) of the target frame shown at each row (NaN =
+            unknown: no penalty); with the bank's poses, candidates further than `pose_tolerance` from it get
+            `pose_penalty` added to their distance.
+        pose_tolerance: Radians, >= 0; 0 = poses ignored.
 
     Returns:
         Candidates (index in target frame numbers).
@@ -465,6 +548,8 @@ def select_candidates(
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
         d2 = shape_distances(track[r0:r1], bank)
+        if target_poses is not None and pose_tolerance > 0 and bank.poses is not None:
+            d2 += pose_penalty(np.asarray(target_poses, dtype=np.float64)[r0:r1], bank, pose_tolerance)
         for t in range(r1 - r0):
             d = d2[t]
             if prev is not None and factor < 1.0:
@@ -478,6 +563,28 @@ def select_candidates(
         w = np.exp(-beta[r0:r1, None] * (dsel - dsel[:, :1]))
         weights[r0:r1] = w / w.sum(axis=1, keepdims=True)
     return Candidates(first, track, bank.index[order], weights, beta, held)
+
+
+def pose_distances(poses: np.ndarray, candidate_poses: np.ndarray) -> np.ndarray:
+    """Angle between head poses, radians: sqrt(d yaw^2 + d pitch^2), broadcast over [..., 2] pairs (NaN in, NaN out).
+
+    Roll is left out: the similarity alignment into the canonical frame takes in-plane rotation away.
+    """
+    d = np.asarray(poses, dtype=np.float64) - np.asarray(candidate_poses, dtype=np.float64)
+    return np.sqrt((d**2).sum(axis=-1))
+
+
+def pose_penalty(target_poses: np.ndarray, bank: TargetBank, tolerance: float) -> np.ndarray:
+    """Distance penalty float64 [L, V] of the usable frames for target frames with poses [L, 2] (radians).
+
+    spread * (max(0, distance - tolerance) / tolerance)^2: nothing within the tolerance, one shape spread at twice
+    it, four at three times. Rows with an unknown pose (NaN) and candidates without a pose get no penalty.
+    """
+    if bank.poses is None or tolerance <= 0:
+        return np.zeros((len(target_poses), bank.usable_count))
+    distance = pose_distances(np.asarray(target_poses, dtype=np.float64)[:, None, :], bank.poses[bank.index][None])
+    excess = np.nan_to_num(np.maximum(distance - tolerance, 0.0), nan=0.0) / tolerance
+    return max(bank.spread, 1e-12) * excess**2
 
 
 # ---------------------------------------------------------------------- weighted median
@@ -820,13 +927,17 @@ def synthesize(
     if not np.isfinite(shapes[lo:hi]).all():
         raise InvalidInput(f"mouth shapes of frames [{lo}, {hi}) are not all finite")
     shown = None
+    target_poses = None
     if retiming_map is not None:
         rmap = np.asarray(retiming_map)
         if rmap.shape != (n_total,) or not np.issubdtype(rmap.dtype, np.integer):
             raise InvalidInput(f"retiming map must be integer [{n_total}], got {rmap.dtype} {rmap.shape}")
-        shown = rmap[start:stop].astype(np.int64)
-        if (shown < 0).any() or (shown >= bank.frame_count).any():
-            raise InvalidInput(f"retiming map values must be in [0, {bank.frame_count}) for frames [{start}, {stop})")
+        shown_all = rmap[first:stop].astype(np.int64)
+        if (shown_all < 0).any() or (shown_all >= bank.frame_count).any():
+            raise InvalidInput(f"retiming map values must be in [0, {bank.frame_count}) for frames [{first}, {stop})")
+        shown = shown_all[start - first :]
+        if bank.poses is not None:
+            target_poses = bank.poses[shown_all]
     n = stop - start
     h, w = bank.crop_shape
     track = smooth_track(shapes, opts.shape_smoothing_sigma_frames, first, stop)
@@ -837,6 +948,8 @@ def synthesize(
         n_candidates=opts.n_candidates,
         mass_share=opts.mass_share,
         temporal_coherence_weight=opts.temporal_coherence_weight,
+        target_poses=target_poses,
+        pose_tolerance=float(np.radians(opts.pose_tolerance_degrees)),
     )
     index = cands.index[start - first :]
     weights = cands.weights[start - first :]
@@ -845,6 +958,13 @@ def synthesize(
     if bank.jaw_lines is not None:
         mean_jaw = np.einsum("tk,tkpc->tpc", weights, bank.jaw_lines[index].astype(np.float64)).astype(np.float32)
     valid = np.ones(n, bool) if shown is None else bank.face_valid[shown]
+    pose_differences = np.full(n, np.nan, np.float32)
+    if target_poses is not None:
+        apart = pose_distances(target_poses[start - first :, None, :], bank.poses[index])  # [n, k]
+        known = np.isfinite(apart)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (np.where(known, apart, 0.0) * weights).sum(axis=1) / (weights * known).sum(axis=1)
+        pose_differences = np.where(valid, np.degrees(mean), np.nan).astype(np.float32)
     textures = np.zeros((n, h * w, 3), np.uint8)
     masks = np.zeros((n, h * w), np.uint8)
     median = weighted_median_reference if reference else weighted_median
@@ -872,4 +992,5 @@ def synthesize(
         mean_jaw_lines=mean_jaw,
         candidates=index.astype(np.int32),
         candidate_weights=weights.astype(np.float32),
+        pose_differences=pose_differences,
     )

@@ -322,3 +322,16 @@ def test_scaling_the_output_layer_scales_predictions_about_the_centre():
     np.testing.assert_allclose(after, centre + 2.0 * (before - centre), atol=1e-5)
     with pytest.raises(InvalidInput, match="centre"):
         lstm.scale_output(model, 2.0, np.zeros(3))
+
+
+def test_an_ensemble_averages_its_members_in_one_graph_and_scales_as_one():
+    x = np.random.default_rng(2).standard_normal((1, 25, 3)).astype(np.float32)
+    members = [lstm.build_model(3, 2, lstm.TrainingSettings(hidden_units=4, seed=s)) for s in (1, 2, 3)]
+    outputs = [np.asarray(m.predict_on_batch(x)) for m in members]
+    ensemble = lstm.average_models(members)
+    np.testing.assert_allclose(np.asarray(ensemble.predict_on_batch(x)), np.mean(outputs, axis=0), atol=1e-5)
+    lstm.scale_output(ensemble, 3.0, np.zeros(2, np.float32))
+    np.testing.assert_allclose(np.asarray(ensemble.predict_on_batch(x)), 3 * np.mean(outputs, axis=0), atol=1e-5)
+    assert lstm.average_models(members[:1]) is members[0]
+    with pytest.raises(InvalidInput, match="ensemble"):
+        lstm.TrainingSettings(ensemble=0)

@@ -223,7 +223,7 @@ def test_hold_back_tails_splits_the_end_of_each_long_enough_section():
 def test_a_single_clip_holds_back_its_end_picks_defaults_by_size_and_calibrates(store, key_prefix, speaker):
     single = build_speaker_dataset([clip("only", 14.0, 4)])
     dataset_key, pca_key = upload(store, key_prefix, single.arrays(), single.pca.arrays())
-    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5}
+    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5, "ensemble": 2}
     card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, overrides=overrides)
     assert card["regime"] == {"name": "small", "train_seconds": pytest.approx(14.0, abs=0.2), "overrides": overrides}
     assert card["training"]["batch_size"] == 10 and card["training"]["hidden_units"] == 6  # regime + user's values
@@ -232,6 +232,7 @@ def test_a_single_clip_holds_back_its_end_picks_defaults_by_size_and_calibrates(
     assert card["metrics"]["landmark_error"] is not None and len(card["history"]["validation_loss"]) == 2
     assert 1.0 <= card["amplitude_gain"] <= lstm.MAX_AMPLITUDE_GAIN
     assert set(card["dataset"]["sync"]) == {"only"}
+    assert [member["seed"] for member in card["ensemble"]] == [42, 43]
 
 
 def test_only_the_options_a_caller_set_override_the_defaults():
