@@ -38,6 +38,7 @@ from services.runtime.canonical import (
     eye_openness,
     head_motion,
     head_pose,
+    landmark_jitter,
     template_id,
     to_canonical,
 )
@@ -68,8 +69,8 @@ class VideoAnalysis:
     """Everything `analyze_video` measured on one video. F = info.frame_count (every decoded frame).
 
     Frames without a face have face_valid False, NaN in landmarks, raw_landmarks, canonical_landmarks,
-    canonical_mouth, jaw, head_pose and detection_scores, all-zero crops and crop masks; head_motion and
-    eye_openness are interpolated from neighbouring face frames there. Arrays are read-only.
+    canonical_mouth, jaw, head_pose, landmark_jitter and detection_scores, all-zero crops and crop masks;
+    head_motion and eye_openness are interpolated from neighbouring face frames there. Arrays are read-only.
 
     Attributes:
         info: Stream facts; frame_count is the exact decoded count, variable_frame_rate is decided from
@@ -85,8 +86,11 @@ class VideoAnalysis:
             rigid points, canonical template units.
         canonical_mouth: float32 [F, 20, 2] points 48-67 of canonical_landmarks; where they appear in the crop.
         jaw: float32 [F, 17, 2] points 0-16 of canonical_landmarks.
-        head_pose: float32 [F, 6] yaw, pitch, roll (rad), face centre x, y (px), inter-ocular distance (px);
-            see `canonical.head_pose`.
+        head_pose: float32 [F, 6] yaw, pitch, roll (rad; a generic 3-D face fitted with cv2.solvePnP), face centre
+            x, y (px), inter-ocular distance (px); see `canonical.head_pose`.
+        landmark_jitter: float32 [F] how far the tracker's rigid points (nose, eyes) lie from their smoothed track,
+            median over the points, inter-ocular units (`canonical.landmark_jitter`; a steady track is ~0.01, an
+            unsure one above ~0.05); NaN where no face.
         head_motion: float32 [F] head speed, inter-ocular units per frame (for re-timing).
         eye_openness: float32 [F] mean eye polygon area / inter-ocular distance^2 (blinks < ~0.025).
         crops: uint8 [F, h, w, 3] BGR canonical lower-face crops (h, w = geometry.crop_shape).
@@ -107,6 +111,7 @@ class VideoAnalysis:
     canonical_mouth: np.ndarray
     jaw: np.ndarray
     head_pose: np.ndarray
+    landmark_jitter: np.ndarray
     head_motion: np.ndarray
     eye_openness: np.ndarray
     crops: np.ndarray
@@ -321,7 +326,8 @@ def analyze_video(
         canonical_landmarks=canonical.astype(np.float32),
         canonical_mouth=canonical[:, MOUTH].astype(np.float32),
         jaw=canonical[:, JAW].astype(np.float32),
-        head_pose=head_pose(smoothed, template=geometry.template),
+        head_pose=head_pose(smoothed, template=geometry.template, frame_size=(info.width, info.height)),
+        landmark_jitter=landmark_jitter(np.stack(pipeline.raw), smoothed),
         head_motion=head_motion(smoothed, valid),
         eye_openness=eye_openness(smoothed, valid),
         crops=np.stack(pipeline.crops),

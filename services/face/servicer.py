@@ -30,7 +30,7 @@ from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
-ANALYSIS_FORMAT_VERSION = 1
+ANALYSIS_FORMAT_VERSION = 2  # 2: head pose by solvePnP, landmark jitter
 DATASET_FORMAT_VERSION = 1
 
 
@@ -269,6 +269,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             mouth_shapes=put("mouth_shapes", analysis.canonical_mouth.astype(np.float32)),
             jaw_lines=put("jaw_lines", analysis.jaw.astype(np.float32)),
             head_pose=put("head_pose", analysis.head_pose.astype(np.float32)),
+            landmark_jitter=put("landmark_jitter", analysis.landmark_jitter.astype(np.float32)),
             head_motion=put("head_motion", analysis.head_motion.astype(np.float32)),
             eye_openness=put("eye_openness", analysis.eye_openness.astype(np.float32)),
             crops=put_frames("crops", analysis.crops),

@@ -93,9 +93,24 @@ WARP_RING = np.array(
 )
 WARP_DOMAIN = (-0.5, -0.1, 1.5, 1.6)
 
-# Head-pose heuristic: depth of the nose tip in front of the outer eye corners, in units of the outer
-# eye-corner distance (anthropometric average, ~40 mm / ~95 mm).
-NOSE_DEPTH = 0.42
+# Generic face depth for head pose (`head_pose`): how far each of the 68 points lies in front of the outer eye
+# corners, millimetres (anthropometric averages, symmetric; nose tip ~38 mm, ears ~45 mm behind). With the
+# template's x, y this makes a generic 3-D face: the outer eye corners are ~95 mm apart, 0.578 template units,
+# so one template unit is MM_PER_UNIT millimetres.
+# fmt: off
+FACE_DEPTH_MM = np.array([
+    -45, -44, -40, -34, -25, -14, -3, 6, 9, 6, -3, -14, -25, -34, -40, -44, -45,  # jaw 0-16
+    -2, 6, 11, 14, 15, 15, 14, 11, 6, -2,  # brows 17-26
+    14, 20, 28, 38, 14, 20, 24, 20, 14,  # nose 27-35
+    0, 5, 7, 8, 7, 5, 8, 7, 5, 0, 5, 7,  # eyes 36-47
+    8, 17, 22, 24, 22, 17, 8, 16, 20, 21, 20, 16,  # outer lips 48-59
+    10, 17, 19, 17, 10, 16, 18, 16,  # inner lips 60-67
+], dtype=np.float64)
+# fmt: on
+MM_PER_UNIT = 164.0
+# Points that fix the pose: nose and eyes (rigid; the jaw outline slides along the cheek as the head turns, the
+# brows and lips move with expression and speech).
+POSE_POINTS = np.arange(27, 48)
 
 
 # ---------------------------------------------------------------------- similarity alignment
@@ -593,50 +608,145 @@ def head_motion(landmarks: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return _interpolate_gaps(speed, v).astype(np.float32)
 
 
+def face_model(template: np.ndarray = CANONICAL_TEMPLATE) -> np.ndarray:
+    """The generic 3-D face, float64 [68, 3] template units: x, y of the template, z = depth away from the camera."""
+    tpl = np.asarray(template, dtype=np.float64)
+    return np.column_stack([tpl, -FACE_DEPTH_MM / MM_PER_UNIT])
+
+
+def euler_angles(rotation: np.ndarray) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) radians of a face rotation R = Rz(roll) Ry(-yaw) Rx(pitch) (model -> camera axes).
+
+    Axes as OpenCV's camera: x right, y down, z away from the camera. Yaw > 0 turns the face towards +x (image
+    right), pitch > 0 tilts it down, roll > 0 turns it clockwise on screen.
+    """
+    r = np.asarray(rotation, dtype=np.float64)
+    yaw = float(np.arcsin(np.clip(r[2, 0], -1.0, 1.0)))
+    pitch = float(np.arctan2(r[2, 1], r[2, 2]))
+    roll = float(np.arctan2(r[1, 0], r[0, 0]))
+    return yaw, pitch, roll
+
+
+def rotation_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """float64 [3, 3] R = Rz(roll) Ry(-yaw) Rx(pitch), the inverse of `euler_angles`."""
+    cy, sy = math.cos(-yaw), math.sin(-yaw)
+    cp, sp = math.cos(pitch), math.sin(pitch)
+    cr, sr = math.cos(roll), math.sin(roll)
+    rz = np.array([[cr, -sr, 0.0], [sr, cr, 0.0], [0.0, 0.0, 1.0]])
+    ry = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]])
+    return rz @ ry @ rx
+
+
+def camera_matrix(frame_size: tuple[int, int]) -> np.ndarray:
+    """Pinhole camera float64 [3, 3] for a frame (width, height): focal length = the longer side (a ~53 degree
+    field of view, typical of phones and webcams), principal point at the centre."""
+    w, h = (float(v) for v in frame_size)
+    f = max(w, h)
+    return np.array([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]])
+
+
+def _solve_pose(points: np.ndarray, model: np.ndarray, camera: np.ndarray, a: complex, t: complex) -> np.ndarray:
+    """rvec, tvec float64 [6] of one frame by Levenberg-Marquardt from the similarity's frontal pose."""
+    f = camera[0, 0]
+    scale = 1.0 / abs(a)  # frame pixels per template unit
+    origin = (0.5 + 0.5j - t) / a  # frame position of the template point (0.5, 0.5)
+    z = f / scale
+    rvec = np.array([[0.0], [0.0], [-np.angle(a)]])
+    tvec = np.array([[(origin.real - camera[0, 2]) * z / f - 0.5], [(origin.imag - camera[1, 2]) * z / f - 0.5], [z]])
+    ok, rvec, tvec = cv2.solvePnP(
+        model, points, camera, None, rvec=rvec, tvec=tvec, useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE
+    )
+    if not ok:
+        return np.full(6, np.nan)
+    return np.concatenate([rvec.ravel(), tvec.ravel()])
+
+
 def head_pose(
     landmarks: np.ndarray,
     *,
     template: np.ndarray = CANONICAL_TEMPLATE,
+    frame_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Approximate head pose per frame from 2-D landmarks.
+    """Head pose per frame from 2-D landmarks: a generic 3-D face (`face_model`) fitted with cv2.solvePnP.
 
-    Roll is the rotation of the frame's similarity transform from the template; yaw and pitch are a
-    weak-perspective estimate from how far the nose tip (30) sits from the midpoint of the outer eye
-    corners (36, 45), relative to the template, assuming a nose depth of NOSE_DEPTH eye-corner
-    distances: asin(offset / depth). They are meant for gating and diagnostics (a few degrees of
-    error is normal), not measurement.
+    The rotation is fitted on the nose and eyes (POSE_POINTS) by Levenberg-Marquardt from the frontal pose of
+    the frame's similarity transform, so each frame is solved on its own (no tracking state). The generic face
+    makes the angles approximate (a few degrees for a given person), but consistent within a video, which is what
+    comparing poses needs.
 
     Args:
         landmarks: float [F, 68, 2] frame pixels (NaN rows give NaN).
-        template: float [68, 2] canonical template.
+        template: float [68, 2] canonical template (x, y of the 3-D face; also the similarity fit).
+        frame_size: (width, height) of the frames: the camera (`camera_matrix`). None = a nearly orthographic
+            camera on each face (focal length 50 face widths), for landmarks without a frame.
 
     Returns:
-        float32 [F, 6]: yaw (rad, > 0 when the face turns towards +x / image right), pitch (rad, > 0
-        when it tilts down), roll (rad, > 0 clockwise on screen), face centre x, y (pixels: the frame
-        position of the template's face-box centre (0.5, 0.5)), scale (inter-ocular distance, pixels).
+        float32 [F, 6]: yaw (rad, > 0 when the face turns towards +x / image right), pitch (rad, > 0 when it
+        tilts down), roll (rad, > 0 clockwise on screen), face centre x, y (pixels: the frame position of the
+        template's face-box centre (0.5, 0.5)), scale (inter-ocular distance, pixels).
     """
     p = np.asarray(landmarks, dtype=np.float64)
-    a, t = fit_similarity(p, template)
-    roll = -np.angle(a)
+    flat = p.reshape(-1, 68, 2)
+    a, t = fit_similarity(flat, template)
     with np.errstate(invalid="ignore", divide="ignore"):
         centre = (0.5 + 0.5j - t) / a
+    model = face_model(template)[POSE_POINTS]
+    angles = np.full((len(flat), 3), np.nan)
+    for i in range(len(flat)):
+        if not (np.isfinite(flat[i]).all() and np.isfinite(a[i]) and abs(a[i]) > 1e-12):
+            continue
+        if frame_size is not None:
+            camera = camera_matrix(frame_size)
+        else:
+            f = 50.0 / abs(a[i])
+            camera = np.array([[f, 0.0, centre[i].real], [0.0, f, centre[i].imag], [0.0, 0.0, 1.0]])
+        solved = _solve_pose(flat[i, POSE_POINTS].copy(), model, camera, complex(a[i]), complex(t[i]))
+        if np.isfinite(solved).all():
+            angles[i] = euler_angles(cv2.Rodrigues(solved[:3])[0])
+    pose = np.concatenate([angles, np.stack([centre.real, centre.imag, interocular_distance(flat)], axis=-1)], axis=-1)
+    return pose.reshape(p.shape[:-2] + (6,)).astype(np.float32)
 
-    def offsets(shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outer = shape[..., 45, :] - shape[..., 36, :]
-        length = np.linalg.norm(outer, axis=-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            u = outer / length[..., None]
-        n = np.stack([-u[..., 1], u[..., 0]], axis=-1)  # face "down" axis (y is down)
-        rel = shape[..., 30, :] - (shape[..., 36, :] + shape[..., 45, :]) / 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (rel * u).sum(-1) / length, (rel * n).sum(-1) / length
 
-    dx, dy = offsets(p)
-    dx0, dy0 = offsets(np.asarray(template, dtype=np.float64))
-    yaw = np.arcsin(np.clip((dx - dx0) / NOSE_DEPTH, -1, 1))
-    pitch = np.arcsin(np.clip((dy - dy0) / NOSE_DEPTH, -1, 1))
-    pose = np.stack([yaw, pitch, roll, centre.real, centre.imag, interocular_distance(p)], axis=-1)
-    return pose.astype(np.float32)
+def landmark_jitter(raw: np.ndarray, smoothed: np.ndarray) -> np.ndarray:
+    """How unsure the landmark tracker is per frame: distance of the raw rigid points (nose, eyes) from their
+    smoothed track, median over the points, in inter-ocular units.
+
+    Args:
+        raw: float [F, 68, 2] the tracker's landmarks, frame pixels.
+        smoothed: float [F, 68, 2] the same track after temporal smoothing.
+
+    Returns:
+        float32 [F] (NaN where a frame has no face).
+    """
+    r = np.asarray(raw, dtype=np.float64)
+    s = np.asarray(smoothed, dtype=np.float64)
+    if r.shape != s.shape or r.ndim != 3 or r.shape[1:] != (68, 2):
+        raise InvalidInput(f"raw and smoothed landmarks must both be [F, 68, 2], got {r.shape} and {s.shape}")
+    distance = np.linalg.norm(r[:, POSE_POINTS] - s[:, POSE_POINTS], axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.median(distance, axis=1) / interocular_distance(s)).astype(np.float32)
+
+
+def project_face(
+    rotation: np.ndarray,
+    translation: np.ndarray,
+    camera: np.ndarray,
+    *,
+    template: np.ndarray = CANONICAL_TEMPLATE,
+) -> np.ndarray:
+    """The generic 3-D face seen by a camera: frame points float64 [68, 2] (for tests and synthetic targets).
+
+    Args:
+        rotation: float [3, 3] model -> camera rotation (`rotation_matrix`).
+        translation: float [3] the model origin in camera coordinates (template units).
+        camera: float [3, 3] pinhole camera matrix.
+        template: canonical template (x, y of the face).
+    """
+    rvec = cv2.Rodrigues(np.asarray(rotation, dtype=np.float64))[0]
+    tvec = np.asarray(translation, dtype=np.float64).reshape(3, 1)
+    points, _ = cv2.projectPoints(face_model(template), rvec, tvec, np.asarray(camera, dtype=np.float64), None)
+    return points.reshape(68, 2)
 
 
 __all__ = [
@@ -656,8 +766,14 @@ __all__ = [
     "eye_openness",
     "fit_similarity",
     "head_motion",
+    "camera_matrix",
+    "euler_angles",
+    "face_model",
     "head_pose",
     "interocular_distance",
+    "landmark_jitter",
+    "project_face",
+    "rotation_matrix",
     "template_id",
     "to_canonical",
 ]

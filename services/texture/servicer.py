@@ -28,7 +28,7 @@ from services.runtime.status import grpc_errors
 from services.texture import core
 
 log = logging.getLogger(__name__)
-RESULT_FORMAT_VERSION = 2  # 2: detail restored over the mouth region
+RESULT_FORMAT_VERSION = 3  # 2: detail restored over the mouth region; 3: face-only votes, pose-aware, masks
 MAX_CHUNK_FRAMES = 5000
 MEDIAN_MODES = {
     texture_pb2.MEDIAN_MODE_UNSPECIFIED: "luminance",
@@ -53,6 +53,7 @@ def texture_options(options: texture_pb2.SynthesizeOptions) -> core.TextureOptio
         median_mode=MEDIAN_MODES.get(options.median_mode, "luminance"),
         detail_amount=optional("detail_amount"),
         detail_sigma_px=optional("detail_sigma_px"),
+        pose_tolerance_degrees=optional("pose_tolerance_degrees"),
     )
 
 
@@ -75,6 +76,12 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 if manifest.jaw_lines.object.key
                 else None
             )
+            # Head poses of analyses before format 2 came from a 2-D heuristic: candidates then ignore pose.
+            poses = (
+                load_array(self.store, manifest.head_pose, what="head pose")[0]
+                if manifest.head_pose.object.key and manifest.format_version >= 2
+                else None
+            )
             return core.prepare_target(
                 shapes,
                 valid,
@@ -82,9 +89,12 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 load_frames(self.store, manifest.crop_masks, what="crop masks"),
                 load_geometry(self.store, manifest),
                 jaw_lines=jaws,
+                head_pose=poses,
             )
 
-        key = manifest.crops.object.sha256 or f"{target_ref.bucket}/{target_ref.key}"
+        key = f"{manifest.crops.object.sha256}/{manifest.head_pose.object.sha256}/{manifest.format_version}"
+        if not manifest.crops.object.sha256:
+            key = f"{target_ref.bucket}/{target_ref.key}"
         return self.cache.get(key, load, lambda bank: bank.nbytes)
 
     @grpc_errors
@@ -139,10 +149,17 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 frames=request.frames,
                 textures=store_frames(self.store, f"{prefix}/textures.frames.zip", chunk.textures, fps=fps),
                 texture_valid=self._put(f"{prefix}/texture_valid.npy", chunk.valid.astype(np.uint8), fps),
+                texture_masks=store_frames(
+                    self.store, f"{prefix}/texture_masks.frames.zip", chunk.texture_masks, fps=fps
+                ),
                 mean_shapes=self._put(f"{prefix}/mean_shapes.npy", chunk.mean_shapes, fps),
                 frames_written=chunk.frames_written,
                 frames_skipped=chunk.frames_skipped,
             )
+            if chunk.pose_differences is not None:
+                result.pose_differences.CopyFrom(
+                    self._put(f"{prefix}/pose_differences.npy", chunk.pose_differences.astype(np.float32), fps)
+                )
             if chunk.mean_jaw_lines is not None:
                 result.mean_jaw_lines.CopyFrom(self._put(f"{prefix}/mean_jaw_lines.npy", chunk.mean_jaw_lines, fps))
             if request.options.write_candidates:

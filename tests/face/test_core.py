@@ -68,6 +68,7 @@ def test_shapes_and_dtypes(analysis):
         "canonical_mouth": ((f, 20, 2), np.float32),
         "jaw": ((f, 17, 2), np.float32),
         "head_pose": ((f, 6), np.float32),
+        "landmark_jitter": ((f,), np.float32),
         "head_motion": ((f,), np.float32),
         "eye_openness": ((f,), np.float32),
         "crops": ((f, 180, 150, 3), np.uint8),
@@ -88,7 +89,15 @@ def test_frames_without_a_face_are_flagged_and_filled(analysis):
     np.testing.assert_array_equal(a.face_valid, expected)
     assert a.valid_frame_count == a.frame_count - len(NO_FACE)
     gap = list(NO_FACE)
-    for name in ("landmarks", "raw_landmarks", "canonical_landmarks", "canonical_mouth", "jaw", "head_pose"):
+    for name in (
+        "landmarks",
+        "raw_landmarks",
+        "canonical_landmarks",
+        "canonical_mouth",
+        "jaw",
+        "head_pose",
+        "landmark_jitter",
+    ):
         value = getattr(a, name)
         assert np.isnan(value[gap]).all() and np.isfinite(value[a.face_valid]).all(), name
     assert np.isnan(a.detection_scores[gap]).all()
@@ -116,6 +125,7 @@ def test_canonical_shapes_are_plausible(analysis):
     assert np.abs(a.mean_shape - CANONICAL_TEMPLATE).max() < 0.12
     pose = a.head_pose[a.face_valid]
     assert np.abs(pose[:, :3]).max() < 0.6  # a near-frontal speaker
+    assert np.median(a.landmark_jitter[a.face_valid]) < 0.02  # steady tracking
     assert pose[:, 5].min() > 40 and pose[:, 5].max() < 80  # inter-ocular distance in pixels at 256x256
     assert 0.01 < np.median(a.eye_openness) < 0.06
 

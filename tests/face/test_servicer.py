@@ -81,6 +81,7 @@ def test_analyze_stores_every_array_and_a_manifest_then_serves_it_from_cache(
         "detection_scores",
         "jaw_lines",
         "head_pose",
+        "landmark_jitter",
         "head_motion",
         "eye_openness",
     ):

@@ -298,8 +298,9 @@ def test_per_channel_and_mouth_region_modes(bank, analysis):
     q = quantize_weights(chunk.candidate_weights[0])
     keep = q > 0
     flat = analysis.crops[cand[keep]].reshape(keep.sum(), -1, 3)
+    votes = bank.masks[cand[keep]]  # each candidate votes inside its own face outline
     for ch in range(3):
-        expected, _ = weighted_median_reference(np.ascontiguousarray(flat[:, :, ch]), q[keep])
+        expected, _ = weighted_median_reference(np.ascontiguousarray(flat[:, :, ch]), q[keep], votes)
         np.testing.assert_array_equal(chunk.textures[0].reshape(-1, 3)[:, ch], expected)
     opts = TextureOptions(n_candidates=15, median_region="mouth", detail_amount=0.0)
     mouth = synthesize(bank, analysis.canonical_mouth, 20, 22, options=opts)

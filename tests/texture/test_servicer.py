@@ -55,6 +55,27 @@ def test_chunks_from_the_targets_own_shapes_look_like_the_target(store, key_pref
     assert list(stub.Synthesize(request))[-1].result.cached
 
 
+def test_pose_aware_chunk_reports_masks_and_pose_differences(store, key_prefix, texture, katie_target):
+    """With a retiming map, candidates are ranked by pose too; the masks and pose differences travel on."""
+    stub, _ = texture
+    _, analysis = katie_target
+    shapes = store.get_array(analysis.analysis.mouth_shapes.object.key)[0][:30]
+    shapes_ref = array_ref(*store.put_array(f"{key_prefix}/shapes.npy", shapes, fps=30.0))
+    retiming = array_ref(*store.put_array(f"{key_prefix}/map.npy", np.arange(30, dtype=np.int32), fps=30.0))
+    request = texture_pb2.SynthesizeRequest(
+        frames=common_pb2.FrameRange(start=10, stop=30),
+        mouth_shapes=shapes_ref,
+        target_analysis=analysis.manifest,
+        retiming_map=retiming,
+    )
+    result = list(stub.Synthesize(request))[-1].result
+    masks = load_frames(store, result.texture_masks)
+    h, w = analysis.analysis.geometry.crop_height_px, analysis.analysis.geometry.crop_width_px
+    assert masks.shape == (20, h, w) and masks[:, : h // 2].all() and not masks[:, -1, 0].any()
+    differences = store.get_array(result.pose_differences.object.key)[0]
+    assert differences.shape == (20,) and np.isfinite(differences).all() and differences.max() < 12.0
+
+
 def test_bad_requests(store, key_prefix, texture, katie_target):
     stub, _ = texture
     _, analysis = katie_target
