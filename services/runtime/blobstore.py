@@ -9,15 +9,20 @@ import logging
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import MinioException, S3Error
+from minio.helpers import genheaders, md5sum_hash
+from minio.xml import Element, SubElement, getbytes
 
 from services.runtime.config import StoreConfig
 from services.runtime.errors import (
@@ -28,7 +33,7 @@ from services.runtime.errors import (
     TooLarge,
     Unavailable,
 )
-from services.runtime.keys import content_key, sha256_bytes, sha256_file, validate_key
+from services.runtime.keys import content_key, is_derived_key, sha256_bytes, sha256_file, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,12 @@ NPY_CONTENT_TYPE = "application/x-npy"
 NPZ_CONTENT_TYPE = "application/x-npz"
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NoSuchUpload", "ResourceNotFound"}
 _AUTH_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
+_EXISTS_CODES = {"PreconditionFailed"}  # a conditional write (If-None-Match: *) found the key taken
+_CONFLICT_CODES = {"ConditionalRequestConflict"}  # another conditional write of the key is in flight
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+"""Date of every member of the archives the runtime writes: with the clock in them, equal content gave unequal
+bytes (and unequal sha256), so two writers of one deterministic key disagreed about what it holds."""
+REREAD_DELAY_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,13 @@ class BlobStore:
     corrupted or truncated object is reported (DATA_LOSS) instead of being processed. Objects are
     written with a single PUT (or a multipart upload that the server completes atomically), so a
     failed write never leaves a half-written object under the final key.
+
+    Stage outputs under derived keys (`keys.derive_key`: the key names the inputs and parameters) are
+    written once: the PUT is conditional (`If-None-Match: *`), the first complete write wins and a later
+    writer of the same key gets the stored object's reference back instead of replacing it. Two jobs doing
+    the same work at once then agree on every object, even where encoders do not give byte-equal output.
+    Other keys (job manifests, outputs a caller named) are overwritten as before; `if_absent=` chooses
+    explicitly.
     """
 
     def __init__(
@@ -135,21 +153,30 @@ class BlobStore:
         content_type: str = "application/octet-stream",
         metadata: Mapping[str, str] | None = None,
         bucket: str | None = None,
+        if_absent: bool | None = None,
     ) -> BlobRef:
+        """Store `data` at `key`; with `if_absent` (default: for derived keys) an existing object is kept and
+        its reference returned."""
         bucket = bucket or self.bucket
         validate_key(key)
         self._check_size(len(data), bucket, key)
         sha = sha256_bytes(data)
-        with self._translate(bucket, key):
-            self.client.put_object(
-                bucket,
-                key,
-                io.BytesIO(data),
-                len(data),
-                content_type=content_type,
-                metadata=self._user_metadata(sha, metadata),
-                part_size=self.part_size_bytes,
-            )
+        user = self._user_metadata(sha, metadata)
+        if self._write_once(key, if_absent):
+            existing = self._put_once(bucket, key, io.BytesIO(data), len(data), content_type, user)
+            if existing is not None:
+                return existing
+        else:
+            with self._translate(bucket, key):
+                self.client.put_object(
+                    bucket,
+                    key,
+                    io.BytesIO(data),
+                    len(data),
+                    content_type=content_type,
+                    metadata=user,
+                    part_size=self.part_size_bytes,
+                )
         return BlobRef(bucket, key, sha, content_type, len(data), dict(metadata or {}))
 
     def put_file(
@@ -160,22 +187,26 @@ class BlobStore:
         content_type: str = "application/octet-stream",
         metadata: Mapping[str, str] | None = None,
         bucket: str | None = None,
+        if_absent: bool | None = None,
     ) -> BlobRef:
-        """Upload a local file; large files go up in `part_size_bytes` parts (multipart)."""
+        """Upload a local file; large files go up in `part_size_bytes` parts (multipart). `if_absent` as in
+        `put_bytes`."""
         bucket = bucket or self.bucket
         validate_key(key)
         size = os.path.getsize(path)
         self._check_size(size, bucket, key)
         sha = sha256_file(path)
-        with self._translate(bucket, key):
-            self.client.fput_object(
-                bucket,
-                key,
-                str(path),
-                content_type=content_type,
-                metadata=self._user_metadata(sha, metadata),
-                part_size=self.part_size_bytes,
-            )
+        user = self._user_metadata(sha, metadata)
+        if self._write_once(key, if_absent):
+            with open(path, "rb") as handle:
+                existing = self._put_once(bucket, key, handle, size, content_type, user)
+            if existing is not None:
+                return existing
+        else:
+            with self._translate(bucket, key):
+                self.client.fput_object(
+                    bucket, key, str(path), content_type=content_type, metadata=user, part_size=self.part_size_bytes
+                )
         return BlobRef(bucket, key, sha, content_type, size, dict(metadata or {}))
 
     def put_content_addressed(
@@ -203,6 +234,7 @@ class BlobStore:
         start_seconds: float = 0.0,
         metadata: Mapping[str, str] | None = None,
         bucket: str | None = None,
+        if_absent: bool | None = None,
     ) -> tuple[BlobRef, ArrayInfo]:
         """Store an array as .npy (no pickles) with its shape, dtype and time base as metadata."""
         array = np.asarray(array)
@@ -213,7 +245,9 @@ class BlobStore:
         np.save(buffer, array, allow_pickle=False)
         meta = dict(metadata or {})
         meta[ARRAY_META] = json.dumps(dataclasses.asdict(info))
-        ref = self.put_bytes(key, buffer.getvalue(), content_type=NPY_CONTENT_TYPE, metadata=meta, bucket=bucket)
+        ref = self.put_bytes(
+            key, buffer.getvalue(), content_type=NPY_CONTENT_TYPE, metadata=meta, bucket=bucket, if_absent=if_absent
+        )
         return ref, info
 
     def put_arrays(
@@ -223,11 +257,17 @@ class BlobStore:
         *,
         metadata: Mapping[str, str] | None = None,
         bucket: str | None = None,
+        if_absent: bool | None = None,
     ) -> BlobRef:
-        """Store several named arrays in one compressed .npz."""
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **{name: np.asarray(a) for name, a in arrays.items()})
-        return self.put_bytes(key, buffer.getvalue(), content_type=NPZ_CONTENT_TYPE, metadata=metadata, bucket=bucket)
+        """Store several named arrays in one compressed .npz (the same arrays always give the same bytes)."""
+        return self.put_bytes(
+            key,
+            npz_bytes(arrays),
+            content_type=NPZ_CONTENT_TYPE,
+            metadata=metadata,
+            bucket=bucket,
+            if_absent=if_absent,
+        )
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -254,32 +294,40 @@ class BlobStore:
         bucket = bucket or self.bucket
         validate_key(key)
         limit = self.max_object_bytes if max_bytes is None else max_bytes
-        with self._translate(bucket, key):
-            response = self.client.get_object(bucket, key)
-            try:
-                size = int(response.headers.get("Content-Length", "0"))
-                if size > limit:
-                    raise TooLarge(f"object {bucket}/{key} is {size} bytes, over the limit of {limit}")
-                recorded = _user_metadata_of(response.headers).get(SHA256_META, "")
-                data = response.read()
-            finally:
-                response.close()
-                response.release_conn()
-        self._verify(bucket, key, sha256_bytes(data), recorded, expected_sha256)
+        for reread in (False, True):
+            with self._translate(bucket, key):
+                response = self.client.get_object(bucket, key)
+                try:
+                    size = int(response.headers.get("Content-Length", "0"))
+                    if size > limit:
+                        raise TooLarge(f"object {bucket}/{key} is {size} bytes, over the limit of {limit}")
+                    recorded = _user_metadata_of(response.headers).get(SHA256_META, "")
+                    data = response.read()
+                finally:
+                    response.close()
+                    response.release_conn()
+            actual = sha256_bytes(data)
+            if reread or not self._rewritten(bucket, key, actual, recorded, expected_sha256):
+                break
+        self._verify(bucket, key, actual, recorded, expected_sha256)
         return data
 
     def get_file(self, key: str, path: str | Path, *, bucket: str | None = None, expected_sha256: str = "") -> BlobRef:
         """Download to `path` atomically: the file appears only once its content has been verified."""
         bucket = bucket or self.bucket
-        ref = self.stat(key, bucket=bucket)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(handle)
         try:
-            with self._translate(bucket, key):
-                self.client.fget_object(bucket, key, temp_name)
-            self._verify(bucket, key, sha256_file(temp_name), ref.sha256, expected_sha256)
+            for reread in (False, True):
+                ref = self.stat(key, bucket=bucket)
+                with self._translate(bucket, key):
+                    self.client.fget_object(bucket, key, temp_name)
+                actual = sha256_file(temp_name)
+                if reread or not self._rewritten(bucket, key, actual, ref.sha256, expected_sha256):
+                    break
+            self._verify(bucket, key, actual, ref.sha256, expected_sha256)
             os.replace(temp_name, path)
         finally:
             if os.path.exists(temp_name):
@@ -328,6 +376,73 @@ class BlobStore:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _write_once(key: str, if_absent: bool | None) -> bool:
+        return is_derived_key(key) if if_absent is None else if_absent
+
+    def _put_once(
+        self, bucket: str, key: str, data: BinaryIO, size: int, content_type: str, user: Mapping[str, str]
+    ) -> BlobRef | None:
+        """PUT `size` bytes of `data` only if `key` is free (If-None-Match: *); None once written, else the
+        reference of the object already there (the first writer's).
+
+        The minio SDK has no conditional writes, so this uses its request layer (`_put_object`,
+        `_create_multipart_upload`, `_upload_part`, `_execute`) with the SDK's own signing, as its
+        `put_object` does; objects over one part go up as a multipart upload whose completion is conditional.
+        """
+        headers = genheaders(dict(user), None, None, None, False)
+        headers["Content-Type"] = content_type or "application/octet-stream"
+        for attempt in range(1, 6):
+            data.seek(0)
+            try:
+                with self._translate(bucket, key, passthrough=_EXISTS_CODES | _CONFLICT_CODES):
+                    if size <= self.part_size_bytes:
+                        self.client._put_object(bucket, key, data.read(size), {**headers, "If-None-Match": "*"})
+                    else:
+                        self._multipart_once(bucket, key, data, size, headers)
+                return None
+            except S3Error as exc:
+                existing = self.stat(key, bucket=bucket, missing_ok=True)
+                if existing is not None:
+                    log.debug("%s/%s was written by another writer first: reusing it (%s)", bucket, key, exc.code)
+                    return existing
+                if exc.code not in _CONFLICT_CODES or attempt == 5:
+                    raise Unavailable(f"conditional write of {bucket}/{key} failed: {exc.code}") from exc
+                time.sleep(0.1 * attempt)  # the other writer's upload is completing
+        raise AssertionError("unreachable")
+
+    def _multipart_once(self, bucket: str, key: str, data: BinaryIO, size: int, headers: dict) -> None:
+        upload_id = self.client._create_multipart_upload(bucket, key, dict(headers))
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, self.part_size_bytes), start=1):
+                chunk = data.read(min(self.part_size_bytes, size - offset))
+                parts.append(Part(number, self.client._upload_part(bucket, key, chunk, None, upload_id, number)))
+            element = Element("CompleteMultipartUpload")
+            for part in parts:
+                tag = SubElement(element, "Part")
+                SubElement(tag, "PartNumber", str(part.part_number))
+                SubElement(tag, "ETag", '"' + part.etag + '"')
+            body = getbytes(element)
+            complete = {"Content-Type": "application/xml", "Content-MD5": md5sum_hash(body), "If-None-Match": "*"}
+            self.client._execute("POST", bucket, key, body=body, headers=complete, query_params={"uploadId": upload_id})
+        except BaseException:
+            try:
+                self.client._abort_multipart_upload(bucket, key, upload_id)
+            except (S3Error, MinioException, urllib3.exceptions.HTTPError):
+                log.warning("could not abort the multipart upload of %s/%s", bucket, key)
+            raise
+
+    @staticmethod
+    def _rewritten(bucket: str, key: str, actual: str, recorded: str, expected: str) -> bool:
+        """Whether an intact object differs from the version the reader expected: another writer replaced it
+        between the reader learning its hash and reading it. Worth one more read, after a moment."""
+        if expected and actual == recorded and actual != expected:
+            log.warning("%s/%s changed since its hash was recorded; reading it again", bucket, key)
+            time.sleep(REREAD_DELAY_SECONDS)
+            return True
+        return False
+
     def _check_size(self, size: int, bucket: str, key: str) -> None:
         if size > self.max_object_bytes:
             raise TooLarge(f"object {bucket}/{key} would be {size} bytes, over the limit of {self.max_object_bytes}")
@@ -351,12 +466,17 @@ class BlobStore:
                 )
 
     @contextmanager
-    def _translate(self, bucket: str, key: str) -> Iterator[None]:
-        """Turn SDK and network errors into the runtime's error types, naming the object."""
+    def _translate(
+        self, bucket: str, key: str, *, passthrough: set[str] | frozenset[str] = frozenset()
+    ) -> Iterator[None]:
+        """Turn SDK and network errors into the runtime's error types, naming the object (S3 errors whose code
+        is in `passthrough` stay as they are)."""
         where = f"{bucket}/{key}" if key else bucket
         try:
             yield
         except S3Error as exc:
+            if exc.code in passthrough:
+                raise
             if exc.code in _MISSING_CODES:
                 what = "bucket" if exc.code == "NoSuchBucket" else "object"
                 raise NotFound(f"{what} not found: {where if what == 'object' else bucket}") from exc
@@ -375,6 +495,19 @@ class BlobStore:
                 f"object store at {self.endpoint or 'its endpoint'} unreachable while accessing "
                 f"{where}: {type(exc).__name__}"
             ) from exc
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A compressed .npz of `arrays` (what `np.savez_compressed` writes) with fixed member dates, so equal arrays
+    give equal bytes; `np.load` reads it."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _user_metadata_of(headers: Mapping[str, str]) -> dict[str, str]:

@@ -15,6 +15,7 @@ MAX_KEY_LENGTH = 1024
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SPEAKER = re.compile(r"[a-z0-9_-]{1,64}")
+_DERIVED = re.compile(r"^[A-Za-z0-9._=+-]+/[0-9a-f]{32}/|/[0-9a-f]{64}[^/]*$")
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -88,6 +89,13 @@ def derive_prefix(
 ) -> str:
     """Deterministic folder `<kind>/<digest>` for a stage output made of several objects."""
     return derive_key(kind, "_", inputs=inputs, params=params, version=version).rsplit("/", 1)[0]
+
+
+def is_derived_key(key: str) -> bool:
+    """Whether `key` names its content: a stage output (`derive_key`, `derive_prefix`) or a content-addressed blob
+    (`content_key`). Such a key always stands for the same content, so its first complete write is kept
+    (BlobStore writes it once)."""
+    return bool(_DERIVED.search(key))
 
 
 def content_key(prefix: str, sha256: str, suffix: str = "") -> str:

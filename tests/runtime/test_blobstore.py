@@ -2,14 +2,17 @@
 
 import io
 import os
+import threading
+import zipfile
 
 import numpy as np
 import pytest
 
-from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.blobstore import BlobStore, npz_bytes, wait_for_store
 from services.runtime.config import StoreConfig
 from services.runtime.errors import FailedPrecondition, IntegrityError, InvalidInput, NotFound, TooLarge, Unavailable
-from services.runtime.keys import sha256_bytes
+from services.runtime.frames import encode_frames
+from services.runtime.keys import derive_key, sha256_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +143,68 @@ def test_unreachable_store_is_unavailable_quickly():
 def test_unsafe_keys_never_reach_the_server(store):
     with pytest.raises(InvalidInput):
         store.put_bytes("../escape", b"x")
+
+
+# -- one key, several writers (issue 15: identical jobs at once) --------------------------------------------------
+
+
+def derived(key_prefix: str, name: str) -> str:
+    return derive_key("test", name, params={"prefix": key_prefix})
+
+
+def test_a_derived_key_is_written_once_and_later_writers_reuse_the_first_object(store, key_prefix, tmp_path):
+    key = derived(key_prefix, "textures.frames.zip")
+    first = store.put_bytes(key, b"first writer's bytes")
+    second = store.put_bytes(key, b"second writer's different bytes")
+    assert second.sha256 == first.sha256 and second.size_bytes == first.size_bytes
+    assert store.get_bytes(key, expected_sha256=second.sha256) == b"first writer's bytes"
+    # Over one part (5 MiB here): a multipart upload whose completion is conditional.
+    big = derived(key_prefix, "segment.mp4")
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"a" * (11 * 1024 * 1024))
+    kept = store.put_file(big, path)
+    path.write_bytes(b"b" * (12 * 1024 * 1024))
+    again = store.put_file(big, path)
+    stored = store.stat(big)
+    assert again.sha256 == kept.sha256 == stored.sha256 and again.size_bytes == stored.size_bytes == 11 << 20
+    # A key that names no content (a manifest, an output a caller chose) is replaced as before, or on request kept.
+    plain = f"{key_prefix}/job.json"
+    store.put_bytes(plain, b"1")
+    assert store.get_bytes(plain) == b"1" and store.put_bytes(plain, b"2").sha256 == sha256_bytes(b"2")
+    assert store.put_bytes(plain, b"3", if_absent=True).sha256 == sha256_bytes(b"2")
+
+
+def test_writers_racing_on_one_derived_key_all_get_the_stored_object(store, key_prefix):
+    key = derived(key_prefix, "race.bin")
+    refs = [None] * 8
+
+    def write(index: int) -> None:
+        refs[index] = store.put_bytes(key, bytes([index]) * 200_000)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = store.get_bytes(key)
+    assert {ref.sha256 for ref in refs} == {sha256_bytes(stored)}  # one winner, and every writer names it
+
+
+def test_a_reader_reads_again_when_the_object_was_rewritten_under_it(store, key_prefix, tmp_path):
+    key = f"{key_prefix}/rewritten.bin"  # not derived: overwritten, as objects written before write-once were
+    expected = store.put_bytes(key, b"version the reader was told about").sha256
+    store.put_bytes(key, b"a writer's other version")
+    threading.Timer(0.2, lambda: store.put_bytes(key, b"version the reader was told about")).start()
+    assert store.get_bytes(key, expected_sha256=expected) == b"version the reader was told about"
+    store.put_bytes(key, b"a lasting other version")
+    with pytest.raises(IntegrityError, match="differs from the expected"):  # once only: then DATA_LOSS
+        store.get_file(key, tmp_path / "never", expected_sha256=expected)
+
+
+def test_archives_do_not_carry_the_clock():
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    for data in (encode_frames(frames), npz_bytes({"a": frames})):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            assert {member.date_time for member in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    assert encode_frames(frames) == encode_frames(frames.copy())
+    np.testing.assert_array_equal(np.load(io.BytesIO(npz_bytes({"a": frames})))["a"], frames)
