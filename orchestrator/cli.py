@@ -30,7 +30,7 @@ SERVICE = "audio2video.orchestrator.v1.OrchestratorService"
 WATCH_METHOD = f"{SERVICE}/WatchJob"
 LIPSYNC_SERVICE = "audio2video.lipsync.v1.LipsyncService"
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = ("queued", "pending", "running", "succeeded", "failed", "cancelled")
 DEFAULT_RECONNECT_SECONDS = 600.0
 RECONNECT_CODES = {
     grpc.StatusCode.UNAVAILABLE,  # the orchestrator restarted or a connection broke
@@ -125,6 +125,9 @@ class Connection:
 
     def cancel(self, job_id: str) -> pb.Job:
         return self.orchestrator.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="cancelled from a2v")).job
+
+    def retry(self, job_id: str) -> pb.Job:
+        return self.orchestrator.RetryJob(pb.RetryJobRequest(job_id=job_id)).job
 
     def follow(self, job_id: str, *, out=sys.stdout) -> pb.Job:
         """Show the job's progress (one line per stage) until it ends, across dropped streams; the final job."""
@@ -230,7 +233,9 @@ class ProgressPrinter:
 
     def show(self, event: pb.JobEvent) -> None:
         kind = event.WhichOneof("event")
-        if kind == "snapshot":
+        if kind == "snapshot" and event.snapshot.state == pb.JOB_STATE_QUEUED:
+            print(queue_text(event.snapshot), file=self.out, flush=True)
+        elif kind == "snapshot":
             running = [s for s in event.snapshot.stages if s.state == pb.STAGE_STATE_RUNNING]
             for status in running[-1:]:  # where a job being watched again stands
                 progress = common_pb2.Progress(
@@ -282,6 +287,14 @@ def follow(
         printer.end_line()
 
 
+def queue_text(job: pb.Job) -> str:
+    """Where a queued job stands."""
+    if job.waiting_for_job:
+        return f"  queued: waits for the identical job {job.waiting_for_job}, then reuses its work"
+    ahead = max(0, job.queue_position - 1)
+    return f"  queued: {ahead} job{'s' if ahead != 1 else ''} ahead" if job.queue_position else "  queued"
+
+
 def job_outcome(job: pb.Job) -> str:
     """'' for a finished job, else the one-line reason it did not finish."""
     if job.state == pb.JOB_STATE_SUCCEEDED:
@@ -325,6 +338,8 @@ def job_table(jobs: Sequence[pb.Job]) -> str:
         end = job.finished.ToSeconds() if job.HasField("finished") else time.time()
         took = f"{end - job.started.ToSeconds():.0f} s" if job.HasField("started") else ""
         note = job.failure_reason if job.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED) else ""
+        if job.state == pb.JOB_STATE_QUEUED:
+            note = queue_text(job).strip()
         if job.cancel_requested and job.state not in TERMINAL:
             note = "cancelling"
         rows.append(
@@ -511,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("job", help="job id (a2v jobs lists them)")
     cancel = commands.add_parser("cancel", help="cancel a job (it stops within seconds)")
     cancel.add_argument("job", help="job id (a2v jobs lists them)")
+    retry = commands.add_parser(
+        "retry", help="run a failed or cancelled job again, reusing what it finished, and follow it"
+    )
+    retry.add_argument("job", help="job id of a failed or cancelled job")
+    retry.add_argument("--out", type=Path, help="where to write the video once a render job succeeds")
     get = commands.add_parser("get", help="download a finished render job's video")
     get.add_argument("job", help="job id of a render job that succeeded")
     get.add_argument("--out", type=Path, required=True, help="where to write the mp4")
@@ -619,6 +639,8 @@ def run_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.command == "watch":
         job = connection.job(args.job)
+    elif args.command == "retry":
+        job = connection.retry(args.job)
     elif args.command == "train":
         options = pb.TrainOptions()
         if args.epochs:
@@ -637,7 +659,7 @@ def run_command(args: argparse.Namespace) -> int:
     if job.kind == pb.JOB_KIND_TRAIN_SPEAKER:
         took = f" in {time.monotonic() - started:.0f} s" if args.command == "train" else ""
         print(f"trained {job.train_result.model.prefix}{took}")
-    elif args.command == "watch":
+    elif args.command == "watch" or (args.command == "retry" and not args.out):
         print(f"job {job.id} succeeded: a2v get {job.id} --out FILE downloads the video")
     else:
         connection.download(job, args.out)

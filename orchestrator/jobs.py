@@ -1,8 +1,10 @@
-"""Jobs of the orchestrator: each runs `Pipeline` in a thread; its manifest (the Job message) lives in the store.
+"""Jobs of the orchestrator: a bounded queue, a fixed set of runners that run `Pipeline`, manifests in the store.
 
-The manifest is rewritten at every state or stage change, so `GetJob` answers after a restart too, and a job
-found PENDING or RUNNING at start-up is run again: its stages' outputs have deterministic keys, so what was
-finished is reused rather than recomputed.
+The manifest (the Job message) is written before the job exists anywhere else and rewritten at every state or
+stage change, so `GetJob` answers after a restart too, and a job found QUEUED, PENDING or RUNNING at start-up is
+run again: its stages' outputs have deterministic keys, so what was finished is reused rather than recomputed.
+Submissions beyond the queue's bound are refused (RESOURCE_EXHAUSTED); a render identical to one running now
+waits for it in the queue and then reuses its work instead of doing it a second time alongside.
 """
 
 from __future__ import annotations
@@ -12,21 +14,64 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator.pipeline import Pipeline, Reporter, StageFailed, stage_name
+from orchestrator.pipeline import Pipeline, Reporter, StageFailed, retry_delay, stage_name
 from services.runtime.blobstore import BlobStore
-from services.runtime.errors import A2VError, Cancelled, InvalidInput, NotFound
+from services.runtime.config import Env
+from services.runtime.errors import (
+    A2VError,
+    Cancelled,
+    FailedPrecondition,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+from services.runtime.keys import validate_key
 from services.runtime.protos import load_result, store_result
 
 log = logging.getLogger(__name__)
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 STATUS_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
+RESERVED_NAMES = {"job.json", "lease.json"}
+"""Objects of a job's folder that its output may not replace."""
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """How much the orchestrator takes on.
+
+    `max_running` jobs run at once (each with its chunks in flight) and up to `max_queued` more wait, in order;
+    a submission beyond that is refused with RESOURCE_EXHAUSTED, so memory and threads stay bounded whatever
+    clients send. `keep_finished` ended jobs stay in memory for their watchers (older ones are read from the
+    store). The store may be down for `outage_seconds` before a manifest write fails the job.
+    """
+
+    max_running: int = 4
+    max_queued: int = 100
+    keep_finished: int = 200
+    outage_seconds: float = 120.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> JobLimits:
+        """A2V_MAX_RUNNING_JOBS (4), A2V_MAX_QUEUED_JOBS (100), A2V_OUTAGE_SECONDS (120)."""
+        env = Env(environ)
+        limits = cls(
+            max_running=env.get_int("A2V_MAX_RUNNING_JOBS", cls.max_running, minimum=1, maximum=256),
+            max_queued=env.get_int("A2V_MAX_QUEUED_JOBS", cls.max_queued, minimum=0, maximum=100_000),
+            outage_seconds=env.get_float("A2V_OUTAGE_SECONDS", cls.outage_seconds, minimum=0.0, maximum=86400.0),
+        )
+        env.check()
+        return limits
 
 
 def now() -> Timestamp:
@@ -39,6 +84,33 @@ def manifest_key(job_id: str) -> str:
     return f"jobs/{job_id}/job.json"
 
 
+def output_key(job_id: str, requested: str) -> str:
+    """Where a render job may write its video: `requested` inside the job's own folder (empty stays empty: the
+    finalize stage derives a key from the inputs). A job can thus never replace another job's objects, its own
+    manifest, or anything outside `jobs/<id>/`."""
+    if not requested:
+        return ""
+    folder = f"jobs/{job_id}/"
+    key = validate_key(requested if requested.startswith(folder) else folder + requested)
+    if key.removeprefix(folder) in RESERVED_NAMES:
+        raise InvalidInput(f"output key {requested!r} would replace the job's own {key.removeprefix(folder)}")
+    return key
+
+
+def fingerprint(job: pb.Job) -> str:
+    """What makes two renders the same work (inputs, model, options but the output key); '' for training jobs,
+    which each make a new model version."""
+    if job.kind != pb.JOB_KIND_RENDER:
+        return ""
+    spec = pb.RenderJobSpec()
+    spec.CopyFrom(job.render)
+    spec.options.output_key = ""
+    for ref in (spec.audio, spec.target_video):
+        ref.ClearField("size_bytes")
+        ref.ClearField("content_type")
+    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+
+
 class JobRun:
     """One job in this process: its Job message, the events watchers read, and its stop switch."""
 
@@ -48,6 +120,7 @@ class JobRun:
         self.changed = threading.Condition()
         self.stop = threading.Event()
         self.started = time.monotonic()
+        self.fingerprint = fingerprint(job)
 
     def ended(self) -> bool:
         """Whether the change to a terminal state was emitted (the job's state is set a moment before: its
@@ -195,37 +268,108 @@ class JobReporter(Reporter):
 
 
 class JobManager:
-    """Submits, runs, watches and cancels jobs over one pipeline and one object store."""
+    """Submits, queues, runs, watches and cancels jobs over one pipeline and one object store."""
 
-    def __init__(self, store: BlobStore, pipeline: Pipeline) -> None:
+    def __init__(self, store: BlobStore, pipeline: Pipeline, limits: JobLimits | None = None) -> None:
         self.store = store
         self.pipeline = pipeline
+        self.limits = limits or JobLimits()
         self.runs: dict[str, JobRun] = {}
         self.lock = threading.Lock()
+        self.wakeup = threading.Condition(self.lock)
+        self.queue: deque[JobRun] = deque()
+        self.running: dict[str, JobRun] = {}
+        self.admitting = 0  # submissions between the queue check and their manifest write
+        self.runners: list[threading.Thread] = []
+        self.finished: OrderedDict[str, None] = OrderedDict()  # ended runs still in memory, oldest first
+        self.succeeded: OrderedDict[str, None] = OrderedDict()  # fingerprints of renders that succeeded lately
 
     # -- submitting ----------------------------------------------------------------------------
 
     def submit(
         self, *, render: pb.RenderJobSpec | None = None, train: pb.TrainJobSpec | None = None, client_token: str = ""
     ) -> pb.Job:
-        """Start a job (or return the one an earlier call with the same client_token started)."""
+        """Queue a job (or return the one an earlier call with the same client_token made).
+
+        The manifest is written first: a job the store did not take (UNAVAILABLE) is not registered at all, so
+        an outage cannot leave a job behind that exists only in this process. A full queue refuses the job with
+        RESOURCE_EXHAUSTED.
+        """
         self._check(render, train)
         job_id = hashlib.sha256(client_token.encode()).hexdigest()[:20] if client_token else uuid.uuid4().hex[:20]
         with self.lock:
-            existing = self.runs.get(job_id) or load_result(self.store, manifest_key(job_id), pb.Job)
-            if existing is not None:
-                return existing.job if isinstance(existing, JobRun) else existing
-            job = pb.Job(id=job_id, state=pb.JOB_STATE_PENDING, created=now(), client_token=client_token)
-            if render is not None:
-                job.kind = pb.JOB_KIND_RENDER
-                job.render.CopyFrom(render)
-            else:
-                job.kind = pb.JOB_KIND_TRAIN_SPEAKER
-                job.train.CopyFrom(train)
-            run = self.runs[job_id] = JobRun(job)
-        self._save(run)
-        threading.Thread(target=self._run, args=(run,), name=f"job-{job_id}", daemon=True).start()
+            if job_id in self.runs:
+                return self.runs[job_id].job
+        if client_token:
+            stored = self._load(job_id)
+            if stored is not None:
+                return stored
+        job = pb.Job(id=job_id, state=pb.JOB_STATE_QUEUED, created=now(), client_token=client_token)
+        if render is not None:
+            job.kind = pb.JOB_KIND_RENDER
+            job.render.CopyFrom(render)
+            job.render.options.output_key = output_key(job_id, render.options.output_key)
+        else:
+            job.kind = pb.JOB_KIND_TRAIN_SPEAKER
+            job.train.CopyFrom(train)
+        self._admit(job, lambda: self._write(job))
         return job
+
+    def retry(self, job_id: str) -> pb.Job:
+        """Queue a FAILED or CANCELLED job again under its id; its finished stages come back from the store."""
+        job = self.get(job_id)
+        if job.state not in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            raise FailedPrecondition(f"job {job_id} is {state}: only failed or cancelled jobs are run again")
+        again = pb.Job()
+        again.CopyFrom(job)
+        for name in ("failure_reason", "failure_code", "failed_stage", "cancel_requested", "finished", "result"):
+            again.ClearField(name)
+        again.ClearField("outcome")
+        again.state, again.retries = pb.JOB_STATE_QUEUED, job.retries + 1
+        again.updated.CopyFrom(now())
+        self._admit(again, lambda: self._write(again), previous=job.state)
+        return again
+
+    def _admit(self, job: pb.Job, write, previous: int = 0) -> None:
+        """Reserve a place in the queue, write the manifest, then queue the job (its run)."""
+        with self.lock:
+            if len(self.queue) + self.admitting >= self.limits.max_queued:
+                raise TooLarge(
+                    f"the orchestrator's queue is full ({self.limits.max_queued} jobs waiting): try again later"
+                )
+            if job.id in self.running or any(run.job.id == job.id for run in self.queue):
+                raise FailedPrecondition(f"job {job.id} is queued or running already")
+            self.admitting += 1
+        try:
+            write()
+        finally:
+            with self.lock:
+                self.admitting -= 1
+        with self.lock:
+            run = self.runs.get(job.id)
+            if run is None:
+                run = self.runs[job.id] = JobRun(job)
+            else:  # run again (RetryJob): same events, a new stop switch
+                run.job, run.stop, run.started = job, threading.Event(), time.monotonic()
+            self.finished.pop(job.id, None)
+            self._enqueue(run)
+        if previous:
+            run.emit(state_changed=pb.JobStateChange(previous=previous, current=job.state, reason="retried"))
+
+    def _enqueue(self, run: JobRun) -> None:
+        """Put `run` at the end of the queue and make sure runners are there to take it (lock held)."""
+        self.queue.append(run)
+        self._renumber()
+        while len(self.runners) < self.limits.max_running:
+            runner = threading.Thread(target=self._runner, name=f"job-runner-{len(self.runners) + 1}", daemon=True)
+            self.runners.append(runner)
+            runner.start()
+        self.wakeup.notify_all()
+
+    def _renumber(self) -> None:
+        for position, queued in enumerate(self.queue, start=1):
+            queued.job.queue_position = position
 
     def _check(self, render: pb.RenderJobSpec | None, train: pb.TrainJobSpec | None) -> None:
         """Refuse a job whose inputs are missing before anything starts (NOT_FOUND / INVALID_ARGUMENT)."""
@@ -245,28 +389,91 @@ class JobManager:
             raise InvalidInput("no job spec given")
 
     def resume(self) -> int:
-        """Run again every job whose manifest says it had not finished (the orchestrator restarted)."""
-        resumed = 0
+        """Queue again every job whose manifest says it had not finished (the orchestrator restarted), oldest first.
+
+        A manifest that cannot be read is skipped with an error in the log: one bad record must not keep the
+        orchestrator from starting (a crash loop) or the other jobs from running.
+        """
+        found = []
         for key in list(self.store.list_keys("jobs/")):
             if not key.endswith("/job.json"):
                 continue
-            job = load_result(self.store, key, pb.Job)
+            try:
+                job = load_result(self.store, key, pb.Job)
+            except (IntegrityError, InvalidInput) as exc:
+                log.error("skipping the job record %s: %s", key, exc)
+                continue
             if job is None or job.state in TERMINAL or job.id in self.runs:
                 continue
-            run = self.runs[job.id] = JobRun(job)
-            threading.Thread(target=self._run, args=(run,), name=f"job-{job.id}", daemon=True).start()
-            resumed += 1
-        if resumed:
-            log.info("resumed %d unfinished jobs", resumed)
-        return resumed
+            found.append(job)
+        found.sort(key=lambda j: j.created.ToNanoseconds())
+        with self.lock:
+            for job in found:
+                job.state = pb.JOB_STATE_QUEUED
+                self.runs[job.id] = JobRun(job)
+                self._enqueue(self.runs[job.id])  # past the bound if need be: accepted jobs are never dropped
+        if found:
+            log.info("resumed %d unfinished jobs", len(found))
+        return len(found)
 
     # -- running -------------------------------------------------------------------------------
 
+    def _runner(self) -> None:
+        """One of `max_running` threads: take the next job that may start, run it, repeat."""
+        while True:
+            with self.lock:
+                run = self._next()
+                while run is None:
+                    self.wakeup.wait()
+                    run = self._next()
+                self.queue.remove(run)
+                self._renumber()
+                self.running[run.job.id] = run
+                run.job.queue_position, run.job.waiting_for_job = 0, ""
+            try:
+                self._run(run)
+            except Exception:  # a runner must outlive any one job
+                log.exception("job %s ended unexpectedly", run.job.id)
+            finally:
+                with self.lock:
+                    self.running.pop(run.job.id, None)
+                    if run.fingerprint and run.job.state == pb.JOB_STATE_SUCCEEDED:
+                        self.succeeded[run.fingerprint] = None
+                        while len(self.succeeded) > self.limits.keep_finished:
+                            self.succeeded.popitem(last=False)
+                    self._forget(run)
+                    self.wakeup.notify_all()
+
+    def _next(self) -> JobRun | None:
+        """The first queued job that may start (lock held): one identical to a running render waits for it, unless
+        such a render succeeded before (then every stage is in the store and copies may run side by side)."""
+        busy = {run.fingerprint: run.job.id for run in self.running.values() if run.fingerprint}
+        for run in self.queue:
+            twin = busy.get(run.fingerprint)
+            if twin is None or run.fingerprint in self.succeeded:
+                return run
+            if run.job.waiting_for_job != twin:
+                run.job.waiting_for_job = twin
+                log.info("job %s waits for the identical job %s and will reuse its work", run.job.id, twin)
+        return None
+
+    def _forget(self, run: JobRun) -> None:
+        """Keep the last `keep_finished` ended runs in memory (lock held); older ones are read from the store."""
+        if run.job.state not in TERMINAL:
+            return
+        self.finished[run.job.id] = None
+        while len(self.finished) > self.limits.keep_finished:
+            old, _ = self.finished.popitem(last=False)
+            self.runs.pop(old, None)
+
     def _run(self, run: JobRun) -> None:
         job = run.job
+        if run.stop.is_set():  # cancelled while queued
+            self._set_state(run, pb.JOB_STATE_CANCELLED, "cancelled before it started")
+            return
         reporter = JobReporter(self, run)
-        self._set_state(run, pb.JOB_STATE_RUNNING)
         job.started.CopyFrom(now())
+        self._set_state(run, pb.JOB_STATE_RUNNING)
         try:
             if job.kind == pb.JOB_KIND_RENDER:
                 result = self.pipeline.render(job.render, reporter=reporter, stop=run.stop)
@@ -315,17 +522,42 @@ class JobManager:
                 status.finished.CopyFrom(now())
 
     def _set_state(self, run: JobRun, state: int, reason: str = "") -> None:
+        """Record a change of state: the manifest first (riding out a store outage), then the event."""
         job = run.job
         previous, job.state = job.state, state
         job.updated.CopyFrom(now())
         if state in TERMINAL:
             job.finished.CopyFrom(now())
-        self._save(run)
+        self._save(run, patient=True)
         run.emit(state_changed=pb.JobStateChange(previous=previous, current=state, reason=reason, result=job.result))
 
-    def _save(self, run: JobRun) -> None:
-        blob = store_result(self.store, manifest_key(run.job.id), run.job)
-        run.job.manifest.bucket, run.job.manifest.key = blob.bucket, blob.key
+    def _save(self, run: JobRun, *, patient: bool = False) -> None:
+        """Rewrite the job's manifest. A store that is down does not fail the job: a progress save is skipped (the
+        next one writes the whole job), a change of state is tried again with backoff for `outage_seconds`."""
+        deadline = time.monotonic() + (self.limits.outage_seconds if patient else 0.0)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._write(run.job)
+                return
+            except Unavailable as exc:
+                if time.monotonic() >= deadline:
+                    log.error("job %s: manifest not saved (%s)", run.job.id, exc)
+                    return
+                log.warning("job %s: object store unavailable, saving again shortly (%s)", run.job.id, exc)
+                time.sleep(min(retry_delay(attempt), max(0.0, deadline - time.monotonic())))
+
+    def _write(self, job: pb.Job) -> None:
+        blob = store_result(self.store, manifest_key(job.id), job)
+        job.manifest.bucket, job.manifest.key = blob.bucket, blob.key
+
+    def _load(self, job_id: str) -> pb.Job | None:
+        try:
+            return load_result(self.store, manifest_key(job_id), pb.Job)
+        except (IntegrityError, InvalidInput) as exc:
+            log.error("the job record of %s cannot be read: %s", job_id, exc)
+            return None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -367,11 +599,24 @@ class JobManager:
                 return
 
     def cancel(self, job_id: str) -> pb.Job:
+        """Ask a job to stop: a queued one leaves the queue at once, a running one stops within seconds."""
         job = self.get(job_id)
         run = self.runs.get(job_id)
-        if run is not None and job.state not in TERMINAL:
-            job.cancel_requested = True
-            run.stop.set()
+        if run is None or job.state in TERMINAL:
+            return job
+        job.cancel_requested = True
+        run.stop.set()
+        with self.lock:
+            queued = run in self.queue
+            if queued:
+                self.queue.remove(run)
+                self._renumber()
+                job.queue_position, job.waiting_for_job = 0, ""
+        if queued:
+            self._set_state(run, pb.JOB_STATE_CANCELLED, "cancelled before it started")
+            with self.lock:
+                self._forget(run)
+        else:
             self._save(run)
         return job
 
@@ -380,7 +625,7 @@ class JobManager:
         for key in self.store.list_keys("jobs/"):
             if key.endswith("/job.json"):
                 job_id = key.split("/")[1]
-                job = self.runs[job_id].job if job_id in self.runs else load_result(self.store, key, pb.Job)
+                job = self.runs[job_id].job if job_id in self.runs else self._load(job_id)
                 if job is None or (state and job.state != state) or (kind and job.kind != kind):
                     continue
                 if speaker and speaker not in (job.render.model.speaker, job.train.speaker):

@@ -6,6 +6,7 @@ deterministic key, so running a job again (or resuming one) reuses whatever the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -26,7 +27,7 @@ from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
-from services.runtime.clients import create_channel, rpc_failure
+from services.runtime.clients import create_channel, is_busy, rpc_failure
 from services.runtime.config import Env, service_address
 from services.runtime.errors import A2VError, CallFailed, Cancelled, FailedPrecondition, InvalidInput
 
@@ -37,6 +38,8 @@ Progress = Callable[[int, int, int, str], None]
 DEFAULT_CHUNK_FRAMES = 150
 DEFAULT_PARALLEL_CHUNKS = 2
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_OUTAGE_SECONDS = 120.0
+DEFAULT_BUSY_SECONDS = 600.0
 
 # Without named validation clips, no whole clip is held out: with the 2-4 clips a user has, that would take a
 # third or half of the speech away from training. The trainer then holds back the end of every clip instead
@@ -143,6 +146,36 @@ class SequentialProgress:
         self.reporter.progress(self.stage, sum(self.totals[: index + 1]), self.total, self.unit)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a stage call keeps being made again.
+
+    UNAVAILABLE (a replica died, the object store is restarting) is retried for at least `max_attempts` calls
+    and for `outage_seconds` after the first failure, so a store or stage that is back within that time costs a
+    delay, not the job. RESOURCE_EXHAUSTED from a server at its bound of calls (`clients.is_busy`) is retried
+    for `busy_seconds`; one for a request over a limit is final, as is every other error.
+    """
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    outage_seconds: float = DEFAULT_OUTAGE_SECONDS
+    busy_seconds: float = DEFAULT_BUSY_SECONDS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+        """A2V_OUTAGE_SECONDS (default 120) and A2V_BUSY_SECONDS (default 600)."""
+        env = Env(environ)
+        policy = cls(
+            outage_seconds=env.get_float("A2V_OUTAGE_SECONDS", DEFAULT_OUTAGE_SECONDS, minimum=0.0, maximum=86400.0),
+            busy_seconds=env.get_float("A2V_BUSY_SECONDS", DEFAULT_BUSY_SECONDS, minimum=0.0, maximum=86400.0),
+        )
+        env.check()
+        return policy
+
+    def with_attempts(self, max_attempts: int) -> RetryPolicy:
+        """This policy with a job's own `max_attempts` (0 keeps the default)."""
+        return dataclasses.replace(self, max_attempts=max_attempts or self.max_attempts)
+
+
 class StageFailed(CallFailed):
     """A stage call failed for good (not retryable, or out of attempts); names the stage and the cause."""
 
@@ -175,17 +208,31 @@ def stage_name(stage: int) -> str:
 
 
 class StageCaller:
-    """Makes a job's stage calls: progress, timing, and retries of UNAVAILABLE on another replica.
+    """Makes a job's stage calls: progress, timing, and retries (`RetryPolicy`) on another replica.
 
     The channel's own retry policy only covers calls that have not received anything yet; a replica that
     dies halfway through a progress stream needs the call made again. Round-robin channels route the new
-    attempt to a replica that is still up; backoff gives Kubernetes (or `a2v up`) time to replace one.
+    attempt to a replica that is still up; backoff gives Kubernetes (or `a2v up`) time to replace one, and
+    the object store time to come back.
     """
 
-    def __init__(self, reporter: Reporter, stop: threading.Event | None, max_attempts: int) -> None:
+    def __init__(
+        self,
+        reporter: Reporter,
+        stop: threading.Event | None,
+        max_attempts: int,
+        policy: RetryPolicy | None = None,
+    ) -> None:
         self.reporter = reporter
         self.stop = stop
-        self.max_attempts = max_attempts
+        self.policy = (policy or RetryPolicy(outage_seconds=0.0, busy_seconds=0.0)).with_attempts(max_attempts)
+        self.max_attempts = self.policy.max_attempts
+
+    def _retryable(self, code: grpc.StatusCode, detail: str, attempt: int, first_failure: float) -> bool:
+        failing_for = time.monotonic() - first_failure
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return attempt < self.max_attempts or failing_for < self.policy.outage_seconds
+        return is_busy(code, detail) and failing_for < self.policy.busy_seconds
 
     def __call__(self, stage: int, invoke: Callable[[], object], *, streaming: bool, progress: bool | Progress = True):
         """Run `invoke()` (a unary call, or a stream followed to its result) until it succeeds or gives up.
@@ -193,7 +240,9 @@ class StageCaller:
         A stream's progress goes to the reporter as it is (`progress=True`), to a callable given instead
         (which re-counts it, e.g. frames of one video among several), or nowhere (`False`).
         """
-        for attempt in range(1, self.max_attempts + 1):
+        attempt, first_failure = 0, None
+        while True:
+            attempt += 1
             if self.stop is not None and self.stop.is_set():
                 raise Cancelled("the job was cancelled")
             started = time.monotonic()
@@ -208,7 +257,8 @@ class StageCaller:
                 if code == grpc.StatusCode.CANCELLED and self.stop is not None and self.stop.is_set():
                     raise Cancelled("the job was cancelled") from exc
                 error = f"{code.name}: {detail}"
-                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.max_attempts:
+                first_failure = first_failure or time.monotonic()
+                if not self._retryable(code, detail, attempt, first_failure):
                     tries = f" after {attempt} attempts" if attempt > 1 else ""
                     raise StageFailed(stage, code.name, f"stage {stage_name(stage)} failed{tries}: {error}") from exc
                 self.reporter.retrying(stage, attempt, error)
@@ -224,7 +274,6 @@ class StageCaller:
                 stage, time.monotonic() - started, cached=bool(result.cached) if cacheable else None
             )
             return result
-        raise AssertionError("unreachable")
 
 
 class Pipeline:
@@ -236,10 +285,12 @@ class Pipeline:
         *,
         models_dir: str | None = None,
         trainer: Trainer | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.clients = clients
         self.models_dir = models_dir
         self.trainer = trainer or LocalTrainer()
+        self.retry = retry or RetryPolicy()
 
     # -- render ----------------------------------------------------------------------------------
 
@@ -259,7 +310,7 @@ class Pipeline:
         parallel = options.max_parallel_chunks or DEFAULT_PARALLEL_CHUNKS
         if chunk < 1 or parallel < 1 or options.max_attempts < 0:
             raise InvalidInput("chunk_frames, max_parallel_chunks and max_attempts must be >= 1 (0 = default)")
-        call = StageCaller(report, stop, options.max_attempts or DEFAULT_MAX_ATTEMPTS)
+        call = StageCaller(report, stop, options.max_attempts, self.retry)
 
         info = call(
             Stage.STAGE_FACE, lambda: c.face.Probe(face_pb2.ProbeRequest(video=spec.target_video)), streaming=False
@@ -461,7 +512,7 @@ class Pipeline:
             raise InvalidInput("training needs at least one video")
         if options.max_attempts < 0:
             raise InvalidInput("max_attempts must be >= 1 (0 = default)")
-        call = StageCaller(report, stop, options.max_attempts or DEFAULT_MAX_ATTEMPTS)
+        call = StageCaller(report, stop, options.max_attempts, self.retry)
 
         # The videos' lengths first, so audio and face report seconds and frames of all videos from the start.
         infos = [

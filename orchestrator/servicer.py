@@ -6,8 +6,8 @@ import os
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
-from orchestrator.jobs import JobManager
-from orchestrator.pipeline import Pipeline, StageClients
+from orchestrator.jobs import JobLimits, JobManager
+from orchestrator.pipeline import Pipeline, RetryPolicy, StageClients
 from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config
@@ -45,6 +45,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.CancelJobResponse(job=self.jobs.cancel(request.job_id))
 
     @grpc_errors
+    def RetryJob(self, request: pb.RetryJobRequest, context) -> pb.RetryJobResponse:
+        """Queue a failed or cancelled job again; its finished work is reused."""
+        return pb.RetryJobResponse(job=self.jobs.retry(request.job_id))
+
+    @grpc_errors
     def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         jobs = self.jobs.list(
             state=request.state, kind=request.kind, speaker=request.speaker, page_size=request.page_size
@@ -56,9 +61,12 @@ def bindings(config: Config) -> list[ServiceBinding]:
     """What `python -m orchestrator` serves: SERVING once the store answers; unfinished jobs resume."""
     store = BlobStore.from_config(config.store)
     pipeline = Pipeline(
-        StageClients.from_env(), models_dir=os.environ.get("A2V_MODELS_DIR"), trainer=trainer_from_env()
+        StageClients.from_env(),
+        models_dir=os.environ.get("A2V_MODELS_DIR"),
+        trainer=trainer_from_env(),
+        retry=RetryPolicy.from_env(),
     )
-    jobs = JobManager(store, pipeline)
+    jobs = JobManager(store, pipeline, JobLimits.from_env())
 
     def load() -> None:
         wait_for_store(store)

@@ -120,6 +120,16 @@ def rpc_failure(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.UNKNOWN, str(exc)
 
 
+BUSY_DETAILS = ("server busy:", "Concurrent RPC limit exceeded")
+"""Details of a refusal for being busy: our servers' (services.runtime.server.BUSY_DETAIL) and gRPC's own."""
+
+
+def is_busy(code: grpc.StatusCode, detail: str) -> bool:
+    """Whether a failure is a server at its bound of concurrent calls (worth trying again later), rather than a
+    request over a limit (RESOURCE_EXHAUSTED too, but final)."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (detail or "").startswith(BUSY_DETAILS)
+
+
 def health_status(channel: grpc.Channel, service: str = "", *, timeout_seconds: float = 2.0) -> str:
     """The health status name ("SERVING", "NOT_SERVING", "SERVICE_UNKNOWN") or "UNREACHABLE"."""
     stub = health_pb2_grpc.HealthStub(channel)

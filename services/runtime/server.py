@@ -18,6 +18,64 @@ from services.runtime.config import Config, ConfigError, ServerConfig, parse_add
 from services.runtime.logs import configure_logging
 
 log = logging.getLogger(__name__)
+BUSY_DETAIL = "server busy: every call slot is taken; try again"
+"""Detail of the RESOURCE_EXHAUSTED that refuses a call over the bound (`services.runtime.clients.is_busy`)."""
+UNBOUNDED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Methods outside the bound: probes and reflection answer while every call slot is taken."""
+RESERVED_WORKERS = 2
+"""Threads beyond the bound of calls, so health checks never wait behind long calls."""
+
+
+class CallSlots(grpc.ServerInterceptor):
+    """The bound of concurrent calls, applied to the service's own methods only.
+
+    gRPC's `maximum_concurrent_rpcs` counts every call, health checks included, and its thread pool is shared:
+    eight long progress streams left the 2 s probes queued behind them (or refused), and Kubernetes then
+    restarted a pod for being busy. Here a call beyond `admitted` is refused with RESOURCE_EXHAUSTED
+    (BUSY_DETAIL) and at most `running` of the admitted ones run at once (the others wait in their thread);
+    the pool has `admitted` + RESERVED_WORKERS threads, so health and reflection always find one.
+    """
+
+    def __init__(self, running: int, admitted: int) -> None:
+        self.limit = admitted
+        self.admitted = threading.BoundedSemaphore(admitted)
+        self.running = threading.Semaphore(min(running, admitted))
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(UNBOUNDED_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._bounded(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._bounded(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._bounded_stream(handler.unary_stream))
+        return handler._replace(stream_stream=self._bounded_stream(handler.stream_stream))
+
+    def _bounded(self, behaviour):
+        def call(request, context):
+            if not self.admitted.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAIL)
+            try:
+                with self.running:
+                    return behaviour(request, context)
+            finally:
+                self.admitted.release()
+
+        return call
+
+    def _bounded_stream(self, behaviour):
+        def call(request, context):
+            if not self.admitted.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAIL)
+            try:
+                with self.running:
+                    yield from behaviour(request, context)
+            finally:
+                self.admitted.release()
+
+        return call
 
 
 @dataclass(frozen=True)
@@ -96,8 +154,9 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
 
     Health: the overall "" entry is SERVING from the start (the process is alive); each named
     service is NOT_SERVING until `Server.load_and_mark_serving`. Reflection lists every service.
-    Calls beyond `max_concurrent_rpcs` are refused with RESOURCE_EXHAUSTED rather than queued
-    without bound; messages over `max_message_bytes` are refused by gRPC itself.
+    Calls to the services beyond `max_concurrent_rpcs` are refused with RESOURCE_EXHAUSTED rather than
+    queued without bound, and `max_workers` of them run at once (`CallSlots`); health checks are outside
+    that bound and have threads of their own. Messages over `max_message_bytes` are refused by gRPC itself.
     """
     host, port = parse_address(config.listen)
     options = [
@@ -111,10 +170,11 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     ]
     if config.max_connection_age_grace_seconds is not None:
         options.append(("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)))
+    slots = CallSlots(config.max_workers, config.max_concurrent_rpcs)
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=config.service),
+        futures.ThreadPoolExecutor(max_workers=slots.limit + RESERVED_WORKERS, thread_name_prefix=config.service),
+        interceptors=[slots],
         options=options,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,

@@ -1,13 +1,14 @@
 """Stage calls of a job through real gRPC servers on loopback: retries on UNAVAILABLE, give-ups, cancellation."""
 
 import threading
+import time
 
 import grpc
 import pytest
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
-from orchestrator.pipeline import Reporter, StageCaller, StageFailed, retry_delay
+from orchestrator.pipeline import Reporter, RetryPolicy, StageCaller, StageFailed, retry_delay
 from services.runtime.clients import create_channel
 from services.runtime.errors import Cancelled
 from services.runtime.server import binding_for
@@ -129,3 +130,55 @@ def test_calls_spread_over_every_replica_and_skip_a_dead_one(run_server):
         caller(pb.STAGE_TEXTURE, synthesize(stub), streaming=True)
     calls = [r.calls for r in replicas]
     assert sum(calls) == 10 and min(calls) >= 3, calls  # the first picks may precede the second connection
+
+
+class SlowTexture(texture_pb2_grpc.TextureServiceServicer):
+    """Answers after `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def Synthesize(self, request, context):
+        self.calls += 1
+        time.sleep(self.seconds)
+        yield texture_pb2.SynthesizeEvent(result=texture_pb2.SynthesizeResult())
+
+
+def test_a_busy_stage_is_called_again_until_it_has_room(run_server):
+    servicer = SlowTexture(1.0)
+    port = run_server(
+        [binding_for(texture_pb2, texture_pb2_grpc, "TextureService", servicer)], max_workers=1, max_concurrent_rpcs=1
+    )
+    stub = texture_pb2_grpc.TextureServiceStub(create_channel(f"127.0.0.1:{port}", [SERVICE], timeout_seconds=30))
+    occupying = threading.Thread(target=lambda: list(stub.Synthesize(texture_pb2.SynthesizeRequest())))
+    occupying.start()
+    time.sleep(0.3)
+    recorder = Recorder()
+    policy = RetryPolicy(busy_seconds=30.0)
+    StageCaller(recorder, None, max_attempts=1, policy=policy)(pb.STAGE_TEXTURE, synthesize(stub), streaming=True)
+    occupying.join()
+    assert servicer.calls == 2 and recorder.retries  # refused while the slot was taken, then served
+    assert all("RESOURCE_EXHAUSTED: server busy" in error for _, _, error in recorder.retries)
+    # RESOURCE_EXHAUSTED for a request over a limit is final.
+    too_big = FlakyTexture(failures=1, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with pytest.raises(StageFailed):
+        StageCaller(Recorder(), None, max_attempts=3, policy=policy)(
+            pb.STAGE_TEXTURE, synthesize(texture_for(run_server, too_big)), streaming=True
+        )
+    assert too_big.calls == 1
+
+
+def test_unavailable_is_retried_for_the_outage_window_beyond_max_attempts(texture):
+    servicer = FlakyTexture(failures=10**6)
+    started = time.monotonic()
+    with pytest.raises(StageFailed) as failure:
+        StageCaller(Recorder(), None, max_attempts=2, policy=RetryPolicy(outage_seconds=1.0))(
+            pb.STAGE_TEXTURE, synthesize(texture(servicer)), streaming=True
+        )
+    assert servicer.calls > 2 and 1.0 <= time.monotonic() - started < 10
+    assert failure.value.status == "UNAVAILABLE"
+
+
+def texture_for(run_server, servicer):
+    port = run_server([binding_for(texture_pb2, texture_pb2_grpc, "TextureService", servicer)])
+    return texture_pb2_grpc.TextureServiceStub(create_channel(f"127.0.0.1:{port}", [SERVICE], timeout_seconds=30))

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
-from services.runtime.clients import create_channel, health_status, wait_for_serving
+from services.runtime.clients import create_channel, health_status, is_busy, rpc_failure, wait_for_serving
 from services.runtime.config import ServerConfig
 from services.runtime.errors import InvalidInput, NotFound, Unavailable
 from services.runtime.server import binding_for, create_server
@@ -215,6 +215,39 @@ def test_calls_beyond_the_concurrency_bound_are_refused(serving):
             thread.join()
     assert outcomes.count("ok") >= 1
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
+
+
+def test_health_answers_while_every_call_slot_is_taken(serving):
+    """Eight long streams used to leave the 2 s probes waiting behind them (one thread pool, one bound)."""
+    _, port = serving(max_workers=2, max_concurrent_rpcs=4)
+    retiming, channel = stub(port, timeout_seconds=30)
+    outcomes = []
+
+    def call():
+        try:
+            retiming.Retime(retiming_pb2.RetimeRequest(request_id="sleep:3000"))
+            outcomes.append("ok")
+        except grpc.RpcError as exc:
+            outcomes.append(rpc_failure(exc))
+
+    with channel:
+        grpc.channel_ready_future(channel).result(timeout=5)
+        threads = [threading.Thread(target=call) for _ in range(4)]  # 2 running, 2 waiting for a worker
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as probe:
+            for _ in range(5):
+                started = time.monotonic()
+                assert health_status(probe, RETIMING, timeout_seconds=2.0) == "SERVING"
+                assert time.monotonic() - started < 0.5
+        with pytest.raises(grpc.RpcError) as refused:  # a fifth call is over the bound: refused at once, as busy
+            retiming.Retime(retiming_pb2.RetimeRequest(request_id="sleep:10"))
+        code, detail = rpc_failure(refused.value)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and is_busy(code, detail)
+        for thread in threads:
+            thread.join()
+    assert outcomes == ["ok"] * 4
 
 
 def test_round_robin_reaches_every_replica(serving):
