@@ -444,7 +444,11 @@ class Pipeline:
                         target_analysis=analysis.manifest,
                         textures=[
                             composite_pb2.TextureChunk(
-                                frames=frame_range, textures=textures, mean_jaw_lines=synthesized.mean_jaw_lines
+                                frames=frame_range,
+                                textures=textures,
+                                mean_jaw_lines=synthesized.mean_jaw_lines,
+                                texture_masks=synthesized.texture_masks,
+                                pose_differences=synthesized.pose_differences,
                             )
                         ],
                         retiming_map=retimed.retiming_map,

@@ -254,6 +254,13 @@ def lower_face_polygon(warp: LowerFaceWarp, jaw_points: np.ndarray) -> np.ndarra
     return np.vstack([corners[1:], jaw_points, corners[:1]])
 
 
+def face_outline(landmarks: np.ndarray, jaw_points: np.ndarray) -> np.ndarray:
+    """Frame polygon float64 [17, 2] of the face's own silhouette: jaw line 0..16 with the (corrected) points 3..13,
+    closed across the brows (the blend region lies below, so only the jaw line and the cheeks bound it)."""
+    pts = np.asarray(landmarks, dtype=np.float64)
+    return np.vstack([pts[0:3], np.asarray(jaw_points, dtype=np.float64), pts[14:17]])
+
+
 def feather_mask(hard: np.ndarray, feather_px: float) -> np.ndarray:
     """Soft mask float32 in [0, 1]: 0 outside `hard` (uint8), rising smoothly to 1 at `feather_px` inside its edge."""
     if feather_px <= 0.5:
@@ -381,8 +388,10 @@ def composite_frame(
 
     Steps: jaw correction of the frame (when enabled and the mouths differ), inverse warp of the texture into the
     frame's geometry (`LowerFaceWarp.to_frame`, bilinear), a lower-face mask (nose base to the corrected jaw line,
-    inside the texture's extent) feathered by `feather_px`, colour matching of the texture to the frame in a ring
-    inside the mask edge, and a Laplacian-pyramid blend inside the mask's bounding box.
+    inside the face's own silhouette (`face_outline`) and the texture's valid extent) feathered by `feather_px`,
+    colour matching of the texture to the frame in a ring inside the mask edge, and a Laplacian-pyramid blend
+    inside the mask's bounding box. Nothing outside the silhouette changes by more than the pyramid's one-pixel
+    roll-off: neither the texture nor the blend brings anything past the jaw line or the cheeks.
 
     Args:
         frame: uint8 [H, W, 3] BGR target frame.
@@ -418,10 +427,15 @@ def composite_frame(
     feather = max(feather, 1.0)
     levels = settings.pyramid_levels
 
-    # Hard mask in patch coordinates: lower-face polygon inside the valid (eroded) texture footprint.
-    polygon = lower_face_polygon(warp, jaw_points) - np.array([patch.x0, patch.y0])
+    # Hard mask in patch coordinates: lower-face polygon inside the face's silhouette and inside the valid (eroded)
+    # texture footprint.
+    origin = np.array([patch.x0, patch.y0])
+    polygon = lower_face_polygon(warp, jaw_points) - origin
     hard = np.zeros((ph, pw), np.uint8)
     cv2.fillPoly(hard, [np.round(polygon * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    face = np.zeros((ph, pw), np.uint8)
+    cv2.fillPoly(face, [np.round((face_outline(pts, jaw_points) - origin) * 16).astype(np.int32)], 1, shift=4)
+    hard &= face
     hard &= cv2.erode(patch.mask, np.ones((3, 3), np.uint8), borderValue=0)
     if not hard.any():
         return CompositeResult(frame, False)
@@ -433,6 +447,7 @@ def composite_frame(
     bx0, by0 = max(cols[0] - pad, 0), max(rows[0] - pad, 0)
     bx1, by1 = min(cols[-1] + pad + 1, pw), min(rows[-1] + pad + 1, ph)
     hard_b = hard[by0:by1, bx0:bx1]
+    face_b = face[by0:by1, bx0:bx1]
     valid_b = patch.mask[by0:by1, bx0:bx1].astype(bool)
     tex_b = patch.image[by0:by1, bx0:bx1]
     fx0, fy0 = patch.x0 + bx0, patch.y0 + by0
@@ -463,13 +478,18 @@ def composite_frame(
     matched = match_colors(tex_b, target_b, ring, settings.color_match)
 
     # The overlay is the texture only near the mask (low pyramid levels would otherwise pull in texture content
-    # from far outside it); elsewhere it equals the target so the difference pyramid is zero there.
+    # from far outside it) and never outside the face; elsewhere it equals the target so the difference pyramid is
+    # zero there.
     margin = int(max(feather, 2 ** (levels - 1)))
     near = cv2.dilate(hard_b, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)))
-    use = (near > 0) & valid_b
+    use = (near > 0) & valid_b & (face_b > 0)
     target_f = target_b.astype(np.float32)
     overlay = np.where(use[..., None], matched, target_f)
     blended = pyramid_blend(target_f, overlay, soft, levels)
+    # The coarse pyramid levels spread the difference a few pixels past the mask; past the silhouette it is cut
+    # within about a pixel (the face edge hides that step), so the background around the face stays the target's.
+    keep = cv2.GaussianBlur(cv2.dilate(face_b, np.ones((3, 3), np.uint8)).astype(np.float32), (0, 0), 0.8)
+    blended = target_f + (blended - target_f) * keep[..., None]
     out = base.copy() if base is frame else base
     out[fy0:fy1, fx0:fx1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
     return CompositeResult(out, True, shift, (int(fx0), int(fy0), int(fx1), int(fy1)), soft)
@@ -481,6 +501,7 @@ __all__ = [
     "CompositeResult",
     "composite_frame",
     "correct_jaw",
+    "face_outline",
     "feather_mask",
     "inner_opening",
     "jaw_displacement",

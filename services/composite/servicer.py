@@ -22,7 +22,7 @@ from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
-RESULT_FORMAT_VERSION = 2  # bump when the rendering changes: stored segments of older code are not reused
+RESULT_FORMAT_VERSION = 3  # bump when the rendering changes: stored segments of older code are not reused
 MAX_CHUNK_FRAMES = 5000
 COLOR_MATCH = {
     composite_pb2.COLOR_MATCH_UNSPECIFIED: "mean_std",
@@ -66,7 +66,9 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
             manifest.info.frame_rate, what="target frame rate"
         )
         inputs = [request.target_video.sha256, request.retiming_map.object.sha256, request.mouth_shapes.object.sha256]
-        inputs += [chunk.textures.object.sha256 for chunk in request.textures]
+        for chunk in request.textures:
+            inputs += [chunk.textures.object.sha256, chunk.texture_masks.object.sha256]
+            inputs += [chunk.mean_jaw_lines.object.sha256, chunk.pose_differences.object.sha256]
         prefix = request.output_prefix.rstrip("/") or derive_prefix(
             "composite",
             inputs=[sha for sha in inputs if sha],
@@ -93,7 +95,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         shapes, _ = load_array(self.store, request.mouth_shapes, what="mouth shapes")
         if shapes.ndim != 3 or len(shapes) < stop:
             raise InvalidInput(f"mouth shapes of shape {shapes.shape} do not cover output frames [{start}, {stop})")
-        textures, jaws = self._textures(request, start, stop)
+        textures, jaws, masks, _ = self._textures(request, start, stop)
         landmarks, _ = load_array(self.store, manifest.landmarks, what="landmarks")
         valid, _ = load_array(self.store, manifest.face_valid, what="face validity")
         timestamps, _ = load_array(self.store, manifest.timestamps_seconds, what="timestamps")
@@ -117,6 +119,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     height=manifest.info.height,
                     fps=fps,
                     texture_valid=textures.reshape(len(textures), -1).any(axis=1),
+                    texture_masks=masks,
                     mean_jaw_lines=jaws,
                     timestamps=timestamps,
                     geometry=geometry,
@@ -146,30 +149,39 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
             )
 
     def _textures(self, request: composite_pb2.RenderRequest, start: int, stop: int):
-        """Rows [start, stop) gathered from the texture chunks (and their mean jaw lines when every chunk has them)."""
+        """Rows [start, stop) gathered from the texture chunks: (textures, mean jaw lines, texture masks, pose
+        differences); each of the last three only when every chunk has it, else None."""
         rows: dict[int, np.ndarray] = {}
-        jaw_rows: dict[int, np.ndarray] = {}
+        extra: dict[str, dict[int, np.ndarray]] = {"jaws": {}, "masks": {}, "poses": {}}
         for chunk in request.textures:
             lo, hi = max(chunk.frames.start, start), min(chunk.frames.stop, stop)
             if lo >= hi:
                 continue
             offsets = list(range(lo - chunk.frames.start, hi - chunk.frames.start))
             images = load_frames(self.store, chunk.textures, what="textures", indices=offsets)
-            jaws = None
+            found: dict[str, np.ndarray] = {}
             if chunk.mean_jaw_lines.object.key:
-                jaws = load_array(self.store, chunk.mean_jaw_lines, what="mean jaw lines")[0][offsets]
+                found["jaws"] = load_array(self.store, chunk.mean_jaw_lines, what="mean jaw lines")[0][offsets]
+            if chunk.texture_masks.object.key:
+                found["masks"] = load_frames(self.store, chunk.texture_masks, what="texture masks", indices=offsets)
+            if chunk.pose_differences.object.key:
+                found["poses"] = load_array(self.store, chunk.pose_differences, what="pose differences")[0][offsets]
             for i, frame in enumerate(range(lo, hi)):
                 rows[frame] = images[i]
-                if jaws is not None:
-                    jaw_rows[frame] = jaws[i]
+                for name, values in found.items():
+                    extra[name][frame] = values[i]
         missing = [f for f in range(start, stop) if f not in rows]
         if missing:
             raise InvalidInput(
                 f"no texture chunk covers output frames {missing[:5]}{'...' if len(missing) > 5 else ''}"
             )
-        textures = np.stack([rows[f] for f in range(start, stop)])
-        jaws = np.stack([jaw_rows[f] for f in range(start, stop)]) if len(jaw_rows) == stop - start else None
-        return textures, jaws
+        frames = range(start, stop)
+        textures = np.stack([rows[f] for f in frames])
+        jaws, masks, poses = (
+            np.stack([extra[name][f] for f in frames]) if len(extra[name]) == len(frames) else None
+            for name in ("jaws", "masks", "poses")
+        )
+        return textures, jaws, masks, poses
 
     # -- Finalize --------------------------------------------------------------------------------
 
