@@ -14,6 +14,7 @@ from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
 from services.audio import core
 from services.runtime.blobstore import BlobStore
+from services.runtime.budget import MIB, Budget, Resources
 from services.runtime.config import Config, Env
 from services.runtime.errors import TooLarge
 from services.runtime.keys import derive_prefix, sha256_bytes, validate_key
@@ -32,6 +33,10 @@ from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT_VERSION = 1
+BASELINE_MEMORY_BYTES = 256 * MIB
+"""What an audio replica holds besides its calls (the interpreter, numpy, scipy, the decoders)."""
+INPUT_MEMORY_FACTOR = 4
+"""Peak bytes per input byte of one call: the encoded bytes, the decoded samples, the resampled copy."""
 
 
 @dataclass(frozen=True)
@@ -101,10 +106,21 @@ def analyse(
 class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     """Extract: any audio (or video) blob -> features, speech activity and normalised WAV blobs."""
 
-    def __init__(self, store: BlobStore, *, max_seconds: float = 1800.0, max_input_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        max_seconds: float = 1800.0,
+        max_input_bytes: int | None = None,
+        resources: Resources | None = None,
+    ) -> None:
         self.store = store
         self.max_seconds = max_seconds
-        self.max_input_bytes = max_input_bytes
+        resources = resources or Resources()
+        # The input is read into memory and decoded there: a call holds about INPUT_MEMORY_FACTOR times its size.
+        self.memory = Budget(resources.memory_bytes - BASELINE_MEMORY_BYTES, what="memory", variable="A2V_MEMORY_BYTES")
+        largest = self.memory.total // INPUT_MEMORY_FACTOR
+        self.max_input_bytes = min(max_input_bytes or largest, largest)
 
     @grpc_errors
     def Extract(self, request: audio_pb2.ExtractRequest, context):
@@ -138,23 +154,27 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             yield audio_pb2.ExtractEvent(result=cached)
             return
 
-        if data is None:
-            data = self._read(source, stored.size_bytes)
-        work = lambda progress, should_stop: analyse(  # noqa: E731
-            data, settings, output_fps, max_seconds=max_seconds, progress=progress, should_stop=should_stop
-        )
-        yield from stream_events(
-            context,
-            work,
-            event=audio_pb2.ExtractEvent,
-            stage="audio",
-            unit="seconds",
-            finish=lambda outputs: self._store_outputs(prefix, outputs, output_fps),
-        )
+        with self.memory.reserve(stored.size_bytes * INPUT_MEMORY_FACTOR, f"extracting {source.key}"):
+            if data is None:
+                data = self._read(source, stored.size_bytes)
+            work = lambda progress, should_stop: analyse(  # noqa: E731
+                data, settings, output_fps, max_seconds=max_seconds, progress=progress, should_stop=should_stop
+            )
+            yield from stream_events(
+                context,
+                work,
+                event=audio_pb2.ExtractEvent,
+                stage="audio",
+                unit="seconds",
+                finish=lambda outputs: self._store_outputs(prefix, outputs, output_fps),
+            )
 
     def _read(self, source, size_bytes: int) -> bytes:
         if size_bytes > self.max_input_bytes:
-            raise TooLarge(f"audio object {source.key} is {size_bytes} bytes, over the limit of {self.max_input_bytes}")
+            raise TooLarge(
+                f"audio object {source.key} is {size_bytes} bytes, over the limit of {self.max_input_bytes} "
+                "(A2V_AUDIO_MAX_INPUT_BYTES, at most a quarter of what A2V_MEMORY_BYTES leaves)"
+            )
         return self.store.get_bytes(
             source.key, bucket=source.bucket, expected_sha256=source.sha256, max_bytes=self.max_input_bytes
         )
@@ -197,15 +217,16 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         return result
 
 
-def read_settings(environ: Mapping[str, str] | None = None) -> dict[str, float]:
-    """Stage limits from the environment: A2V_AUDIO_MAX_SECONDS (default 1800 = 30 min)."""
+def read_settings(environ: Mapping[str, str] | None = None) -> dict:
+    """Stage limits from the environment: A2V_AUDIO_MAX_SECONDS (default 1800 = 30 min), A2V_AUDIO_MAX_INPUT_BYTES
+    (default and at most a quarter of the memory the replica has for calls), A2V_MEMORY_BYTES (`Resources`)."""
     env = Env(environ)
     settings = {
         "max_seconds": env.get_float("A2V_AUDIO_MAX_SECONDS", 1800.0, minimum=1.0, maximum=24 * 3600.0),
-        "max_input_bytes": env.get_int("A2V_AUDIO_MAX_INPUT_BYTES", 2 << 30, minimum=1024),
+        "max_input_bytes": env.get_int("A2V_AUDIO_MAX_INPUT_BYTES", 0, minimum=0) or None,
     }
     env.check()
-    return settings
+    return settings | {"resources": Resources.from_env(environ)}
 
 
 def bindings(config: Config) -> list[ServiceBinding]:

@@ -21,6 +21,7 @@ from services.face.landmarks import LandmarkDetector
 from services.face.video import VideoInfo, probe_video
 from services.runtime.analysis import load_array, load_manifest, store_frames
 from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
+from services.runtime.budget import MIB, Budget, Resources
 from services.runtime.config import Config, Env
 from services.runtime.errors import InvalidInput, TooLarge
 from services.runtime.keys import derive_prefix, sha256_file, validate_key, validate_speaker
@@ -32,6 +33,13 @@ from services.runtime.status import grpc_errors
 log = logging.getLogger(__name__)
 ANALYSIS_FORMAT_VERSION = 2  # 2: head pose by solvePnP, landmark jitter
 DATASET_FORMAT_VERSION = 1
+BASELINE_MEMORY_BYTES = 512 * MIB
+"""What a face replica holds besides analyses: the interpreter, OpenCV, dlib and its landmark models, decoders."""
+CROP_MEMORY_FACTOR = 2.4
+"""Peak bytes per crop byte while analysing: the crops and masks are kept per frame, stacked at the end (a second
+copy) and PNG-encoded (about a third more)."""
+SCRATCH_SHARE = 0.9
+"""Of the scratch folder, what downloads may fill (the rest: temporary files of the decoders and encoders)."""
 
 
 @dataclass(frozen=True)
@@ -162,12 +170,22 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         *,
         detectors: DetectorPool | None = None,
         max_seconds: float = 1800.0,
-        max_input_bytes: int = 4 << 30,
+        max_input_bytes: int | None = None,
+        resources: Resources | None = None,
     ) -> None:
         self.store = store
         self.detectors = detectors or DetectorPool()
         self.max_seconds = max_seconds
-        self.max_input_bytes = max_input_bytes
+        resources = resources or Resources()
+        # Videos are downloaded to /tmp and crops are kept in memory until stored: both are bounded by the pod,
+        # so what cannot fit is refused (RESOURCE_EXHAUSTED) before any work, not killed halfway.
+        self.scratch = Budget(
+            int(resources.scratch_bytes * SCRATCH_SHARE), what="scratch disk", variable="A2V_SCRATCH_BYTES"
+        )
+        self.memory = Budget(
+            resources.memory_bytes - BASELINE_MEMORY_BYTES, what="memory for crops", variable="A2V_MEMORY_BYTES"
+        )
+        self.max_input_bytes = min(max_input_bytes or self.scratch.total, self.scratch.total)
 
     # -- Probe ---------------------------------------------------------------------------------
 
@@ -207,7 +225,11 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
                 )
                 return
 
-        with self._downloaded(source) as path, self.detectors.borrow(settings) as detector:
+        with (
+            self._downloaded(source) as path,
+            self.memory.reserve(self._crop_bytes(path, settings), f"analysing {source.key}"),
+            self.detectors.borrow(settings) as detector,
+        ):
 
             def work(progress, should_stop) -> VideoAnalysis:
                 return analyze_video(
@@ -387,27 +409,42 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _crop_bytes(path: Path, settings: AnalyzeSettings) -> int:
+        """Peak memory of the crops of the video at `path` (from its header: refused before decoding)."""
+        info = probe_video(path)
+        frames = info.frame_count or round(info.duration_seconds * info.fps_num / max(1, info.fps_den))
+        return int(frames * settings.crop_width_px * settings.crop_height_px * 4 * CROP_MEMORY_FACTOR)
+
     @contextmanager
     def _downloaded(self, source: BlobRef) -> Iterator[Path]:
-        """The video in a temporary file (decoders read files without holding the whole video in memory)."""
+        """The video in a temporary file (decoders read files without holding the whole video in memory), its
+        size reserved in the replica's scratch space meanwhile."""
         stored = self.store.stat(source.key, bucket=source.bucket)
         if stored.size_bytes > self.max_input_bytes:
-            raise TooLarge(f"video {source.key} is {stored.size_bytes} bytes, over the limit of {self.max_input_bytes}")
-        with tempfile.TemporaryDirectory(prefix="a2v-face-") as folder:
+            raise TooLarge(
+                f"video {source.key} is {stored.size_bytes} bytes, over the limit of {self.max_input_bytes} "
+                "(A2V_FACE_MAX_INPUT_BYTES, at most what the scratch folder holds: A2V_SCRATCH_BYTES)"
+            )
+        with (
+            self.scratch.reserve(stored.size_bytes, f"downloading {source.key}"),
+            tempfile.TemporaryDirectory(prefix="a2v-face-") as folder,
+        ):
             path = Path(folder) / "video"
             self.store.get_file(source.key, path, bucket=source.bucket, expected_sha256=source.sha256)
             yield path
 
 
-def read_limits(environ: Mapping[str, str] | None = None) -> dict[str, float]:
-    """Stage limits: A2V_FACE_MAX_SECONDS (default 1800 s), A2V_FACE_MAX_INPUT_BYTES (default 4 GiB)."""
+def read_limits(environ: Mapping[str, str] | None = None) -> dict:
+    """Stage limits: A2V_FACE_MAX_SECONDS (default 1800 s), A2V_FACE_MAX_INPUT_BYTES (default and at most 90 % of
+    A2V_SCRATCH_BYTES), and the replica's A2V_MEMORY_BYTES / A2V_SCRATCH_BYTES (`Resources`)."""
     env = Env(environ)
     limits = {
         "max_seconds": env.get_float("A2V_FACE_MAX_SECONDS", 1800.0, minimum=1.0, maximum=24 * 3600.0),
-        "max_input_bytes": env.get_int("A2V_FACE_MAX_INPUT_BYTES", 4 << 30, minimum=1024),
+        "max_input_bytes": env.get_int("A2V_FACE_MAX_INPUT_BYTES", 0, minimum=0) or None,
     }
     env.check()
-    return limits
+    return limits | {"resources": Resources.from_env(environ)}
 
 
 def bindings(config: Config) -> list[ServiceBinding]:

@@ -1,0 +1,81 @@
+"""A replica's memory and scratch disk, shared by its calls: work that cannot fit is refused before it starts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from services.runtime.config import Env
+from services.runtime.errors import TooLarge
+
+MIB = 1 << 20
+
+
+def mib(amount: int) -> str:
+    return f"{amount / MIB:,.0f} MiB"
+
+
+class Busy(TooLarge):
+    """The replica has room for the work, but not while its other calls hold it: RESOURCE_EXHAUSTED that the
+    orchestrator tries again later (the detail starts like the server's own refusal, `clients.is_busy`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"server busy: {message}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one replica may use: its pod's memory limit and the size of its scratch folder (/tmp).
+
+    Kubernetes passes the memory limit in (`resourceFieldRef: limits.memory`) and the scratch size is the
+    `emptyDir` sizeLimit; the defaults are those of the base manifests (2 GiB each).
+    """
+
+    memory_bytes: int = 2 << 30
+    scratch_bytes: int = 2 << 30
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Resources:
+        """A2V_MEMORY_BYTES and A2V_SCRATCH_BYTES (defaults 2 GiB)."""
+        env = Env(environ)
+        resources = cls(
+            memory_bytes=env.get_int("A2V_MEMORY_BYTES", cls.memory_bytes, minimum=64 * MIB),
+            scratch_bytes=env.get_int("A2V_SCRATCH_BYTES", cls.scratch_bytes, minimum=16 * MIB),
+        )
+        env.check()
+        return resources
+
+
+class Budget:
+    """Bytes of one resource that concurrent calls reserve while they work.
+
+    A reservation larger than the whole budget can never succeed: TooLarge, naming the limit and its variable.
+    One that fits but not beside the reservations held now is Busy. Nothing waits: a call refused as busy is
+    made again later by the orchestrator, perhaps on another replica.
+    """
+
+    def __init__(self, total_bytes: int, *, what: str, variable: str) -> None:
+        self.total = int(total_bytes)
+        self.what, self.variable = what, variable
+        self.used = 0
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def reserve(self, amount: int, purpose: str) -> Iterator[None]:
+        amount = max(0, int(amount))
+        if amount > self.total:
+            raise TooLarge(
+                f"{purpose} needs {mib(amount)} of {self.what}, more than this replica has ({mib(self.total)}, "
+                f"{self.variable})"
+            )
+        with self.lock:
+            if self.used + amount > self.total:
+                raise Busy(f"{purpose} needs {mib(amount)} of {self.what}; {mib(self.total - self.used)} are free")
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.used -= amount

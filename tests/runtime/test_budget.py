@@ -1,0 +1,70 @@
+"""What a replica can hold (issue 15): inputs that cannot fit the pod's memory or scratch disk are refused with
+RESOURCE_EXHAUSTED before any work, through real stage servers on loopback and the real S3 server."""
+
+import threading
+
+import grpc
+import pytest
+
+from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
+from audio2video.face.v1 import face_pb2, face_pb2_grpc
+from services.audio.servicer import AudioServicer
+from services.face.servicer import FaceServicer
+from services.runtime.budget import MIB, Budget, Busy, Resources
+from services.runtime.clients import create_channel, is_busy
+from services.runtime.errors import TooLarge
+from services.runtime.protos import object_ref
+from services.runtime.server import binding_for
+from tests.conftest import SHARED_DATA
+
+LONG_CLIP = SHARED_DATA / "speakers" / "cnn_anchor" / "cnn_anchor_71s.mp4"  # 1779 frames (71 s at 25 fps), 3.7 MB
+
+
+def test_a_budget_refuses_what_never_fits_and_what_does_not_fit_now():
+    budget = Budget(100, what="memory", variable="A2V_MEMORY_BYTES")
+    with pytest.raises(TooLarge, match=r"more than this replica has .*A2V_MEMORY_BYTES"), budget.reserve(101, "long"):
+        pass
+    held = threading.Event()
+    with budget.reserve(60, "one call"):
+        with pytest.raises(Busy) as busy, budget.reserve(60, "another call"):
+            held.set()
+        assert is_busy(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy.value)) and not held.is_set()
+    with budget.reserve(100, "after it"):
+        assert budget.used == 100
+    assert budget.used == 0
+
+
+@pytest.mark.integration
+def test_face_refuses_a_video_whose_crops_exceed_the_pods_memory_before_decoding_it(store, key_prefix, run_server):
+    video = object_ref(store.put_file(f"{key_prefix}/long.mp4", LONG_CLIP, content_type="video/mp4"))
+
+    def analyse(resources: Resources) -> list:
+        servicer = FaceServicer(store, resources=resources)
+        port = run_server([binding_for(face_pb2, face_pb2_grpc, "FaceService", servicer)])
+        stub = face_pb2_grpc.FaceServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=60))
+        return stub.Analyze(face_pb2.AnalyzeRequest(video=video))
+
+    # A 768 MiB pod: 1779 frames of 150x180 crops (about 440 MiB at their peak) do not fit beside the rest.
+    events = []
+    with pytest.raises(grpc.RpcError) as refused:
+        events.extend(analyse(Resources(memory_bytes=768 * MIB)))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "A2V_MEMORY_BYTES" in refused.value.details() and "memory for crops" in refused.value.details()
+    assert events == []  # refused before the first frame
+    # A scratch folder smaller than the video: refused before the download.
+    with pytest.raises(grpc.RpcError) as too_big:
+        list(analyse(Resources(scratch_bytes=2 * MIB)))
+    assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "A2V_SCRATCH_BYTES" in too_big.value.details()
+
+
+@pytest.mark.integration
+def test_audio_input_limit_follows_the_pods_memory(store, key_prefix, run_server):
+    servicer = AudioServicer(store, resources=Resources(memory_bytes=256 * MIB + 8 * MIB))  # 2 MiB per call
+    assert servicer.max_input_bytes == 2 * MIB
+    assert AudioServicer(store, resources=Resources(memory_bytes=1 << 30)).max_input_bytes == 192 * MIB
+    port = run_server([binding_for(audio_pb2, audio_pb2_grpc, "AudioService", servicer)])
+    stub = audio_pb2_grpc.AudioServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=60))
+    audio = object_ref(store.put_file(f"{key_prefix}/long.mp4", LONG_CLIP, content_type="video/mp4"))
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Extract(audio_pb2.ExtractRequest(audio=audio)))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "A2V_MEMORY_BYTES" in refused.value.details()
