@@ -18,14 +18,42 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from services.runtime.clients import create_channel
-from services.runtime.errors import InvalidInput, NotFound, Unavailable
+from services.runtime.clients import create_channel, rpc_failure
+from services.runtime.errors import (
+    A2VError,
+    CallFailed,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 
 SIGNATURE = "serving_default"
 INPUT_KEY = "features"
 OUTPUT_KEY = "coefficients"
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 State = get_model_status_pb2.ModelVersionStatus.State
+
+
+_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TooLarge,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def serving_error(exc: grpc.RpcError, address: str, what: str) -> A2VError:
+    """TF Serving's failure with its own code: only UNAVAILABLE (the server is down or restarting) is
+    Unavailable, which callers retry. INTERNAL (the model failed while running) and DEADLINE_EXCEEDED (it took
+    too long) keep their codes: retrying them repeats the same failure, and a dozen times over (the channel's
+    and the orchestrator's retries) it turned one broken model into minutes of UNAVAILABLE."""
+    code, detail = rpc_failure(exc)
+    message = f"TF Serving at {address}, {what}: {code.name} {detail}"
+    error = _ERRORS.get(code)
+    return error(message) if error is not None else CallFailed(code.name, message)
 
 
 @dataclass(frozen=True)
@@ -78,7 +106,7 @@ class ServingClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return []
-            raise Unavailable(f"TF Serving at {self.address}: {exc.code().name} {exc.details()}") from exc
+            raise serving_error(exc, self.address, f"status of {model!r}") from exc
         return [
             VersionStatus(int(s.version), State.Name(s.state), s.status.error_message)
             for s in response.model_version_status
@@ -104,10 +132,10 @@ class ServingClient:
             response = self.predictions.Predict(request)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"TF Serving has no model {model!r} version {version}: {exc.details()}") from exc
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidInput(f"TF Serving rejected the features: {exc.details()}") from exc
-            raise Unavailable(f"TF Serving at {self.address}: {exc.code().name} {exc.details()}") from exc
+                raise NotFound(
+                    f"TF Serving does not serve model {model!r} version {version or 'latest'}: {exc.details()}"
+                ) from exc
+            raise serving_error(exc, self.address, f"predicting with {model!r} version {version}") from exc
         if OUTPUT_KEY not in response.outputs:
             raise InvalidInput(f"model {model!r} has no output {OUTPUT_KEY!r}")
         output = tensor_array(response.outputs[OUTPUT_KEY])
