@@ -1,7 +1,8 @@
 """`make demo`: start the local stack, train the speaker if needed, render the audio onto the target video.
 
-Defaults use the real sample data beside the repository: the `obama` speaker trained on obama_clip1.mp4
-(once; the model is kept), driven by commentary_60s.wav onto obama_clip2.mp4, written to out/demo.mp4.
+Defaults use the real sample data beside the repository: the `obama` speaker trained on all the Obama footage
+(obama_clip1, obama_clip2, obama_weekly_720p: 84 s; once, the model is kept), driven by commentary_60s.wav onto
+obama_clip2.mp4, written to out/demo.mp4.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from services.runtime.config import service_address
 
 DEFAULT_AUDIO = SAMPLE_DATA / "audio" / "commentary_60s.wav"
 DEFAULT_VIDEO = SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4"
-DEFAULT_TRAINING = [SAMPLE_DATA / "speakers" / "obama" / "obama_clip1.mp4"]
+DEFAULT_TRAINING = [
+    SAMPLE_DATA / "speakers" / "obama" / name
+    for name in ("obama_clip1.mp4", "obama_clip2.mp4", "obama_weekly_720p.mp4")
+]
 
 
 def speaker_has_model(environ: dict[str, str], speaker: str) -> bool:
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="*",
         default=None,
-        help="videos to train the speaker on when it has no model (default: obama_clip1.mp4)",
+        help="videos to train the speaker on when it has no model (default: the three Obama clips)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo.mp4", help="where to write the video")
     parser.add_argument("--no-retiming", action="store_true", help="play the target as it is (no re-timing)")

@@ -10,6 +10,7 @@ from fractions import Fraction
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from services.runtime.canonical import mouth_opening_ratio
 from services.runtime.errors import InvalidInput
 
 FEATURE_DIM = 28
@@ -161,3 +162,41 @@ def smooth_track(shapes: np.ndarray, sigma_frames: float) -> np.ndarray:
     if sigma_frames <= 0 or len(shapes) < 2:
         return np.asarray(shapes, np.float32)
     return gaussian_filter1d(np.asarray(shapes, np.float32), sigma_frames, axis=0, mode="nearest")
+
+
+def normalise_amplitude(
+    coefficients: np.ndarray,
+    mean: np.ndarray,
+    components: np.ndarray,
+    *,
+    reference_std: float,
+    speech: np.ndarray | None = None,
+    max_gain: float = 2.0,
+) -> tuple[np.ndarray, float]:
+    """Scale coefficients so the mouth opening over the speech frames spreads as much as the speaker's own.
+
+    opening = inner-lip gap / mouth width of the reconstructed shapes; gain = reference_std / its std over the
+    frames where `speech` is True, clipped to [1, max_gain] (timing and correlation are unchanged by a gain).
+
+    Args:
+        coefficients: float [N, K] PCA coefficients (about the training mean, so 0 is the mean mouth).
+        mean, components: the PCA (float [40], float [K, 40]).
+        reference_std: the speaker's real opening spread (> 0), from the model card.
+        speech: bool [N] frames that count; None = all.
+        max_gain: >= 1.
+
+    Returns:
+        (scaled float32 [N, K] coefficients, the gain applied).
+    """
+    coefficients = np.asarray(coefficients, np.float64)
+    if not max_gain >= 1:
+        raise InvalidInput(f"max_amplitude_gain must be >= 1, got {max_gain}")
+    if not reference_std > 0 or len(coefficients) < 2:
+        return coefficients.astype(np.float32), 1.0
+    frames = np.ones(len(coefficients), bool) if speech is None else np.asarray(speech, bool)
+    if frames.sum() < 2:
+        return coefficients.astype(np.float32), 1.0
+    opening = mouth_opening_ratio(shapes_from_coefficients(coefficients[frames], mean, components))
+    spread = float(np.nanstd(opening))
+    gain = 1.0 if spread <= 1e-6 * reference_std else float(np.clip(reference_std / spread, 1.0, max_gain))
+    return (coefficients * gain).astype(np.float32), gain

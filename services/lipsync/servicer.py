@@ -30,7 +30,7 @@ from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
-RESULT_FORMAT_VERSION = 1
+RESULT_FORMAT_VERSION = 2  # 2: amplitude normalisation
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
     "START": lipsync_pb2.MODEL_STATE_LOADING,
@@ -69,6 +69,7 @@ class PredictSettings:
     silence_enabled: bool = True
     ramp_seconds: float = 0.1
     smoothing_sigma_frames: float = 0.0
+    max_amplitude_gain: float = 2.0
 
     @classmethod
     def from_proto(cls, options: lipsync_pb2.PredictOptions) -> PredictSettings:
@@ -80,6 +81,9 @@ class PredictSettings:
             ramp_seconds=silence.ramp_seconds if silence.HasField("ramp_seconds") else cls.ramp_seconds,
             smoothing_sigma_frames=(
                 options.smoothing_sigma_frames if options.HasField("smoothing_sigma_frames") else 0.0
+            ),
+            max_amplitude_gain=(
+                options.max_amplitude_gain if options.HasField("max_amplitude_gain") else cls.max_amplitude_gain
             ),
         )
 
@@ -182,12 +186,22 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         count = request.output_frame_count or core.default_frame_count(len(features), rate, fps)
         times = core.output_frame_times(count, fps, request.start_seconds)
         coefficients = core.resample(rows, start_seconds=start, rate=rate, times=times)
-        shapes = core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components)
-        if request.HasField("speech_activity") and settings.silence_enabled:
+        weights = None
+        if request.HasField("speech_activity"):
             activity, activity_info = self._activity(request)
             weights = core.silence_weights(
                 activity, activity_rate=activity_info.fps, times=times, ramp_seconds=settings.ramp_seconds
             )
+        coefficients, gain = core.normalise_amplitude(
+            coefficients,
+            model.pca_mean,
+            model.pca_components,
+            reference_std=float(model.card.get("opening_std") or 0.0),
+            speech=None if weights is None else weights > 0.5,
+            max_gain=settings.max_amplitude_gain,
+        )
+        shapes = core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components)
+        if weights is not None and settings.silence_enabled:
             shapes = core.blend_silence(shapes, weights, model.rest_shape)
         shapes = core.smooth_track(shapes, settings.smoothing_sigma_frames)
 
@@ -212,7 +226,12 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         )
         store_result(self.store, result_key, response)
         log.info(
-            "predicted %d frames with %s v%d", count, model.speaker, version, extra={"request_id": request.request_id}
+            "predicted %d frames with %s v%d (amplitude gain %.2f)",
+            count,
+            model.speaker,
+            version,
+            gain,
+            extra={"request_id": request.request_id},
         )
         return response
 

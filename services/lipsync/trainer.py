@@ -36,6 +36,7 @@ from services.lipsync import model as lstm
 from services.lipsync.core import shapes_from_coefficients
 from services.lipsync.versions import stored_versions, version_prefix
 from services.runtime.blobstore import NPZ_CONTENT_TYPE, BlobStore
+from services.runtime.canonical import mouth_opening_ratio
 from services.runtime.config import Config, ConfigError
 from services.runtime.errors import A2VError, FailedPrecondition, InvalidInput
 from services.runtime.keys import validate_speaker
@@ -285,6 +286,133 @@ def _sync_card(dataset: dict, clip_ids: list[str]) -> dict:
 # training
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpeakerFit:
+    """What `fit_speaker` trained, and on which rows (section indices refer to `section_offsets`)."""
+
+    settings: lstm.TrainingSettings
+    trained: lstm.TrainingResult  # model = the calibrated (ensemble) model; histories of the first member
+    runs: list
+    gain: float
+    regime: str
+    train_seconds: float
+    section_offsets: np.ndarray
+    train_sections: np.ndarray
+    validation_sections: np.ndarray
+    features_norm: np.ndarray
+    coefficients: np.ndarray
+    train_rows: int
+    validation_rows: int
+    held_back: int
+
+
+def fit_speaker(
+    dataset: Mapping[str, np.ndarray],
+    pca: Mapping[str, np.ndarray],
+    *,
+    settings: lstm.TrainingSettings | None = None,
+    overrides: Mapping | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[lstm.EpochResult], None] | None = None,
+    name: str = "speaker",
+) -> SpeakerFit:
+    """Train a speaker's (ensemble) LSTM on dataset arrays and calibrate its output amplitude; no I/O.
+
+    Settings: `settings` as given, else the data-size regime's with `overrides`. Validation: the dataset's
+    validation clips, else the held-back end of every training section (`hold_back_tails`). The gain
+    (`lstm.amplitude_gain` on the validation rows) is baked into the model's output layers.
+
+    Raises:
+        InvalidInput: no training rows; see `lstm.train_model`.
+        Cancelled: should_stop returned True.
+    """
+    clip_ids = [str(c) for c in dataset["clip_ids"]]
+    is_validation = dataset["is_validation"].astype(bool)
+    section_clip = dataset["section_clip"].astype(np.int64)
+    lengths = np.diff(dataset["section_offsets"])
+    held_out = is_validation[section_clip] if len(section_clip) else np.zeros(0, bool)
+    train_sections = np.flatnonzero(~held_out & (lengths > 0))
+    validation_sections = np.flatnonzero(held_out & (lengths > 0))
+    train_rows, validation_rows = int(lengths[train_sections].sum()), int(lengths[validation_sections].sum())
+    if train_rows == 0:
+        raise InvalidInput(f"dataset of {name} has no training rows (clips {clip_ids}, all held out or empty)")
+    train_seconds = train_rows / lstm.FEATURE_RATE_HZ
+    regime, _ = lstm.data_size_regime(train_seconds)
+    if settings is None:
+        settings = lstm.settings_for_data(train_seconds, dict(overrides or {}))
+    section_offsets = dataset["section_offsets"].astype(np.int64)
+    held_back = 0
+    if len(validation_sections) == 0:  # one clip: hold back the end of each section for stopping and calibration
+        section_offsets, train_sections, validation_sections = hold_back_tails(
+            section_offsets, train_sections, share=HELD_BACK_SHARE, min_rows=settings.delay_steps + MIN_HELD_BACK_ROWS
+        )
+        held_back = int(np.diff(section_offsets)[validation_sections].sum())
+        train_rows, validation_rows = train_rows - held_back, held_back
+    mean = dataset["feature_mean"].astype(np.float32)
+    std = dataset["feature_std"].astype(np.float32)
+    features_norm = ((dataset["features"] - mean) / std).astype(np.float32)
+    coefficients = dataset["coefficients"].astype(np.float32)
+    log.info(
+        "training %s: %d train rows in %d sections, %d validation rows in %d sections, K=%d",
+        name,
+        train_rows,
+        len(train_sections),
+        validation_rows,
+        len(validation_sections),
+        coefficients.shape[1],
+    )
+
+    members, max_epochs = settings.ensemble, settings.max_epochs
+    runs: list[lstm.TrainingResult] = []
+    for member in range(members):
+
+        def epoch_done(result: lstm.EpochResult, done_before: int = member * max_epochs) -> None:
+            if progress is not None:  # all members' epochs on one scale; a member that stops early skips ahead
+                progress(done_before + result.epoch, members * max_epochs)
+            if on_epoch is not None:
+                on_epoch(result)
+
+        runs.append(
+            lstm.train_model(
+                features_norm,
+                coefficients,
+                section_offsets,
+                train_sections,
+                validation_sections,
+                settings=dataclasses.replace(settings, seed=settings.seed + member),
+                on_epoch=epoch_done,
+                should_stop=should_stop,
+            )
+        )
+    trained = dataclasses.replace(runs[0], model=lstm.average_models([run.model for run in runs]))
+
+    gain = 1.0
+    if len(validation_sections):
+        predicted, truth = _predict_sections(
+            trained.model, features_norm, coefficients, section_offsets, validation_sections, settings.delay_steps
+        )
+        gain = lstm.amplitude_gain(predicted, truth, pca["mean"], pca["components"])
+        lstm.scale_output(trained.model, gain, coefficients[_rows(section_offsets, train_sections)].mean(axis=0))
+
+    return SpeakerFit(
+        settings,
+        trained,
+        runs,
+        gain,
+        regime,
+        train_seconds,
+        section_offsets,
+        train_sections,
+        validation_sections,
+        features_norm,
+        coefficients,
+        train_rows,
+        validation_rows,
+        held_back,
+    )
+
+
 def train_speaker(
     store: BlobStore,
     *,
@@ -332,71 +460,21 @@ def train_speaker(
     dataset, pca, pca_bytes = _load_dataset(store, dataset_key, pca_key)
     clip_ids = [str(c) for c in dataset["clip_ids"]]
     is_validation = dataset["is_validation"].astype(bool)
-    section_clip = dataset["section_clip"].astype(np.int64)
-    lengths = np.diff(dataset["section_offsets"])
-    held_out = is_validation[section_clip] if len(section_clip) else np.zeros(0, bool)
-    train_sections = np.flatnonzero(~held_out & (lengths > 0))
-    validation_sections = np.flatnonzero(held_out & (lengths > 0))
-    train_rows, validation_rows = int(lengths[train_sections].sum()), int(lengths[validation_sections].sum())
-    if train_rows == 0:
-        raise InvalidInput(f"dataset {dataset_key!r} has no training rows (clips {clip_ids}, all held out or empty)")
-    train_seconds = train_rows / lstm.FEATURE_RATE_HZ
-    regime, _ = lstm.data_size_regime(train_seconds)
-    if settings is None:
-        settings = lstm.settings_for_data(train_seconds, dict(overrides or {}))
-    section_offsets = dataset["section_offsets"].astype(np.int64)
-    held_back = 0
-    if len(validation_sections) == 0:  # one clip: hold back the end of each section for stopping and calibration
-        section_offsets, train_sections, validation_sections = hold_back_tails(
-            section_offsets, train_sections, share=HELD_BACK_SHARE, min_rows=settings.delay_steps + MIN_HELD_BACK_ROWS
-        )
-        held_back = int(np.diff(section_offsets)[validation_sections].sum())
-        train_rows, validation_rows = train_rows - held_back, held_back
-    mean = dataset["feature_mean"].astype(np.float32)
-    std = dataset["feature_std"].astype(np.float32)
-    features_norm = ((dataset["features"] - mean) / std).astype(np.float32)
-    coefficients = dataset["coefficients"].astype(np.float32)
-    log.info(
-        "training %s: %d train rows in %d sections, %d validation rows in %d sections, K=%d",
-        speaker,
-        train_rows,
-        len(train_sections),
-        validation_rows,
-        len(validation_sections),
-        coefficients.shape[1],
+    fit = fit_speaker(
+        dataset,
+        pca,
+        settings=settings,
+        overrides=overrides,
+        progress=progress,
+        should_stop=should_stop,
+        on_epoch=on_epoch,
+        name=f"{speaker} ({dataset_key})",
     )
-
-    members, max_epochs = settings.ensemble, settings.max_epochs
-    runs: list[lstm.TrainingResult] = []
-    for member in range(members):
-
-        def epoch_done(result: lstm.EpochResult, done_before: int = member * max_epochs) -> None:
-            if progress is not None:  # all members' epochs on one scale; a member that stops early skips ahead
-                progress(done_before + result.epoch, members * max_epochs)
-            if on_epoch is not None:
-                on_epoch(result)
-
-        runs.append(
-            lstm.train_model(
-                features_norm,
-                coefficients,
-                section_offsets,
-                train_sections,
-                validation_sections,
-                settings=dataclasses.replace(settings, seed=settings.seed + member),
-                on_epoch=epoch_done,
-                should_stop=should_stop,
-            )
-        )
-    trained = dataclasses.replace(runs[0], model=lstm.average_models([run.model for run in runs]))
-
-    gain = 1.0
-    if len(validation_sections):
-        predicted, truth = _predict_sections(
-            trained.model, features_norm, coefficients, section_offsets, validation_sections, settings.delay_steps
-        )
-        gain = lstm.amplitude_gain(predicted, truth, pca["mean"], pca["components"])
-        lstm.scale_output(trained.model, gain, coefficients[_rows(section_offsets, train_sections)].mean(axis=0))
+    settings, trained, runs, gain = fit.settings, fit.trained, fit.runs, fit.gain
+    section_offsets, validation_sections = fit.section_offsets, fit.validation_sections
+    features_norm, coefficients = fit.features_norm, fit.coefficients
+    train_rows, validation_rows, held_back = fit.train_rows, fit.validation_rows, fit.held_back
+    train_sections, regime, train_seconds = fit.train_sections, fit.regime, fit.train_seconds
 
     models_root = Path(models_dir) / speaker if models_dir else None
     if models_root is not None:
@@ -419,7 +497,11 @@ def train_speaker(
         extra = work / "assets.extra"
         extra.mkdir()
         (extra / "pca.npz").write_bytes(pca_bytes)
-        np.savez(extra / "normalization.npz", feature_mean=mean, feature_std=std)
+        np.savez(
+            extra / "normalization.npz",
+            feature_mean=dataset["feature_mean"].astype(np.float32),
+            feature_std=dataset["feature_std"].astype(np.float32),
+        )
         card = {
             "format_version": MODEL_CARD_FORMAT_VERSION,
             "speaker": speaker,
@@ -447,6 +529,11 @@ def train_speaker(
             "regime": {"name": regime, "train_seconds": round(train_seconds, 2), "overrides": dict(overrides or {})},
             "training": settings.as_dict(),
             "amplitude_gain": round(gain, 4),
+            # The speaker's real mouth-opening spread (inner-lip gap / mouth width) over the training rows:
+            # Predict brings hesitant predictions of unfamiliar speech up to it (PredictOptions.max_amplitude_gain).
+            "opening_std": float(
+                np.nanstd(mouth_opening_ratio(dataset["shapes"][_rows(section_offsets, train_sections)]))
+            ),
             "history": {
                 "train_loss": trained.train_losses,
                 "validation_loss": trained.validation_losses,

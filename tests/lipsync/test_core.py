@@ -111,3 +111,34 @@ def test_silence_closes_the_mouth_with_a_ramp():
     assert opening[10] == pytest.approx(0, abs=1e-3) and opening[80] == pytest.approx(0, abs=1e-3)
     assert opening[45] == pytest.approx(2.0, abs=1e-3)
     assert np.all(np.diff(opening[20:45]) >= -1e-6)  # opens smoothly, no jump
+
+
+def test_amplitude_normalisation_brings_a_hesitant_mouth_up_to_the_speakers_spread():
+    mean = np.zeros((20, 2))
+    mean[:, 0] = np.linspace(0.33, 0.67, 20)
+    mean[0, 0], mean[6, 0] = 0.33, 0.67
+    mean[[19, 18, 17], 0] = mean[[13, 14, 15], 0]
+    mean[[19, 18, 17], 1] = 0.05  # lips apart: the opening stays positive
+    component = np.zeros((20, 2))
+    component[[17, 18, 19], 1] = 1.0
+    components = component.reshape(1, 40) / np.linalg.norm(component)
+    coefficients = np.random.default_rng(0).standard_normal((300, 1)) * 0.01
+    opening = core.mouth_opening_ratio(core.shapes_from_coefficients(coefficients, mean.reshape(40), components))
+    spread = float(opening.std())
+    scaled, gain = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=1.5 * spread)
+    assert gain == pytest.approx(1.5, rel=1e-3)
+    np.testing.assert_allclose(scaled, coefficients * 1.5, rtol=1e-5)
+    _, capped = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=9 * spread)
+    assert capped == 2.0
+    _, never_damps = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=spread / 2)
+    assert never_damps == 1.0
+    speech = np.zeros(300, bool)
+    speech[:100] = True  # only the speech frames are measured
+    _, on_speech = core.normalise_amplitude(
+        coefficients, mean.reshape(40), components, reference_std=spread, speech=speech
+    )
+    assert on_speech == pytest.approx(spread / opening[:100].std(), rel=1e-3) or on_speech == 1.0
+    unchanged, none = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=0.0)
+    assert none == 1.0 and np.allclose(unchanged, coefficients)
+    with pytest.raises(InvalidInput, match="max_amplitude_gain"):
+        core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=spread, max_gain=0.5)
