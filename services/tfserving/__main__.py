@@ -1,9 +1,9 @@
 """Start the TF Serving stand-in: `python -m services.tfserving` (the local stack; containers run tensorflow/serving).
 
-Environment: A2V_LISTEN (host:port of the gRPC API; TF Serving's is 8500), A2V_MODELS_DIR (default
-`./models` under the working directory), A2V_TFSERVING_POLL_SECONDS, A2V_TFSERVING_CACHED_VERSIONS
-and the usual A2V_MAX_WORKERS, A2V_MAX_MESSAGE_BYTES (default 64 MiB here), A2V_GRACE_SECONDS,
-A2V_LOG_LEVEL. It needs no object store.
+Environment: A2V_LISTEN (host:port of the gRPC API; TF Serving's is 8500), A2V_TFSERVING_MODEL_CONFIG (the model
+list, as --model_config_file) or A2V_MODELS_DIR (default `./models` under the working directory: every folder a
+model), A2V_TFSERVING_POLL_SECONDS and the usual A2V_MAX_WORKERS, A2V_MAX_MESSAGE_BYTES (default 64 MiB here),
+A2V_GRACE_SECONDS, A2V_LOG_LEVEL. It needs no object store.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from services.runtime.config import Config, ConfigError, StoreConfig
 from services.runtime.logs import configure_logging
 from services.runtime.server import serve
-from services.tfserving.models import ModelManager
 from services.tfserving.servicer import SERVICE, TFServingConfig, bindings
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,11 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         configure_logging(SERVICE)
         log.error("%s", exc)
         return 2
-    manager = ModelManager(config.models_dir, poll_seconds=config.poll_seconds, cached_versions=config.cached_versions)
+    manager = config.manager()
     try:
         return serve(
             Config(server=config.server, store=_NO_STORE),
-            bindings(manager, load_wait_seconds=config.load_wait_seconds),
+            bindings(manager),
         )
     finally:
         manager.close()

@@ -1,4 +1,4 @@
-"""Model versions on disk, loaded and unloaded as TF Serving's `latest` version policy does (no gRPC here)."""
+"""Model versions on disk, loaded and unloaded as TF Serving does for its model list and version policies (no gRPC)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from google.protobuf import message, text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.config import model_server_config_pb2
 
-from services.runtime.errors import InvalidInput, NotFound, TooLarge, Unavailable
+from services.runtime.errors import InvalidInput, NotFound, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,73 @@ def _fingerprint(path: Path) -> tuple | None:
     return None
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model of the server's list (TF Serving's `ModelConfig`): its name, base path and version policy.
+
+    Policies as TF Serving's `ServableVersionPolicy`: "latest" serves the `num_versions` newest versions on
+    disk (default 1), "all" every version, "specific" the listed `versions` (those on disk).
+    """
+
+    name: str
+    base_path: Path
+    policy: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def aspired(self, on_disk: Iterable[int]) -> set[int]:
+        """The versions this policy wants loaded among those on disk."""
+        numbers = sorted(set(on_disk), reverse=True)
+        if self.policy == "all":
+            return set(numbers)
+        if self.policy == "specific":
+            return set(numbers) & set(self.versions)
+        return set(numbers[: max(1, self.num_versions)])
+
+
+def model_configs(config: model_server_config_pb2.ModelServerConfig) -> list[ModelConfig]:
+    """The models of a `ModelServerConfig` (what --model_config_file and HandleReloadConfigRequest carry).
+
+    Raises:
+        InvalidInput: a custom model config, a platform other than tensorflow, a duplicate name, a base path
+            that is not a local absolute folder (the tensorflow/serving images have no s3:// filesystem since 2.7).
+    """
+    if config.WhichOneof("config") == "custom_model_config":
+        raise InvalidInput("custom_model_config is not supported; send a model_config_list")
+    models: list[ModelConfig] = []
+    for entry in config.model_config_list.config:
+        if not entry.name or not entry.base_path:
+            raise InvalidInput(f"model config {entry.name!r} needs a name and a base_path")
+        if entry.model_platform not in ("", "tensorflow"):
+            raise InvalidInput(f"model {entry.name!r}: platform {entry.model_platform!r} is not supported")
+        if "://" in entry.base_path or not entry.base_path.startswith("/"):
+            raise InvalidInput(f"model {entry.name!r}: base_path {entry.base_path!r} must be an absolute local path")
+        if any(model.name == entry.name for model in models):
+            raise InvalidInput(f"model {entry.name!r} is listed twice")
+        policy = entry.model_version_policy
+        kind = policy.WhichOneof("policy_choice") or "latest"
+        models.append(
+            ModelConfig(
+                name=entry.name,
+                base_path=Path(entry.base_path),
+                policy=kind,
+                num_versions=policy.latest.num_versions or 1,
+                versions=tuple(policy.specific.versions),
+            )
+        )
+    return models
+
+
+def read_model_config_file(path: Path) -> list[ModelConfig]:
+    """The models of a ModelServerConfig text file (TF Serving's --model_config_file)."""
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(Path(path).read_text(encoding="utf-8"), config)
+    except (OSError, text_format.ParseError) as exc:
+        raise InvalidInput(f"model config file {path} cannot be read: {exc}") from exc
+    return model_configs(config)
+
+
 @dataclass(eq=False)
 class _Version:
     """Mutable record of one tracked version; guarded by ModelManager's lock."""
@@ -235,7 +303,6 @@ class _Version:
     model: LoadedModel | None = None
     error: LoadError | None = None
     fingerprint: tuple | None = None
-    last_used: float = field(default_factory=time.monotonic)
 
     def retry_due(self) -> bool:
         """A version that failed to load is tried again only once its SavedModel file has changed."""
@@ -243,56 +310,107 @@ class _Version:
 
 
 class ModelManager:
-    """Serves the SavedModels under `models_dir/<model>/<version>/` as TF Serving's `latest` policy does.
+    """Serves the models of a model list as TF Serving does: each from `<base_path>/<version>/`, by its policy.
 
-    One background thread does all loading. It scans `models_dir` every `poll_seconds`: every
-    sub-folder is a model (named like the folder), every sub-folder of it named by a positive
-    integer is a version. For each model it loads the newest version on disk that is newer than the
-    newest one already AVAILABLE; if that fails it tries the next older one, so a broken newest
-    version never leaves a model without a version to serve. A version that failed is tried again
-    only when its saved_model.pb changes. A request without a version gets the newest AVAILABLE one
-    (the previous one keeps serving while a new one loads). A request for a specific older version
-    that is on disk has it loaded on demand by the same thread; besides the newest, up to
-    `cached_versions` versions per model stay loaded, least recently used unloaded first. Versions
-    whose folders disappear are unloaded.
+    With `config` (a list of `ModelConfig`, from --model_config_file or HandleReloadConfigRequest) only the
+    listed models are served; without one, every folder of `models_dir` is a model with the default policy
+    (a convenience of this stand-in: the real server needs a model list). One background thread does all
+    loading; it scans every `poll_seconds`. Per model it loads the versions its policy wants (newest first)
+    and unloads the others once one wanted version is AVAILABLE, so the previous version keeps serving while
+    a new one loads, or when the new one fails; a version whose folder disappears is unloaded at once. A
+    version that failed is tried again only when its saved_model.pb changes. Requests get an AVAILABLE
+    version or NOT_FOUND ("Servable not found"), also while the version is loading, as from TF Serving.
     """
 
     def __init__(
         self,
-        models_dir: Path,
+        models_dir: Path | None = None,
         *,
+        config: Sequence[ModelConfig] | None = None,
         poll_seconds: float = 2.0,
-        cached_versions: int = 2,
         loader: Callable[[Path], LoadedModel] = LoadedModel.load,
     ) -> None:
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
-        if cached_versions < 1:
-            raise ValueError(f"cached_versions must be >= 1, got {cached_versions}")
-        self.models_dir = Path(models_dir)
+        if models_dir is None and config is None:
+            raise ValueError("a models folder or a model list is needed")
+        self.models_dir = Path(models_dir) if models_dir is not None else None
         self.poll_seconds = poll_seconds
-        self.cached_versions = cached_versions
         self._loader = loader
+        self._config = None if config is None else {model.name: model for model in config}
         self._lock = threading.Condition()
         self._versions: dict[str, dict[int, _Version]] = {}
         self._on_disk: dict[str, dict[int, Path]] = {}
-        self._wanted: set[tuple[str, int]] = set()
+        self._scans = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._scanned = threading.Event()
         self._thread: threading.Thread | None = None
-        self._missing_dir_logged = False
+        self._missing_logged: set[Path] = set()
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> None:
-        """Start the loading thread and wait until `models_dir` has been scanned (and loaded) once."""
+        """Start the loading thread and wait until the models have been scanned (and loaded) once."""
         with self._lock:
             if self._thread is None:
-                log.info("serving models from %s (polled every %.1fs)", self.models_dir, self.poll_seconds)
+                where = self.models_dir if self._config is None else f"a list of {len(self._config)} models"
+                log.info("serving models from %s (polled every %.1fs)", where, self.poll_seconds)
                 self._thread = threading.Thread(target=self._run, name="tfserving-loader", daemon=True)
                 self._thread.start()
         if not self._scanned.wait(timeout):
-            raise TimeoutError(f"{self.models_dir} not scanned within {timeout}s")
+            raise TimeoutError(f"models not scanned within {timeout}s")
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every listed model has an AVAILABLE version, as TF Serving does before it opens its ports.
+
+        A listed model without a version to load keeps the server from becoming ready; True once ready, False
+        after `timeout` seconds (None: no limit) or when stopping.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._stop.is_set():
+                waiting = self._not_ready()
+                if not waiting:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if not self._lock.wait(min(5.0, remaining) if remaining is not None else 5.0):
+                    log.info("waiting for models to load: %s", ", ".join(sorted(waiting)))
+        return False
+
+    def _not_ready(self) -> list[str]:
+        """Listed models without an AVAILABLE version (lock held); none without a list (folders come and go)."""
+        if self._config is None:
+            return []
+        return [
+            name
+            for name in self._models()
+            if not any(v.state is State.AVAILABLE for v in self._versions.get(name, {}).values())
+        ]
+
+    def reload(self, config: Sequence[ModelConfig], *, timeout: float = 30.0) -> list[str]:
+        """Serve exactly the models of `config` from now on (HandleReloadConfigRequest).
+
+        Models no longer listed are unloaded; new ones are loaded by the next scan, which this waits for, and then
+        up to `timeout` seconds for every listed model to have an AVAILABLE version. Returns the models that have
+        none (empty when all are served).
+        """
+        with self._lock:
+            self._config = {model.name: model for model in config}
+            for name in [n for n in self._versions if n not in self._config]:
+                for number, version in self._versions[name].items():
+                    if version.state is State.AVAILABLE:
+                        self._unload(name, number, version, "no longer in the model list")
+                del self._versions[name]
+            target = self._scans + 2  # a scan that started after this change has ended
+            self._wake.set()
+            deadline = time.monotonic() + timeout
+            while self._scans < target and not self._stop.is_set() and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+        self.wait_ready(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return self._not_ready()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the loading thread (a load in progress finishes first) and fail waiting requests."""
@@ -304,25 +422,41 @@ class ModelManager:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        next_scan = 0.0
         while not self._stop.is_set():
             try:
-                self._load_wanted()
-                if time.monotonic() >= next_scan:
-                    self.scan()
-                    next_scan = time.monotonic() + self.poll_seconds
+                self.scan()
             except Exception:  # keep polling: one bad folder must not end serving
-                log.exception("scanning %s failed", self.models_dir)
-                next_scan = time.monotonic() + self.poll_seconds
+                log.exception("scanning the models failed")
             finally:
+                with self._lock:
+                    self._scans += 1
+                    self._lock.notify_all()
                 self._scanned.set()
-            self._wake.wait(max(0.0, next_scan - time.monotonic()))
+            self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
     # -- the loading thread -------------------------------------------------------------------------
+    def _models(self) -> dict[str, ModelConfig]:
+        if self._config is not None:
+            return dict(self._config)
+        try:
+            with os.scandir(self.models_dir) as entries:
+                names = [entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+        except FileNotFoundError:
+            self._log_missing(self.models_dir, "models folder")
+            return {}
+        return {name: ModelConfig(name, self.models_dir / name) for name in names}
+
+    def _log_missing(self, path: Path, what: str) -> None:
+        if path not in self._missing_logged:
+            log.warning("%s %s does not exist (yet): no versions of it to serve", what, path)
+            self._missing_logged.add(path)
+
     def scan(self) -> None:
-        """List `models_dir`, unload versions that disappeared, load what the version policy wants."""
-        listing = self._list()
+        """List every model's versions, unload what disappeared, load what the policies want, retire the rest."""
+        with self._lock:
+            models = self._models()
+        listing = {name: self._list(model) for name, model in models.items()}
         plan: dict[str, list[int]] = {}
         with self._lock:
             self._on_disk = listing
@@ -332,50 +466,47 @@ class ModelManager:
                         self._unload(name, number, version, "its folder was removed")
             for name, paths in listing.items():
                 versions = self._versions.setdefault(name, {})
-                newest = max((n for n, v in versions.items() if v.state is State.AVAILABLE), default=0)
-                candidates = []
-                for number in sorted(paths, reverse=True):
-                    if number <= newest:
-                        break
+                wanted = []
+                for number in sorted(models[name].aspired(paths), reverse=True):
                     version = versions.get(number)
-                    if version is None or version.retry_due():
-                        candidates.append(number)
-                if candidates:
-                    first = versions.setdefault(candidates[0], _Version(paths[candidates[0]]))
-                    first.state, first.error = State.START, None
-                    plan[name] = candidates
-        for name, candidates in plan.items():
-            for number in candidates:
+                    if version is None or (version.state is not State.AVAILABLE and version.retry_due()):
+                        wanted.append(number)
+                if wanted:
+                    plan[name] = wanted
+        for name, numbers in plan.items():
+            for number in numbers:
                 if self._stop.is_set():
                     return
-                if self._load(name, number, listing[name][number]):
-                    break
-            self._evict(name)
-            self._load_wanted()
+                self._load(name, number, listing[name][number])
+        with self._lock:
+            for name, paths in listing.items():
+                self._retire(name, models[name].aspired(paths))
 
-    def _list(self) -> dict[str, dict[int, Path]]:
+    def _list(self, model: ModelConfig) -> dict[int, Path]:
         try:
-            with os.scandir(self.models_dir) as entries:
-                models = [entry for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+            with os.scandir(model.base_path) as entries:
+                found = {
+                    int(entry.name): Path(entry.path)
+                    for entry in entries
+                    if _VERSION_NAME.fullmatch(entry.name) and int(entry.name) > 0 and entry.is_dir()
+                }
         except FileNotFoundError:
-            if not self._missing_dir_logged:
-                log.warning("models folder %s does not exist (yet): serving no models", self.models_dir)
-                self._missing_dir_logged = True
+            self._log_missing(model.base_path, f"base path of model {model.name!r}")
             return {}
-        self._missing_dir_logged = False
-        listing = {}
-        for model in models:
-            try:
-                with os.scandir(model.path) as entries:
-                    listing[model.name] = {
-                        int(entry.name): Path(entry.path)
-                        for entry in entries
-                        if _VERSION_NAME.fullmatch(entry.name) and int(entry.name) > 0 and entry.is_dir()
-                    }
-            except OSError as exc:  # unreadable for a moment: keep what the last scan saw
-                log.warning("cannot list model folder %s: %s", model.path, exc)
-                listing[model.name] = self._on_disk.get(model.name, {})
-        return listing
+        except OSError as exc:  # unreadable for a moment: keep what the last scan saw
+            log.warning("cannot list model folder %s: %s", model.base_path, exc)
+            return self._on_disk.get(model.name, {})
+        self._missing_logged.discard(model.base_path)
+        return found
+
+    def _retire(self, name: str, aspired: set[int]) -> None:
+        """Unload the versions the policy no longer wants, once a wanted one serves (lock held)."""
+        versions = self._versions.get(name, {})
+        if not any(versions[n].state is State.AVAILABLE for n in aspired if n in versions):
+            return
+        for number, version in versions.items():
+            if version.state is State.AVAILABLE and number not in aspired:
+                self._unload(name, number, version, "the version policy no longer wants it")
 
     def _load(self, name: str, number: int, path: Path) -> bool:
         """Load one version (on this thread, outside the lock); True when it became AVAILABLE."""
@@ -397,7 +528,6 @@ class ModelManager:
         with self._lock:
             version.fingerprint, version.model, version.error = fingerprint, model, error
             version.state = State.AVAILABLE if model is not None else State.END
-            version.last_used = time.monotonic()
             self._lock.notify_all()
         if model is not None:
             log.info(
@@ -418,33 +548,6 @@ class ModelManager:
             )
         return model is not None
 
-    def _load_wanted(self) -> None:
-        """Load the specific versions that requests are waiting for."""
-        while not self._stop.is_set():
-            with self._lock:
-                if not self._wanted:
-                    return
-                name, number = key = next(iter(self._wanted))
-                version = self._versions.get(name, {}).get(number)
-                path = self.models_dir / name / str(number)
-                needed = (version is None or version.state is not State.AVAILABLE) and path.is_dir()
-                needed = needed and (version is None or version.retry_due())
-            if needed:
-                self._load(name, number, path)
-                self._evict(name)
-            with self._lock:
-                self._wanted.discard(key)
-                self._lock.notify_all()
-
-    def _evict(self, name: str) -> None:
-        """Keep the newest AVAILABLE version and the `cached_versions` most recently used others."""
-        with self._lock:
-            versions = self._versions.get(name, {})
-            available = sorted((n for n, v in versions.items() if v.state is State.AVAILABLE), reverse=True)
-            others = sorted(available[1:], key=lambda n: versions[n].last_used, reverse=True)
-            for number in others[self.cached_versions :]:
-                self._unload(name, number, versions[number], "least recently used")
-
     def _unload(self, name: str, number: int, version: _Version, why: str) -> None:
         # Calls in flight hold their own reference to the model; memory is freed when they end.
         version.state, version.model, version.error = State.END, None, None
@@ -452,74 +555,47 @@ class ModelManager:
         log.info("model %s version %d unloaded: %s", name, number, why, extra={"model": name, "version": number})
 
     # -- request threads ----------------------------------------------------------------------------
-    def get(self, name: str, version: int | None = None, *, timeout: float = 30.0) -> tuple[int, LoadedModel]:
+    def get(self, name: str, version: int | None = None, *, timeout: float = 0.0) -> tuple[int, LoadedModel]:
         """The model version a request runs: `version`, or the newest AVAILABLE one when None.
 
-        A specific version on disk that is not loaded is loaded by the loading thread; this waits for
-        it up to `timeout` seconds.
-
-        Raises:
-            NotFound: no such model or version on disk, or the version failed to load.
-            Unavailable: the model (or the version) is still loading, or the server is stopping.
+        Only what is loaded serves, as in TF Serving: a version that is loading, failed, is not wanted by the
+        policy or belongs to a model not in the list is NOT_FOUND. (`timeout` is accepted for compatibility.)
         """
         with self._lock:
             versions = self._versions.get(name, {})
             if version is None:
-                return self._latest(name, versions)
+                available = [n for n, v in versions.items() if v.state is State.AVAILABLE]
+                if available:
+                    return max(available), versions[max(available)].model
+                raise NotFound(f"Servable not found for request: Latest({name}){self._why_not(name)}")
             found = versions.get(version)
             if found is not None and found.state is State.AVAILABLE:
-                found.last_used = time.monotonic()
-                return version, found.model
-            path = self.models_dir / name / str(version)
-            if name not in self._on_disk or version <= 0 or not path.is_dir():
-                raise NotFound(f"Servable not found for request: Specific({name}, {version})")
-            if found is not None and found.error is not None and not found.retry_due():
-                raise NotFound(f"version {version} of model {name!r} failed to load: {found.error.message}")
-            key = (name, version)
-            self._wanted.add(key)
-            self._wake.set()
-            deadline = time.monotonic() + timeout
-            while key in self._wanted:
-                remaining = deadline - time.monotonic()
-                if self._stop.is_set() or remaining <= 0:
-                    raise Unavailable(f"version {version} of model {name!r} is still loading")
-                self._lock.wait(remaining)
-            found = self._versions.get(name, {}).get(version)
-            if found is not None and found.state is State.AVAILABLE:
-                found.last_used = time.monotonic()
                 return version, found.model
             if found is not None and found.error is not None:
-                raise NotFound(f"version {version} of model {name!r} failed to load: {found.error.message}")
-            raise Unavailable(f"version {version} of model {name!r} was unloaded before use; retry")
+                raise NotFound(
+                    f"Servable not found for request: Specific({name}, {version}): "
+                    f"version {version} of model {name!r} failed to load: {found.error.message}"
+                )
+            raise NotFound(f"Servable not found for request: Specific({name}, {version}){self._why_not(name)}")
 
-    def _latest(self, name: str, versions: dict[int, _Version]) -> tuple[int, LoadedModel]:
-        available = [n for n, v in versions.items() if v.state is State.AVAILABLE]
-        if available:
-            number = max(available)
-            versions[number].last_used = time.monotonic()
-            return number, versions[number].model
-        on_disk = self._on_disk.get(name)
-        if on_disk is None:
-            raise NotFound(f"Servable not found for request: Latest({name}) (no folder {name!r} in the models folder)")
-        if not on_disk:
-            raise NotFound(f"Servable not found for request: Latest({name}) (the model folder has no version folders)")
-        # Not yet tried, loading now, unloaded (a scan reloads it) or changed since it failed.
-        pending = any(
-            number not in versions or versions[number].state is not State.END or versions[number].retry_due()
-            for number in on_disk
-        )
-        if pending:
-            raise Unavailable(f"model {name!r} is loading; no version is available yet")
+    def _why_not(self, name: str) -> str:
+        """Why a model has nothing to serve, for the message (lock held)."""
+        if name not in self._models():
+            return " (not in the model list)"
+        if not self._on_disk.get(name):
+            return " (no version folders under its base path)"
+        if any(v.state in (State.START, State.LOADING) for v in self._versions.get(name, {}).values()):
+            return " (loading)"
         failures = "; ".join(
-            f"version {n}: {versions[n].error.message}" for n in sorted(on_disk, reverse=True) if versions[n].error
+            f"version {n}: {v.error.message}" for n, v in sorted(self._versions.get(name, {}).items()) if v.error
         )
-        raise NotFound(f"Servable not found for request: Latest({name}) (no version could be loaded: {failures})")
+        return f" ({failures})" if failures else ""
 
     def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
         """The tracked versions of `name` (newest first), or only `version`; NotFound when untracked.
 
-        Tracked are the versions the policy has loaded or tried to, and those loaded on demand;
-        older versions on disk that were never wanted are not listed (as in TF Serving).
+        Tracked are the versions the policy has loaded or tried to; versions on disk that the policy does not
+        want are not listed (as in TF Serving).
         """
         with self._lock:
             versions = self._versions.get(name)

@@ -14,6 +14,7 @@ from tensorflow.core.protobuf import error_codes_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -22,11 +23,18 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from services.runtime.config import Env, ServerConfig
+from services.runtime.config import ConfigError, Env, ServerConfig
 from services.runtime.errors import InvalidInput
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
-from services.tfserving.models import DEFAULT_SIGNATURE, LoadedModel, ModelManager
+from services.tfserving.models import (
+    DEFAULT_SIGNATURE,
+    LoadedModel,
+    ModelConfig,
+    ModelManager,
+    model_configs,
+    read_model_config_file,
+)
 
 SERVICE = "tfserving"
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -36,7 +44,8 @@ MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].fu
 MODELS_DIR_VARIABLE = "A2V_MODELS_DIR"
 """The `<model>/<version>/saved_model.pb` tree (same name as `deploy.catalog.MODELS_DIR_VARIABLE`)."""
 POLL_SECONDS_VARIABLE = "A2V_TFSERVING_POLL_SECONDS"
-CACHED_VERSIONS_VARIABLE = "A2V_TFSERVING_CACHED_VERSIONS"
+MODEL_CONFIG_VARIABLE = "A2V_TFSERVING_MODEL_CONFIG"
+"""TF Serving's --model_config_file: the ModelServerConfig (text) listing the models to serve."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Default request/response size limit here (other services: 4 MiB); A2V_MAX_MESSAGE_BYTES overrides it."""
 SIGNATURE_DEF_FIELD = "signature_def"
@@ -48,18 +57,17 @@ class TFServingConfig:
     """Settings of `python -m services.tfserving`, read from the environment.
 
     A2V_LISTEN etc. as every service (`ServerConfig`), except that messages may be up to 64 MiB
-    unless A2V_MAX_MESSAGE_BYTES says otherwise. A2V_MODELS_DIR (default `./models`, relative to
-    the working directory): the models folder. A2V_TFSERVING_POLL_SECONDS (default 2, 0.05-3600):
-    how often it is scanned for new models and versions. A2V_TFSERVING_CACHED_VERSIONS (default 2,
-    1-100): how many versions per model, besides the newest, stay loaded for explicit requests.
+    unless A2V_MAX_MESSAGE_BYTES says otherwise. A2V_TFSERVING_MODEL_CONFIG: the model list, a
+    ModelServerConfig text file as TF Serving's --model_config_file (only these models are served;
+    HandleReloadConfigRequest replaces the list). Without it, every folder of A2V_MODELS_DIR (default
+    `./models`, relative to the working directory) is a model (a stand-in convenience). A2V_TFSERVING_POLL_SECONDS
+    (default 2, 0.05-3600): how often the base paths are scanned for new versions.
     """
 
     server: ServerConfig
     models_dir: Path
     poll_seconds: float = 2.0
-    cached_versions: int = 2
-    load_wait_seconds: float = 30.0
-    """Longest a request for a not-yet-loaded version waits (less when its deadline is nearer)."""
+    model_config: tuple[ModelConfig, ...] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TFServingConfig:
@@ -73,10 +81,21 @@ class TFServingConfig:
             server=server,
             models_dir=Path(env.get_str(MODELS_DIR_VARIABLE, "models")).expanduser().resolve(),
             poll_seconds=env.get_float(POLL_SECONDS_VARIABLE, cls.poll_seconds, minimum=0.05, maximum=3600.0),
-            cached_versions=env.get_int(CACHED_VERSIONS_VARIABLE, cls.cached_versions, minimum=1, maximum=100),
         )
+        config_file = env.get_str(MODEL_CONFIG_VARIABLE, "")
         env.check()
+        if config_file:
+            try:
+                config = dataclasses.replace(config, model_config=tuple(read_model_config_file(Path(config_file))))
+            except InvalidInput as exc:
+                raise ConfigError(f"{MODEL_CONFIG_VARIABLE}: {exc}") from exc
         return config
+
+    def manager(self) -> ModelManager:
+        """The model manager these settings describe."""
+        if self.model_config is not None:
+            return ModelManager(config=self.model_config, poll_seconds=self.poll_seconds)
+        return ModelManager(self.models_dir, poll_seconds=self.poll_seconds)
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -124,14 +143,28 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """`tensorflow.serving.ModelService`: GetModelStatus.
+    """`tensorflow.serving.ModelService`: GetModelStatus and HandleReloadConfigRequest."""
 
-    HandleReloadConfigRequest is not implemented (answers UNIMPLEMENTED): this server has no model
-    config file; every folder under the models folder is served.
-    """
-
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, *, reload_wait_seconds: float = 30.0) -> None:
         self.manager = manager
+        self.reload_wait_seconds = reload_wait_seconds
+
+    @grpc_errors
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context
+    ) -> model_management_pb2.ReloadConfigResponse:
+        """Serve exactly the models of `request.config` from now on; answers once the new ones are loaded.
+
+        A malformed list is INVALID_ARGUMENT (the models served stay as they were). Models that have no version
+        to serve after the wait are named in the response's status (NOT_FOUND), the others serve.
+        """
+        models = model_configs(request.config)
+        missing = self.manager.reload(models, timeout=self.reload_wait_seconds)
+        response = model_management_pb2.ReloadConfigResponse()
+        if missing:
+            response.status.error_code = error_codes_pb2.NOT_FOUND
+            response.status.error_message = f"no version of {', '.join(sorted(missing))} could be loaded yet"
+        return response
 
     @grpc_errors
     def GetModelStatus(
@@ -186,19 +219,32 @@ def _to_array(key: str, proto) -> np.ndarray:
         raise InvalidInput(f"input {key!r} is not a valid TensorProto: {exc}") from exc
 
 
-def bindings(manager: ModelManager, *, load_wait_seconds: float = 30.0) -> list[ServiceBinding]:
-    """Both TF Serving services over `manager`; they turn SERVING once the models folder was scanned once.
+def bindings(
+    manager: ModelManager, *, load_wait_seconds: float = 30.0, reload_wait_seconds: float = 30.0
+) -> list[ServiceBinding]:
+    """Both TF Serving services over `manager`; they turn SERVING once every listed model has a version loaded.
 
-    The first scan loads the newest version of every model present at start (or records why it
-    failed), so SERVING means "every model that was there is ready"; an empty folder is fine.
+    TF Serving opens its ports only then: a listed model without a version (a speaker not trained yet) keeps it
+    closed. Here health stays NOT_SERVING instead, so `make up` and the tests see the same wait; an empty list
+    is ready at once.
     """
+
+    def load() -> None:
+        manager.start()
+        manager.wait_ready()
+
     return [
         binding_for(
             prediction_service_pb2,
             prediction_service_pb2_grpc,
             "PredictionService",
             PredictionServicer(manager, load_wait_seconds=load_wait_seconds),
-            load=manager.start,
+            load=load,
         ),
-        binding_for(model_service_pb2, model_service_pb2_grpc, "ModelService", ModelServicer(manager)),
+        binding_for(
+            model_service_pb2,
+            model_service_pb2_grpc,
+            "ModelService",
+            ModelServicer(manager, reload_wait_seconds=reload_wait_seconds),
+        ),
     ]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,13 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+from tensorflow_serving.config import model_server_config_pb2
 
 from deploy import catalog
-from services.runtime.clients import wait_for_serving
-from services.runtime.config import ConfigError
-from services.tfserving.models import LoadedModel, ModelManager
+from services.runtime.clients import health_status, wait_for_serving
+from services.runtime.config import ConfigError, ServerConfig
+from services.runtime.server import create_server
+from services.tfserving.models import LoadedModel, ModelConfig, ModelManager
 from services.tfserving.servicer import (
     MAX_MESSAGE_BYTES,
     MODEL_SERVICE,
@@ -183,10 +186,13 @@ def start(run_server, models_dir):
     """Start the stand-in over `models_dir` (polled every 0.1 s) through `create_server` on port 0."""
     managers, channels = [], []
 
-    def make(*, loader=LoadedModel.load, cached_versions=2) -> Stand:
-        manager = ModelManager(models_dir, poll_seconds=0.1, loader=loader, cached_versions=cached_versions)
+    def make(*, loader=LoadedModel.load, config=None) -> Stand:
+        if config is None:
+            manager = ModelManager(models_dir, poll_seconds=0.1, loader=loader)
+        else:
+            manager = ModelManager(config=config, poll_seconds=0.1, loader=loader)
         managers.append(manager)
-        port = run_server(bindings(manager, load_wait_seconds=10), max_message_bytes=MAX_MESSAGE_BYTES)
+        port = run_server(bindings(manager, reload_wait_seconds=2), max_message_bytes=MAX_MESSAGE_BYTES)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
         channels.append(channel)
         return Stand(manager, port, channel)
@@ -305,10 +311,10 @@ def test_a_new_version_is_picked_up_and_becomes_the_default(start, models_dir, e
     latest = stand.predict(x)
     assert latest.model_spec.version.value == 2
     np.testing.assert_allclose(output(latest), reference(2, x), rtol=0, atol=1e-6)
-    pinned = stand.predict(x, version=1)
-    assert pinned.model_spec.version.value == 1
-    np.testing.assert_allclose(output(pinned), reference(1, x), rtol=0, atol=1e-6)
-    assert {v: s[0] for v, s in stand.status().items()} == {2: "AVAILABLE", 1: "AVAILABLE"}
+    # The default policy (latest, one version) unloads version 1 once version 2 serves.
+    assert wait_until(lambda: stand.state(1) == "END", timeout=5)
+    assert code_of(stand.predict, x, version=1)[0] == grpc.StatusCode.NOT_FOUND
+    assert {v: s[0] for v, s in stand.status().items()} == {2: "AVAILABLE", 1: "END"}
 
 
 def test_an_empty_models_folder_is_serving_and_new_models_appear(start, models_dir, exports):
@@ -319,23 +325,69 @@ def test_an_empty_models_folder_is_serving_and_new_models_appear(start, models_d
     assert stand.predict().model_spec.version.value == 3
 
 
-def test_an_older_version_on_disk_is_loaded_on_demand_and_evicted_least_recently_used(start, models_dir, exports):
+def listed(models_dir: Path, policy: str = "latest", **fields) -> list[ModelConfig]:
+    return [ModelConfig(MODEL, models_dir / MODEL, policy=policy, **fields)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "fields", "served"),
+    [
+        ("latest", {}, {3}),
+        ("latest", {"num_versions": 2}, {2, 3}),
+        ("all", {}, {1, 2, 3}),
+        ("specific", {"versions": (1, 3)}, {1, 3}),
+    ],
+)
+def test_only_the_versions_the_policy_wants_are_loaded_others_are_not_found(
+    start, models_dir, exports, policy, fields, served
+):
     for version in (1, 2, 3):
         install(models_dir, version, exports[1 + version % 2])
-    stand = start(cached_versions=1)
-    assert stand.status() == {3: ("AVAILABLE", "OK", "")}  # the policy loads only the newest
-    assert stand.predict(version=1).model_spec.version.value == 1
-    assert stand.predict(version=2).model_spec.version.value == 2
-    assert {v: s[0] for v, s in stand.status().items()} == {3: "AVAILABLE", 2: "AVAILABLE", 1: "END"}
-    assert stand.predict(version=1).model_spec.version.value == 1  # reloaded
-    assert {v: s[0] for v, s in stand.status().items()} == {3: "AVAILABLE", 2: "END", 1: "AVAILABLE"}
+    stand = start(config=listed(models_dir, policy, **fields))
+    assert {v for v, s in stand.status().items() if s[0] == "AVAILABLE"} == served
+    for version in (1, 2, 3):
+        if version in served:
+            assert stand.predict(version=version).model_spec.version.value == version
+        else:  # on disk, but TF Serving does not load versions on request
+            code, details = code_of(stand.predict, version=version)
+            assert code == grpc.StatusCode.NOT_FOUND and f"Specific({MODEL}, {version})" in details
     assert stand.predict().model_spec.version.value == 3
+
+
+def test_only_listed_models_are_served_and_a_reload_changes_the_list(start, models_dir, exports, tmp_path):
+    install(models_dir, 1, exports[1])
+    other = tmp_path / "other"
+    shutil.copytree(exports[2], other / "e2e" / "4")
+    (models_dir / "unlisted").mkdir()
+    shutil.copytree(exports[1], models_dir / "unlisted" / "1")
+    stand = start(config=listed(models_dir))
+    assert stand.predict().model_spec.version.value == 1
+    code, details = code_of(stand.predict, model="unlisted")
+    assert code == grpc.StatusCode.NOT_FOUND and "not in the model list" in details
+    config = model_server_config_pb2.ModelServerConfig()
+    config.model_config_list.config.add(name="e2e", base_path=str(other / "e2e"), model_platform="tensorflow")
+    reload = model_management_pb2.ReloadConfigRequest(config=config)
+    assert stand.models.HandleReloadConfigRequest(reload, timeout=30).status.error_code == 0
+    assert stand.predict(model="e2e").model_spec.version.value == 4  # loaded before the reload answered
+    assert code_of(stand.predict)[0] == grpc.StatusCode.NOT_FOUND  # obama is no longer listed
+    # A model without versions is named in the answer; a malformed list changes nothing.
+    config.model_config_list.config.add(name="new", base_path=str(tmp_path / "none"))
+    reload = model_management_pb2.ReloadConfigRequest(config=config)
+    answer = stand.models.HandleReloadConfigRequest(reload, timeout=60)
+    assert answer.status.error_code == error_codes_pb2.NOT_FOUND and "new" in answer.status.error_message
+    bad = model_server_config_pb2.ModelServerConfig()
+    bad.model_config_list.config.add(name="s3", base_path="s3://bucket/models/s3")
+    code, details = code_of(
+        stand.models.HandleReloadConfigRequest, model_management_pb2.ReloadConfigRequest(config=bad), timeout=10
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "absolute local path" in details
+    assert stand.predict(model="e2e").model_spec.version.value == 4
 
 
 def test_a_removed_version_is_unloaded_and_the_previous_one_serves(start, models_dir, exports):
     install(models_dir, 1, exports[1])
     install(models_dir, 2, exports[2])
-    stand = start()
+    stand = start(config=listed(models_dir, "all"))
     assert stand.predict(version=1).model_spec.version.value == 1
     remove(models_dir, 2)
     assert wait_until(lambda: stand.state(2) == "END", timeout=5)
@@ -368,15 +420,16 @@ def test_a_broken_version_reports_its_error_and_the_good_one_keeps_serving(
     assert stand.predict().model_spec.version.value == 2
 
 
-def test_a_broken_newest_version_at_start_falls_back_to_the_previous_one(start, models_dir, exports):
+def test_a_broken_newest_version_at_start_leaves_the_model_without_a_version(start, models_dir, exports):
     install(models_dir, 1, exports[1])
     install(models_dir, 2, garbage=b"\x00garbage")
-    stand = start()
-    assert {v: s[:2] for v, s in stand.status().items()} == {2: ("END", "DATA_LOSS"), 1: ("AVAILABLE", "OK")}
-    assert stand.predict().model_spec.version.value == 1
+    stand = start()  # as TF Serving: the policy wants version 2 only; an older one is not tried instead
+    assert {v: s[:2] for v, s in stand.status().items()} == {2: ("END", "DATA_LOSS")}
+    code, details = code_of(stand.predict)
+    assert code == grpc.StatusCode.NOT_FOUND and "version 2" in details
 
 
-def test_a_model_still_loading_is_unavailable(start, models_dir, exports):
+def test_a_model_still_loading_is_not_found(start, models_dir, exports):
     gate = threading.Event()
 
     def slow_loader(path: Path) -> LoadedModel:
@@ -388,7 +441,7 @@ def test_a_model_still_loading_is_unavailable(start, models_dir, exports):
     try:
         assert wait_until(lambda: stand.state(1) == "LOADING", timeout=5)
         code, details = code_of(stand.predict)
-        assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
+        assert code == grpc.StatusCode.NOT_FOUND and "loading" in details  # TF Serving: "Servable not found"
     finally:
         gate.set()
     assert wait_until(lambda: stand.state(1) == "AVAILABLE", timeout=5)
@@ -452,8 +505,6 @@ def test_apis_the_lstm_does_not_use_are_unimplemented(start, models_dir):
     stand = start()
     code, _ = code_of(stand.predictions.Classify, classification_pb2.ClassificationRequest(), timeout=10)
     assert code == grpc.StatusCode.UNIMPLEMENTED
-    code, _ = code_of(stand.models.HandleReloadConfigRequest, model_management_pb2.ReloadConfigRequest(), timeout=10)
-    assert code == grpc.StatusCode.UNIMPLEMENTED
 
 
 # -- configuration and the real process --------------------------------------------------------------
@@ -462,21 +513,27 @@ def test_apis_the_lstm_does_not_use_are_unimplemented(start, models_dir):
 def test_config_defaults_and_overrides(tmp_path):
     config = TFServingConfig.from_env({})
     assert config.models_dir == (Path.cwd() / "models").resolve()
-    assert (config.poll_seconds, config.cached_versions) == (2.0, 2)
+    assert (config.poll_seconds, config.model_config) == (2.0, None)
     assert config.server.max_message_bytes == MAX_MESSAGE_BYTES == 64 * 1024 * 1024
     config = TFServingConfig.from_env(
         {
             "A2V_MODELS_DIR": str(tmp_path),
             "A2V_TFSERVING_POLL_SECONDS": "0.5",
-            "A2V_TFSERVING_CACHED_VERSIONS": "4",
             "A2V_MAX_MESSAGE_BYTES": "1048576",
             "A2V_LISTEN": "0.0.0.0:8500",
         }
     )
-    assert (config.models_dir, config.poll_seconds, config.cached_versions) == (tmp_path, 0.5, 4)
+    assert (config.models_dir, config.poll_seconds) == (tmp_path, 0.5)
     assert (config.server.max_message_bytes, config.server.listen) == (1048576, "0.0.0.0:8500")
-    with pytest.raises(ConfigError, match="A2V_TFSERVING_POLL_SECONDS.*A2V_TFSERVING_CACHED_VERSIONS"):
-        TFServingConfig.from_env({"A2V_TFSERVING_POLL_SECONDS": "0", "A2V_TFSERVING_CACHED_VERSIONS": "x"})
+    with pytest.raises(ConfigError, match="A2V_TFSERVING_POLL_SECONDS"):
+        TFServingConfig.from_env({"A2V_TFSERVING_POLL_SECONDS": "0"})
+    listing = tmp_path / "models.config"
+    listing.write_text('model_config_list { config { name: "obama" base_path: "/models/obama" } }')
+    config = TFServingConfig.from_env({"A2V_TFSERVING_MODEL_CONFIG": str(listing)})
+    assert config.model_config == (ModelConfig("obama", Path("/models/obama")),)
+    listing.write_text("model_config_list { config { name: ")
+    with pytest.raises(ConfigError, match="A2V_TFSERVING_MODEL_CONFIG"):
+        TFServingConfig.from_env({"A2V_TFSERVING_MODEL_CONFIG": str(listing)})
     assert MODELS_DIR_VARIABLE == catalog.MODELS_DIR_VARIABLE
 
 
@@ -506,3 +563,26 @@ def test_the_process_serves_until_sigterm(tmp_path, exports, reference):
             process.wait()
     log = log_path.read_text()
     assert "model obama version 1 AVAILABLE" in log and '"service": "tfserving"' in log, log
+
+
+def test_a_listed_model_without_versions_keeps_it_from_serving_until_the_list_changes(models_dir, exports, tmp_path):
+    """TF Serving waits for every listed model before opening its ports: listing a speaker not trained yet kept
+    8500 closed on a fresh stack. The stand-in stays NOT_SERVING likewise, until a reload drops that model."""
+    install(models_dir, 1, exports[1])
+    config = listed(models_dir) + [ModelConfig("e2e", tmp_path / "e2e")]
+    manager = ModelManager(config=config, poll_seconds=0.1)
+    server, port = create_server(ServerConfig(service="tfserving"), bindings(manager, reload_wait_seconds=5))
+    server.start()
+    loading = threading.Thread(target=server.load_and_mark_serving, daemon=True)
+    loading.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            time.sleep(1.0)
+            assert health_status(channel, PREDICTION_SERVICE) == "NOT_SERVING"
+            reload = model_management_pb2.ReloadConfigRequest()
+            reload.config.model_config_list.config.add(name=MODEL, base_path=str(models_dir / MODEL))
+            model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(reload, timeout=30)
+            assert wait_until(lambda: health_status(channel, PREDICTION_SERVICE) == "SERVING", timeout=10)
+    finally:
+        manager.close()
+        server.stop(0).wait()
