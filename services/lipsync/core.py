@@ -134,6 +134,22 @@ def closed_mouth(shape: np.ndarray) -> np.ndarray:
     return closed
 
 
+def uncross_lips(shapes: np.ndarray) -> np.ndarray:
+    """Close inner lips that a scaled prediction pushed past each other (y down: the lower lip above the upper).
+
+    Scaling coefficients about the mean (calibration, amplitude normalisation) moves a closing mouth beyond
+    closed; the gap measured from such a shape (and the candidates it selects) would read as open again.
+    Such a pair meets halfway, as in `closed_mouth`. float32 [N, 20, 2] in, a new array out.
+    """
+    out = np.array(shapes, np.float32)
+    for upper, lower in INNER_LIP_PAIRS:
+        crossed = out[:, lower, 1] < out[:, upper, 1]
+        middle = (out[crossed, upper] + out[crossed, lower]) / 2
+        out[crossed, upper] = middle
+        out[crossed, lower] = middle
+    return out
+
+
 def silence_weights(
     activity: np.ndarray, *, activity_rate: float, times: np.ndarray, ramp_seconds: float = 0.1
 ) -> np.ndarray:
@@ -171,7 +187,7 @@ def normalise_amplitude(
     *,
     reference_std: float,
     speech: np.ndarray | None = None,
-    max_gain: float = 2.0,
+    max_gain: float = 1.3,
 ) -> tuple[np.ndarray, float]:
     """Scale coefficients so the mouth opening over the speech frames spreads as much as the speaker's own.
 

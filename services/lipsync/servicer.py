@@ -30,7 +30,7 @@ from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
-RESULT_FORMAT_VERSION = 2  # 2: amplitude normalisation
+RESULT_FORMAT_VERSION = 3  # 2: amplitude normalisation, 3: crossed lips closed
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
     "START": lipsync_pb2.MODEL_STATE_LOADING,
@@ -69,7 +69,7 @@ class PredictSettings:
     silence_enabled: bool = True
     ramp_seconds: float = 0.1
     smoothing_sigma_frames: float = 0.0
-    max_amplitude_gain: float = 2.0
+    max_amplitude_gain: float = 1.3
 
     @classmethod
     def from_proto(cls, options: lipsync_pb2.PredictOptions) -> PredictSettings:
@@ -200,7 +200,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             speech=None if weights is None else weights > 0.5,
             max_gain=settings.max_amplitude_gain,
         )
-        shapes = core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components)
+        shapes = core.uncross_lips(core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components))
         if weights is not None and settings.silence_enabled:
             shapes = core.blend_silence(shapes, weights, model.rest_shape)
         shapes = core.smooth_track(shapes, settings.smoothing_sigma_frames)
@@ -271,7 +271,31 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             state = lipsync_pb2.MODEL_STATE_FAILED if status.error else lipsync_pb2.MODEL_STATE_NOT_LOADED
         else:
             state = MODEL_STATES.get(status.state, lipsync_pb2.MODEL_STATE_UNSPECIFIED)
-        return version_message(self.store, speaker, version, card, state)
+        message = version_message(self.store, speaker, version, card, state)
+        message.serving_note = serving_note(speaker, version, states)
+        return message
+
+
+def serving_note(speaker: str, version: int, states: Mapping) -> str:
+    """Why TF Serving does not serve `version` of `speaker` (empty when it does), from its GetModelStatus."""
+    status = states.get(version)
+    if status is not None and status.state == "AVAILABLE":
+        return ""
+    if not states:
+        return (
+            f"TF Serving does not list speaker {speaker!r}: the model sync adds a trained speaker to its model "
+            "list within seconds (is it running beside TF Serving?)"
+        )
+    if status is None:
+        served = [v for v, s in states.items() if s.state == "AVAILABLE"]
+        if served and version < max(served):
+            return f"older than version {max(served)}, which TF Serving serves (its policy serves the newest only)"
+        return "TF Serving has not picked this version up yet"
+    if status.state in ("START", "LOADING"):
+        return "TF Serving is loading it"
+    if status.error:
+        return f"TF Serving failed to load it: {status.error}"
+    return "TF Serving unloaded it (a newer version serves)"
 
 
 def read_serving_address(environ: Mapping[str, str] | None = None) -> str:

@@ -125,11 +125,13 @@ def test_amplitude_normalisation_brings_a_hesitant_mouth_up_to_the_speakers_spre
     coefficients = np.random.default_rng(0).standard_normal((300, 1)) * 0.01
     opening = core.mouth_opening_ratio(core.shapes_from_coefficients(coefficients, mean.reshape(40), components))
     spread = float(opening.std())
-    scaled, gain = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=1.5 * spread)
+    scaled, gain = core.normalise_amplitude(
+        coefficients, mean.reshape(40), components, reference_std=1.5 * spread, max_gain=2.0
+    )
     assert gain == pytest.approx(1.5, rel=1e-3)
     np.testing.assert_allclose(scaled, coefficients * 1.5, rtol=1e-5)
     _, capped = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=9 * spread)
-    assert capped == 2.0
+    assert capped == 1.3
     _, never_damps = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=spread / 2)
     assert never_damps == 1.0
     speech = np.zeros(300, bool)
@@ -142,3 +144,13 @@ def test_amplitude_normalisation_brings_a_hesitant_mouth_up_to_the_speakers_spre
     assert none == 1.0 and np.allclose(unchanged, coefficients)
     with pytest.raises(InvalidInput, match="max_amplitude_gain"):
         core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=spread, max_gain=0.5)
+
+
+def test_lips_pushed_past_each_other_meet_halfway_and_open_lips_stay():
+    shape = np.zeros((2, 20, 2), np.float32)
+    shape[:, [13, 14, 15], 1] = 0.50  # upper inner lip
+    shape[0, [19, 18, 17], 1] = 0.47  # lower lip above the upper one: crossed
+    shape[1, [19, 18, 17], 1] = 0.55  # open
+    out = core.uncross_lips(shape)
+    np.testing.assert_allclose(out[0, [13, 14, 15, 17, 18, 19], 1], 0.485)
+    np.testing.assert_array_equal(out[1], shape[1])
