@@ -55,8 +55,10 @@ COMPONENTS = (
     Component("orchestrator", "orchestrator", "audio2video.orchestrator.v1.OrchestratorService"),
 )
 TF_SERVING_STAND_IN = Component("tfserving", "services.tfserving", "tensorflow.serving.PredictionService")
-"""Local only: serves TF Serving's gRPC API from the models folder (containers run the real image)."""
-STACK_COMPONENTS = (TF_SERVING_STAND_IN, *COMPONENTS)
+"""Local only: serves TF Serving's gRPC API over its model list (containers run the real image)."""
+MODEL_SYNC = Component("modelsync", "services.lipsync.model_sync", "audio2video.lipsync.v1.ModelSync")
+"""TF Serving's sidecar: the store's models into its folder, the model list to it (HandleReloadConfigRequest)."""
+STACK_COMPONENTS = (TF_SERVING_STAND_IN, MODEL_SYNC, *COMPONENTS)
 
 
 @dataclass
@@ -109,8 +111,10 @@ class LocalStack:
         self.dir = Path(self.env.get("A2V_STACK_DIR") or REPO / ".a2v")
         self.state_file = self.dir / "state.json"
         self.logs = self.dir / "logs"
-        # The trained SavedModels (<speaker>/<version>/) that TF Serving, or its local stand-in, loads.
+        # The trainer's local copy of the SavedModels (<speaker>/<version>/), as the evaluation tools read them.
         self.models_dir = Path(self.env.get("A2V_MODELS_DIR") or self.dir / "models")
+        # TF Serving's folder: what the model sync copied from the store, and its model list (models.config).
+        self.serving_dir = self.dir / "tfserving"
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class LocalStack:
         try:
             processes.append(self._start_s3())
             self._save_state(processes)
+            self._sync_models_once()
             client_env = self.client_environment()
             starts = []
             for component in STACK_COMPONENTS:
@@ -227,8 +232,33 @@ class LocalStack:
             raise RuntimeError(f"S3 server did not start: {exc}\n{_tail(log_path)}") from exc
         return Process("s3", process.pid, self.env["A2V_S3_ENDPOINT"], "", str(log_path), marker="weed mini")
 
+    def _serving_env(self) -> dict[str, str]:
+        return {
+            "A2V_MODELS_DIR": str(self.models_dir),
+            "A2V_TFSERVING_MODELS_DIR": str(self.serving_dir),
+            "A2V_TFSERVING_MODEL_CONFIG": str(self.serving_dir / "models.config"),
+        }
+
+    def _sync_models_once(self) -> None:
+        """TF Serving's init step: the store's models and their list into its folder, before it starts (a
+        restarted stack serves what it served before; a fresh one an empty list)."""
+        env = {**os.environ, **self.env, **self._serving_env()}
+        log_path = self.logs / "modelsync.log"
+        with open(log_path, "ab") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "services.lipsync.model_sync", "--once"],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=START_TIMEOUT_SECONDS * 2,
+            )
+        if done.returncode != 0:
+            raise RuntimeError(f"copying the models from the store failed\n{_tail(log_path)}")
+
     def _start_service(self, component: Component, name: str, address: str, client_env: Mapping[str, str]) -> Process:
-        env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address, "A2V_MODELS_DIR": str(self.models_dir)}
+        env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address, **self._serving_env()}
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = self.logs / f"{name}.log"
         process = _spawn([sys.executable, "-m", component.module], env, log_path)

@@ -361,8 +361,8 @@ def job_table(jobs: Sequence[pb.Job]) -> str:
 
 def speaker_table(described: Sequence[lipsync_pb2.DescribeModelResponse]) -> str:
     """`a2v speakers`: one line per stored model version; SERVED says whether TF Serving has it loaded, and
-    which version a job that names no version gets (latest)."""
-    rows = [("SPEAKER", "VERSION", "STATE", "SERVED", "CREATED", "PCA")]
+    which version a job that names no version gets (latest); NOTE why a version is not served."""
+    rows = [("SPEAKER", "VERSION", "STATE", "SERVED", "CREATED", "PCA", "NOTE")]
     for response in described:
         for version in response.versions:
             served = version.state == lipsync_pb2.MODEL_STATE_AVAILABLE
@@ -377,6 +377,7 @@ def speaker_table(described: Sequence[lipsync_pb2.DescribeModelResponse]) -> str
                     else "no",
                     created.strftime("%Y-%m-%d %H:%M:%S") if created else "",
                     str(version.pca_components or ""),
+                    version.serving_note,
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -659,6 +660,8 @@ def run_command(args: argparse.Namespace) -> int:
     if job.kind == pb.JOB_KIND_TRAIN_SPEAKER:
         took = f" in {time.monotonic() - started:.0f} s" if args.command == "train" else ""
         print(f"trained {job.train_result.model.prefix}{took}")
+        if job.train_result.model.serving_note:
+            print(f"a2v: warning: not served yet: {job.train_result.model.serving_note}", file=sys.stderr)
     elif args.command == "watch" or (args.command == "retry" and not args.out):
         print(f"job {job.id} succeeded: a2v get {job.id} --out FILE downloads the video")
     else:

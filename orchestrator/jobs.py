@@ -154,7 +154,13 @@ RENDER_WEIGHTS = {
     pb.STAGE_COMPOSITE: 0.30,
     pb.STAGE_FINALIZE: 0.05,
 }
-TRAIN_WEIGHTS = {pb.STAGE_AUDIO: 0.05, pb.STAGE_FACE: 0.25, pb.STAGE_DATASET: 0.05, pb.STAGE_TRAIN: 0.65}
+TRAIN_WEIGHTS = {
+    pb.STAGE_AUDIO: 0.05,
+    pb.STAGE_FACE: 0.25,
+    pb.STAGE_DATASET: 0.05,
+    pb.STAGE_TRAIN: 0.63,
+    pb.STAGE_EXPORT: 0.02,
+}
 MIN_FRACTION_FOR_ETA = 0.02
 
 
@@ -482,9 +488,11 @@ class JobManager:
             else:
                 card = self.pipeline.train(job.train, reporter=reporter, stop=run.stop)
                 version = int(card["prefix"].rstrip("/").rsplit("/", 1)[1])
-                job.train_result.model.CopyFrom(
-                    lipsync_pb2.ModelVersion(speaker=job.train.speaker, version=version, prefix=card["prefix"])
-                )
+                model = lipsync_pb2.ModelVersion(speaker=job.train.speaker, version=version, prefix=card["prefix"])
+                if "serving" in card:  # how TF Serving has it: AVAILABLE, or why not (serving_note)
+                    model.state, model.serving_note = card["serving"].state, card["serving"].serving_note
+                    reporter.status(pb.STAGE_EXPORT).error = model.serving_note
+                job.train_result.model.CopyFrom(model)
             job.fraction_done, job.eta_seconds = 1.0, 0.0
             self._set_state(run, pb.JOB_STATE_SUCCEEDED)
         except Cancelled as exc:

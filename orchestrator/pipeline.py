@@ -40,6 +40,7 @@ DEFAULT_PARALLEL_CHUNKS = 2
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_OUTAGE_SECONDS = 120.0
 DEFAULT_BUSY_SECONDS = 600.0
+DEFAULT_SERVE_WAIT_SECONDS = 120.0
 
 # Without named validation clips, no whole clip is held out: with the 2-4 clips a user has, that would take a
 # third or half of the speech away from training. The trainer then holds back the end of every clip instead
@@ -286,11 +287,13 @@ class Pipeline:
         models_dir: str | None = None,
         trainer: Trainer | None = None,
         retry: RetryPolicy | None = None,
+        serve_wait_seconds: float = DEFAULT_SERVE_WAIT_SECONDS,
     ) -> None:
         self.clients = clients
         self.models_dir = models_dir
         self.trainer = trainer or LocalTrainer()
         self.retry = retry or RetryPolicy()
+        self.serve_wait_seconds = serve_wait_seconds
 
     # -- render ----------------------------------------------------------------------------------
 
@@ -569,7 +572,43 @@ class Pipeline:
         card = self._run_trainer(spec.speaker, dataset, options.training, report=report, stop=stop)
         report.call_finished(Stage.STAGE_TRAIN, time.monotonic() - started, cached=False)
         report.stage_finished(Stage.STAGE_TRAIN)
+        version = int(card["prefix"].rstrip("/").rsplit("/", 1)[1])
+        card["serving"] = self._await_served(spec.speaker, version, report=report, stop=stop)
         return card
+
+    def _await_served(
+        self, speaker: str, version: int, *, report: Reporter, stop: threading.Event | None
+    ) -> lipsync_pb2.ModelVersion:
+        """The export stage: wait until TF Serving serves the new version (the model sync copies it from the store
+        and sends TF Serving the new model list), for up to `serve_wait_seconds`. Returns the version as the
+        lipsync stage describes it: AVAILABLE, or not yet with the reason in its `serving_note` (the job still
+        succeeds: the model is stored, and TF Serving may take it later)."""
+        report.progress(Stage.STAGE_EXPORT, 0, 1, "versions")
+        started = time.monotonic()
+        request = lipsync_pb2.DescribeModelRequest(speaker=speaker, version=version)
+        while True:
+            try:
+                described = self.clients.lipsync.DescribeModel(request, timeout=30).versions[0]
+            except grpc.RpcError as exc:
+                code, detail = rpc_failure(exc)
+                described = lipsync_pb2.ModelVersion(
+                    speaker=speaker, version=version, serving_note=f"{code.name}: {detail}"
+                )
+            if (
+                described.state == lipsync_pb2.MODEL_STATE_AVAILABLE
+                or time.monotonic() - started >= self.serve_wait_seconds
+            ):
+                break
+            if stop is not None and stop.wait(1.0):
+                raise Cancelled("the job was cancelled")
+            if stop is None:
+                time.sleep(1.0)
+        report.call_finished(Stage.STAGE_EXPORT, time.monotonic() - started, cached=None)
+        report.progress(Stage.STAGE_EXPORT, 1, 1, "versions")
+        report.stage_finished(Stage.STAGE_EXPORT)
+        if described.state != lipsync_pb2.MODEL_STATE_AVAILABLE:
+            log.warning("model %s version %d is not served: %s", speaker, version, described.serving_note)
+        return described
 
     def _run_trainer(
         self,

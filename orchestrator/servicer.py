@@ -7,10 +7,10 @@ import os
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from orchestrator.jobs import JobLimits, JobManager
-from orchestrator.pipeline import Pipeline, RetryPolicy, StageClients
+from orchestrator.pipeline import DEFAULT_SERVE_WAIT_SECONDS, Pipeline, RetryPolicy, StageClients
 from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
-from services.runtime.config import Config
+from services.runtime.config import Config, Env
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
@@ -57,6 +57,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.ListJobsResponse(jobs=jobs)
 
 
+def serve_wait_seconds() -> float:
+    """A2V_SERVE_WAIT_SECONDS: how long a training job waits for TF Serving to serve its new version (120)."""
+    env = Env()
+    value = env.get_float("A2V_SERVE_WAIT_SECONDS", DEFAULT_SERVE_WAIT_SECONDS, minimum=0.0, maximum=86400.0)
+    env.check()
+    return value
+
+
 def bindings(config: Config) -> list[ServiceBinding]:
     """What `python -m orchestrator` serves: SERVING once the store answers; unfinished jobs resume."""
     store = BlobStore.from_config(config.store)
@@ -65,6 +73,7 @@ def bindings(config: Config) -> list[ServiceBinding]:
         models_dir=os.environ.get("A2V_MODELS_DIR"),
         trainer=trainer_from_env(),
         retry=RetryPolicy.from_env(),
+        serve_wait_seconds=serve_wait_seconds(),
     )
     jobs = JobManager(store, pipeline, JobLimits.from_env())
 

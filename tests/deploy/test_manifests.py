@@ -38,7 +38,6 @@ K8S = REPO / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 COMPOSE = REPO / "deploy" / "compose.yaml"
 COMPOSE_GPU = REPO / "deploy" / "compose.gpu.yaml"
-MODELS_CONFIG = REPO / "deploy" / "tfserving" / "models.config"
 ENV = read_env_file()
 PORTS = {c.name: parse_address(ENV[f"A2V_{c.name.upper()}_ADDR"])[1] for c in COMPONENTS}
 TRAINER_PORT = parse_address(ENV[catalog.TRAINER_ADDR_VARIABLE])[1]
@@ -499,34 +498,37 @@ def test_dev_overlay_needs_no_gpu():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_tf_serving_is_ready_on_model_status_and_reads_the_trainers_volume(overlay):
+def test_tf_serving_gets_its_models_and_its_list_from_the_store_through_the_model_sync(overlay):
     objects = rendered(overlay)
     deployment = find(objects, "Deployment", catalog.TF_SERVING)
     (spec,) = pod_specs(deployment)
     container = spec["containers"][0]
     assert f"--port={catalog.TF_SERVING_GRPC_PORT}" in container["args"]
     assert f"--rest_api_port={catalog.TF_SERVING_REST_PORT}" in container["args"]
-    # No grpc.health.v1 in TF Serving: readiness is GetModelStatus (REST) in an exec probe.
-    readiness = " ".join(container["readinessProbe"]["exec"]["command"])
-    assert f"/dev/tcp/127.0.0.1/{catalog.TF_SERVING_REST_PORT}" in readiness
-    assert f"GET /v1/models/{catalog.DEFAULT_SPEAKER} " in readiness and '"AVAILABLE"' in readiness
-    assert container["livenessProbe"]["tcpSocket"]["port"] == "grpc"
-    assert not any("grpc" in container[p] for p in ("startupProbe", "readinessProbe", "livenessProbe"))
-
-    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert f"--model_config_file={catalog.MODELS_MOUNT}/models.config" in container["args"]
+    assert not any("model_config_file_poll" in arg for arg in container["args"])  # lists come by reload
+    # No grpc.health.v1 in TF Serving; it opens its ports once its listed models are loaded.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"]["port"] == "grpc", probe
     volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["models"]["mountPath"] == catalog.MODELS_MOUNT and mounts["models"]["readOnly"] is True
-    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "models"
-    config_file = f"{mounts['config']['mountPath']}/models.config"
-    assert f"--model_config_file={config_file}" in container["args"]
-    config_map = find(objects, "ConfigMap", volumes["config"]["configMap"]["name"])
-    assert config_map["data"]["models.config"] == MODELS_CONFIG.read_text()
-    assert f'name: "{catalog.DEFAULT_SPEAKER}"' in MODELS_CONFIG.read_text()
-    assert f'base_path: "{catalog.MODELS_MOUNT}/{catalog.DEFAULT_SPEAKER}"' in MODELS_CONFIG.read_text()
+    assert "emptyDir" in volumes["models"]  # the pod's own copy: no volume shared with the trainer
+    assert not of_kind(objects, "PersistentVolumeClaim") and not of_kind(objects, "ConfigMap")[1:]
+    # The model sync: once before TF Serving starts (init), then beside it, from the lipsync image.
+    (init,) = spec["initContainers"]
+    sync = next(c for c in spec["containers"] if c["name"] == "model-sync")
+    for step, command in ((init, ["python", "-m", "services.lipsync.model_sync", "--once"]), (sync, None)):
+        assert split_image(step["image"])[0] == "audio2video/lipsync"
+        assert step["command"] == (command or ["python", "-m", "services.lipsync.model_sync"])
+        assert env_of(step)["A2V_TFSERVING_MODELS_DIR"]["value"] == catalog.MODELS_MOUNT
+        assert {m["name"]: m["mountPath"] for m in step["volumeMounts"]}["models"] == catalog.MODELS_MOUNT
+    assert env_of(sync)["A2V_TFSERVING_ADDR"]["value"] == f"127.0.0.1:{catalog.TF_SERVING_GRPC_PORT}"
+    assert sync["readinessProbe"]["grpc"]["service"] == "audio2video.lipsync.v1.ModelSync"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_trainer_is_a_suspended_job_template_writing_the_models_volume(overlay):
+def test_trainer_is_a_suspended_job_template_writing_to_the_store_only(overlay):
     cronjob = find(rendered(overlay), "CronJob", catalog.TRAINER)
     assert cronjob["spec"]["suspend"] is True
     (spec,) = pod_specs(cronjob)
@@ -534,12 +536,9 @@ def test_trainer_is_a_suspended_job_template_writing_the_models_volume(overlay):
     container = spec["containers"][0]
     assert split_image(container["image"])[0] == catalog.TRAINER_IMAGE.reference
     env = env_of(container)
-    assert env[catalog.MODELS_DIR_VARIABLE]["value"] == catalog.MODELS_MOUNT
+    assert catalog.MODELS_DIR_VARIABLE not in env
     assert env[catalog.TRAIN_SPEAKER_VARIABLE]["value"] == catalog.DEFAULT_SPEAKER
-    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == catalog.MODELS_MOUNT)
-    assert not mount.get("readOnly")
-    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    assert volume["persistentVolumeClaim"]["claimName"] == "models"
+    assert [v["name"] for v in spec["volumes"]] == ["tmp"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -608,7 +607,7 @@ def test_compose_config_is_accepted_by_docker_compose_where_installed(tmp_path):
 
 def test_compose_runs_every_component_from_its_dockerfile_with_a_grpc_health_check():
     services = compose()["services"]
-    expected = {c.name for c in COMPONENTS} | {"minio", "setup", catalog.TF_SERVING, catalog.TRAINER}
+    expected = {c.name for c in COMPONENTS} | {"minio", "setup", catalog.TF_SERVING, "model-sync", catalog.TRAINER}
     assert set(services) == expected
     for image in catalog.IMAGES:
         service = services[image.name]
@@ -663,7 +662,6 @@ def test_compose_runs_the_trainer_service_from_the_trainer_image_and_the_orchest
     assert compose_env(trainer)["A2V_LISTEN"] == f"0.0.0.0:{TRAINER_PORT}"
     assert trainer["healthcheck"]["test"] == ["CMD", "python", "-m", "deploy.healthcheck", catalog.TRAINER_GRPC_SERVICE]
     assert lipsync_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name == catalog.TRAINER_GRPC_SERVICE
-    assert f"models:{catalog.MODELS_MOUNT}" in trainer["volumes"]  # written, where TF Serving reads
     orchestrator = compose_env(services["orchestrator"])
     assert orchestrator["A2V_TRAINER"] == "grpc"
     assert target_port(orchestrator[catalog.TRAINER_ADDR_VARIABLE]) == (catalog.TRAINER, TRAINER_PORT)
@@ -673,21 +671,24 @@ def test_compose_runs_the_trainer_service_from_the_trainer_image_and_the_orchest
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
-def test_compose_tf_serving_reads_the_volume_the_trainer_writes():
+def test_compose_tf_serving_reads_what_the_model_sync_copies_from_the_store():
     services = compose()["services"]
     tfserving = services[catalog.TF_SERVING]
     assert tfserving["image"] == catalog.TF_SERVING_IMAGE
     assert compose(COMPOSE_GPU)["services"][catalog.TF_SERVING]["image"] == catalog.TF_SERVING_GPU_IMAGE
     assert f"models:{catalog.MODELS_MOUNT}:ro" in tfserving["volumes"]
-    assert f"models:{catalog.MODELS_MOUNT}" in services[catalog.TRAINER]["volumes"]
-    assert f"./tfserving/models.config:{'/etc/tfserving/models.config'}:ro" in tfserving["volumes"]
-    assert "--model_config_file=/etc/tfserving/models.config" in tfserving["command"]
-    health = " ".join(tfserving["healthcheck"]["test"])
-    assert f"GET /v1/models/{catalog.DEFAULT_SPEAKER} " in health and '"AVAILABLE"' in health
-    trainer_env = compose_env(services[catalog.TRAINER])
-    assert trainer_env[catalog.MODELS_DIR_VARIABLE] == catalog.MODELS_MOUNT
-    assert trainer_env[catalog.TRAIN_SPEAKER_VARIABLE] == catalog.DEFAULT_SPEAKER
-    assert f"/models/{catalog.DEFAULT_SPEAKER}" in services["setup"]["command"][0]
+    assert f"--model_config_file={catalog.MODELS_MOUNT}/models.config" in tfserving["command"]
+    assert tfserving["depends_on"]["model-sync"]["condition"] == "service_healthy"
+    assert "/dev/tcp/127.0.0.1/8500" in " ".join(tfserving["healthcheck"]["test"])
+    sync = services["model-sync"]
+    assert sync["entrypoint"] == ["python", "-m", "services.lipsync.model_sync"]
+    assert sync["image"] == services["lipsync"]["image"]
+    assert f"models:{catalog.MODELS_MOUNT}" in sync["volumes"]
+    assert compose_env(sync)["A2V_TFSERVING_MODELS_DIR"] == catalog.MODELS_MOUNT
+    assert sync["healthcheck"]["test"][-1] == "audio2video.lipsync.v1.ModelSync"
+    trainer = services[catalog.TRAINER]
+    assert catalog.MODELS_DIR_VARIABLE not in compose_env(trainer) and "volumes" not in trainer
+    assert compose_env(trainer)[catalog.TRAIN_SPEAKER_VARIABLE] == catalog.DEFAULT_SPEAKER
     assert f"chown -R {catalog.APP_UID}:{catalog.APP_UID} /models" in services["setup"]["command"][0]
 
 

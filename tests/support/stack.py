@@ -104,10 +104,13 @@ def trained_stack(root: Path) -> Iterator[Stack]:
         assert trained.state == pb.JOB_STATE_SUCCEEDED, trained.failure_reason
         assert trained.train_result.model.version >= 1
         assert any(e.HasField("progress") for e in events)
-        assert {s.stage for s in trained.stages} == {pb.STAGE_AUDIO, pb.STAGE_FACE, pb.STAGE_DATASET, pb.STAGE_TRAIN}
+        stages = {pb.STAGE_AUDIO, pb.STAGE_FACE, pb.STAGE_DATASET, pb.STAGE_TRAIN, pb.STAGE_EXPORT}
+        assert {s.stage for s in trained.stages} == stages
         assert all(s.state == pb.STAGE_STATE_SUCCEEDED for s in trained.stages)
-        # TF Serving picks the new version up within seconds.
-        assert wait_until(lambda: speaker_has_model(env, SPEAKER), timeout=60, interval=0.5)
+        # The job ends once TF Serving serves the new version: the model sync copied it from the store and sent
+        # the stand-in its new model list (HandleReloadConfigRequest), which started with none.
+        assert trained.train_result.model.state == lipsync_pb2.MODEL_STATE_AVAILABLE, trained.train_result.model
+        assert speaker_has_model(env, SPEAKER)
         yield running
     finally:
         stop_stack(env)
