@@ -200,7 +200,9 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             speech=None if weights is None else weights > 0.5,
             max_gain=settings.max_amplitude_gain,
         )
-        shapes = core.uncross_lips(core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components))
+        shapes = core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components)
+        if gain > 1:  # scaled past closed: crossed inner lips meet halfway
+            shapes = core.uncross_lips(shapes)
         if weights is not None and settings.silence_enabled:
             shapes = core.blend_silence(shapes, weights, model.rest_shape)
         shapes = core.smooth_track(shapes, settings.smoothing_sigma_frames)
