@@ -671,7 +671,27 @@ def run_command(args: argparse.Namespace) -> int:
             f"wrote {args.out} ({result.frame_count} frames, {result.duration_seconds:.1f} s, "
             f"{result.width}x{result.height}) in {time.monotonic() - started:.0f} s"
         )
+        if line := confidence_line(result):
+            print(line)
     return 0
+
+
+def confidence_line(result: pb.RenderJobResult) -> str:
+    """One line on the mouth: shares synthesized, faded and the target's own, and the worst frame ("" if unknown)."""
+    total = result.frames_synthesized + result.frames_faded + result.frames_passthrough
+    if total == 0:
+        return ""
+    line = (
+        f"mouth: {100 * result.frames_synthesized / total:.1f} % synthesized, {100 * result.frames_faded / total:.1f} %"
+        f" faded, {100 * result.frames_passthrough / total:.1f} % the target's own"
+    )
+    if result.frames_low_confidence:
+        line += f" ({result.frames_low_confidence} frames of low confidence"
+        if result.worst_frames:
+            worst = result.worst_frames[0]
+            line += f"; worst #{worst.frame}: {worst.reason} {worst.value:.3g}, confidence {worst.confidence:.2f}"
+        line += ")"
+    return line
 
 
 if __name__ == "__main__":

@@ -185,6 +185,25 @@ class StageFailed(CallFailed):
         self.stage = stage
 
 
+WORST_FRAMES = 10
+
+
+def confidence_report(renders: Iterable[composite_pb2.RenderResult]) -> dict:
+    """RenderJobResult fields from the chunks' renders: how many frames were synthesized, faded and passed through
+    (and of those, kept for low confidence), and the job's frames of lowest confidence."""
+    renders = list(renders)
+    worst = sorted(
+        (frame for render in renders for frame in render.lowest_confidence), key=lambda f: (f.confidence, f.frame)
+    )
+    return {
+        "frames_synthesized": sum(r.frames_synthesized for r in renders),
+        "frames_faded": sum(r.frames_faded for r in renders),
+        "frames_passthrough": sum(r.frames_passthrough for r in renders),
+        "frames_low_confidence": sum(r.frames_low_confidence for r in renders),
+        "worst_frames": worst[:WORST_FRAMES],
+    }
+
+
 def retry_delay(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
     """Seconds to wait before attempt `attempt + 1`: exponential backoff with up to 25 % jitter."""
     return min(cap, base * 2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
@@ -402,7 +421,7 @@ class Pipeline:
         for stage in chunk_stages:
             report.progress(stage, 0, frames, "frames")
 
-        def one_chunk(bounds: tuple[int, int]) -> composite_pb2.Segment:
+        def texture_chunk(bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
             frame_range = common_pb2.FrameRange(start=bounds[0], stop=bounds[1])
             synthesized = call(
                 Stage.STAGE_TEXTURE,
@@ -438,22 +457,28 @@ class Pipeline:
                 )
                 chunk_done(Stage.STAGE_TEETH, bounds)
                 textures = enhanced.textures
+            return composite_pb2.TextureChunk(
+                frames=frame_range,
+                textures=textures,
+                mean_jaw_lines=synthesized.mean_jaw_lines,
+                texture_masks=synthesized.texture_masks,
+                pose_differences=synthesized.pose_differences,
+            )
+
+        def composite_chunk(index: int) -> composite_pb2.RenderResult:
+            # The neighbours' textures too: a chunk's fades to and from the target's own mouth look a few frames
+            # past its ends (composite.v1.RenderOptions.fade_frames), so they run across the seams.
+            neighbours = [j for j in (index - 1, index + 1) if 0 <= j < len(ranges)]
+            chunks = [texture_futures[index].result(), *(texture_futures[j].result() for j in neighbours)]
+            bounds = ranges[index]
             rendered = call(
                 Stage.STAGE_COMPOSITE,
                 lambda: c.composite.Render(
                     composite_pb2.RenderRequest(
-                        frames=frame_range,
+                        frames=common_pb2.FrameRange(start=bounds[0], stop=bounds[1]),
                         target_video=spec.target_video,
                         target_analysis=analysis.manifest,
-                        textures=[
-                            composite_pb2.TextureChunk(
-                                frames=frame_range,
-                                textures=textures,
-                                mean_jaw_lines=synthesized.mean_jaw_lines,
-                                texture_masks=synthesized.texture_masks,
-                                pose_differences=synthesized.pose_differences,
-                            )
-                        ],
+                        textures=chunks,
                         retiming_map=retimed.retiming_map,
                         mouth_shapes=predicted.mouth_shapes,
                         options=options.composite,
@@ -464,16 +489,20 @@ class Pipeline:
             )
             report.output(Stage.STAGE_COMPOSITE, f"segment/{bounds[0]:06d}", rendered.segment)
             chunk_done(Stage.STAGE_COMPOSITE, bounds)
-            return composite_pb2.Segment(frames=frame_range, segment=rendered.segment)
+            return rendered
 
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            futures = [pool.submit(one_chunk, bounds) for bounds in ranges]
+        # Textures (and teeth) of the chunks in one pool, their composites in another: a composite waits for its
+        # own and its neighbours' textures, which the other pool makes, so neither pool can block the other.
+        with ThreadPoolExecutor(max_workers=parallel) as texture_pool, ThreadPoolExecutor(max_workers=parallel) as pool:
+            texture_futures = [texture_pool.submit(texture_chunk, bounds) for bounds in ranges]
+            futures = [pool.submit(composite_chunk, index) for index in range(len(ranges))]
             try:
-                segments = [future.result() for future in futures]
+                renders = [future.result() for future in futures]
             except BaseException:
-                for future in futures:  # one chunk failed for good: the rest are not started
+                for future in texture_futures + futures:  # one chunk failed for good: the rest are not started
                     future.cancel()
                 raise
+        segments = [composite_pb2.Segment(frames=r.frames, segment=r.segment) for r in renders]
         for stage in chunk_stages:
             report.stage_finished(stage)
         finalized = call(
@@ -501,6 +530,7 @@ class Pipeline:
             model_version=predicted.model.version,
             retimed=retimed.enabled,
             teeth_enhanced=bool(proxies is not None and proxies.has_visible_teeth),
+            **confidence_report(renders),
         )
 
     # -- training --------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -63,6 +64,24 @@ class RenderOptions:
         x264_preset: libx264 preset (default "veryfast").
         jaw_gain: Chin displacement per unit of extra inner-lip opening (canonical units), 0-2 (default 0.6).
         encoder_threads: x264 threads; 0 = x264's choice, 1 = one core.
+        min_confidence: Frames whose confidence (`frame_confidence`) is below this keep the target's own mouth, in
+            [0, 1]; 0 = never fall back. Default 0.5.
+        fade_frames: Frames over which the synthesized mouth fades out before a frame that keeps its own (and back in
+            after it), so nothing pops; also around frames without a face. In [0, 30]; default 4.
+        max_yaw_degrees: Head turn (|yaw| of the target frame) at which the confidence reaches 0; full confidence up
+            to 3/4 of it. In (0, 90]; default 35 (the frontal canonical warp compresses the far cheek beyond that).
+        max_pitch_degrees: The same for the head's nod away from the target's median pitch (a generic face gives
+            each person's pitch an offset). In (0, 90]; default 30.
+        max_pose_difference_degrees: The same for the texture candidates' mean head-pose distance from the target
+            frame (texture.v1 pose_differences): how far a mouth's pose is from the face it goes into. In (0, 90];
+            default 15.
+        max_landmark_jitter: The same for the tracker's jitter on the target frame (face.v1 landmark_jitter,
+            inter-ocular units). In (0, 1]; default 0.05 (steady tracking is ~0.01).
+        max_foreign_colour: The same for the colour the blend brought into the face that the frame's own face had
+            nowhere near (`render.composite_frame` measure, mean delta E over the blended skin). In (0, 40]; default
+            4.
+        max_foreign_edges: The same for edges the blend brought that the frame had nowhere near (mean Lab L per
+            pixel over the blended skin). In (0, 40]; default 1.
     """
 
     jaw_correction: bool = True
@@ -73,6 +92,14 @@ class RenderOptions:
     x264_preset: str = DEFAULT_PRESET
     jaw_gain: float = JAW_GAIN
     encoder_threads: int = 0
+    min_confidence: float = 0.5
+    fade_frames: int = 4
+    max_yaw_degrees: float = 35.0
+    max_pitch_degrees: float = 30.0
+    max_pose_difference_degrees: float = 15.0
+    max_landmark_jitter: float = 0.05
+    max_foreign_colour: float = 4.0
+    max_foreign_edges: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.pyramid_levels) <= 8:
@@ -89,6 +116,33 @@ class RenderOptions:
             raise InvalidInput(f"jaw_gain must be in [0, 2], got {self.jaw_gain}")
         if self.encoder_threads < 0:
             raise InvalidInput(f"encoder_threads must be >= 0, got {self.encoder_threads}")
+        if not (np.isfinite(self.min_confidence) and 0.0 <= self.min_confidence <= 1.0):
+            raise InvalidInput(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        if not (isinstance(self.fade_frames, int | np.integer) and 0 <= int(self.fade_frames) <= 30):
+            raise InvalidInput(f"fade_frames must be an integer in [0, 30], got {self.fade_frames!r}")
+        for name, top in (
+            ("max_yaw_degrees", 90.0),
+            ("max_pitch_degrees", 90.0),
+            ("max_pose_difference_degrees", 90.0),
+            ("max_landmark_jitter", 1.0),
+            ("max_foreign_colour", 40.0),
+            ("max_foreign_edges", 40.0),
+        ):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and 0.0 < value <= top):
+                raise InvalidInput(f"{name} must be in (0, {top:g}], got {value}")
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """Confidence factor -> the value at which it reaches 0 (`frame_confidence`)."""
+        return {
+            "yaw": self.max_yaw_degrees,
+            "pitch": self.max_pitch_degrees,
+            "pose_difference": self.max_pose_difference_degrees,
+            "landmark_jitter": self.max_landmark_jitter,
+            "foreign_colour": self.max_foreign_colour,
+            "foreign_edges": self.max_foreign_edges,
+        }
 
     @property
     def blend(self) -> BlendSettings:
@@ -109,14 +163,25 @@ class RenderedFrame:
     Attributes:
         image: uint8 [H, W, 3] BGR at the target's size.
         target_index: Target frame shown.
-        composited: True when a texture was blended in; False when the decoded target frame passes through as is.
+        composited: True when a texture was blended in (fully or faded); False when the decoded target frame passes
+            through as is (no face, no texture, or its own mouth kept for low confidence).
         jaw_shift_px: Largest jaw displacement applied, target pixels.
+        confidence: The frame's confidence in [0, 1] (`frame_confidence`; 0 without a face or texture).
+        blend: How much of the synthesized mouth is shown, in [0, 1]: 1 synthesized, 0 the frame's own mouth, in
+            between a cross-fade next to a frame that keeps its own.
+        reason: The factor that limits the confidence ("" when it is 1; "no face" / "no texture" when nothing could
+            be blended).
+        factors: Each factor's measured value (NaN where unknown), as `RenderOptions.limits` names them.
     """
 
     image: np.ndarray
     target_index: int
     composited: bool
     jaw_shift_px: float = 0.0
+    confidence: float = 1.0
+    blend: float = 1.0
+    reason: str = ""
+    factors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,12 +190,20 @@ class RenderSummary:
 
     Attributes:
         frames_written: Frames encoded (the chunk's length).
-        frames_composited: Frames where a texture was blended in.
-        frames_passthrough: Frames passed through untouched.
+        frames_composited: Frames where a texture was blended in (synthesized + faded).
+        frames_passthrough: Frames passed through untouched (no face, no texture, or low confidence).
         width: Width in pixels (the target's).
         height: Height in pixels (the target's).
         fps: Frame rate of the segment.
         color: YUV matrix the segment was encoded and tagged with.
+        frames_synthesized: Frames showing the synthesized mouth fully (blend 1).
+        frames_faded: Frames cross-fading between it and the frame's own mouth (0 < blend < 1).
+        frames_low_confidence: Frames with a face and a texture whose confidence was below min_confidence (they
+            keep their own mouth; part of frames_passthrough).
+        confidence: float32 [n] each frame's confidence (0 without a face or texture).
+        blend: float32 [n] each frame's blend.
+        reasons: Each frame's limiting factor ("" at full confidence).
+        values: float32 [n] the limiting factor's measured value per frame (NaN where none).
     """
 
     frames_written: int
@@ -140,6 +213,13 @@ class RenderSummary:
     height: int
     fps: Fraction
     color: ColorSpec
+    frames_synthesized: int = 0
+    frames_faded: int = 0
+    frames_low_confidence: int = 0
+    confidence: np.ndarray | None = None
+    blend: np.ndarray | None = None
+    reasons: tuple[str, ...] = ()
+    values: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------- target decoding
@@ -395,6 +475,63 @@ def _check_inputs(
     return fmap.astype(np.int64), lms, valid, tex, tex_valid
 
 
+# ---------------------------------------------------------------------- confidence
+def factor_score(value: float, limit: float) -> float:
+    """A confidence factor's score in [0, 1]: 1 up to 3/4 of `limit`, falling linearly to 0 at it (NaN = unknown: 1)."""
+    if not np.isfinite(value):
+        return 1.0
+    return float(np.clip(4.0 * (1.0 - value / limit), 0.0, 1.0))
+
+
+def frame_confidence(factors: dict[str, float], limits: dict[str, float]) -> tuple[float, str]:
+    """A frame's confidence: the least score of its factors (`factor_score` against `limits`), and that factor's
+    name ("" when every factor scores 1)."""
+    confidence, reason = 1.0, ""
+    for name, value in factors.items():
+        score = factor_score(value, limits[name])
+        if score < confidence:
+            confidence, reason = score, name
+    return confidence, reason
+
+
+def fade_weights(keep_own: np.ndarray, fade_frames: int) -> np.ndarray:
+    """Blend of each frame: 0 where `keep_own`, rising linearly over `fade_frames` frames on either side to 1.
+
+    blend[t] = min(1, min over s with keep_own[s] of |t - s| / (fade_frames + 1)).
+
+    Args:
+        keep_own: bool [n] frames that show their own mouth.
+        fade_frames: >= 0.
+
+    Returns:
+        float64 [n] in [0, 1].
+    """
+    own = np.asarray(keep_own, bool)
+    blend = np.ones(len(own))
+    for s in np.flatnonzero(own):
+        lo, hi = max(0, s - fade_frames), min(len(own), s + fade_frames + 1)
+        ramp = np.abs(np.arange(lo, hi) - s) / (fade_frames + 1.0)
+        blend[lo:hi] = np.minimum(blend[lo:hi], ramp)
+    return blend
+
+
+NO_BLEND_REASONS = ("no face", "no texture", "degenerate landmarks")
+"""Reasons of frames that keep their own mouth because nothing could be blended (not for low confidence)."""
+
+
+@dataclass
+class _Row:
+    """A decoded frame waiting for its neighbours' verdicts before its blend is known."""
+
+    index: int
+    target_index: int
+    frame: np.ndarray
+    result: CompositeResult | None
+    confidence: float
+    reason: str
+    factors: dict[str, float]
+
+
 # ---------------------------------------------------------------------- rendering
 def render_frames(
     target: VideoSource,
@@ -411,8 +548,19 @@ def render_frames(
     geometry: CanonicalGeometry = DEFAULT_GEOMETRY,
     options: RenderOptions | None = None,
     decode_threads: int = 0,
+    head_pose: np.ndarray | None = None,
+    landmark_jitter: np.ndarray | None = None,
+    pose_differences: np.ndarray | None = None,
+    context: tuple[int, int] = (0, 0),
 ) -> Iterator[RenderedFrame]:
     """Composite a chunk of output frames; the inputs are checked before the iterator is returned.
+
+    Every frame gets a confidence (`frame_confidence` of its factors: the target frame's head pose and tracking
+    jitter, the texture candidates' pose difference, the foreign colour and edges the blend brought). A frame below
+    `options.min_confidence`, and a frame without a face or texture, keeps the target's own mouth; the synthesized
+    mouth fades out over `options.fade_frames` frames before it and back in after it (the jaw correction too). So
+    that fades run across chunk seams, the arrays may hold `context` extra frames before and after the chunk: they
+    are composited and judged but not returned.
 
     Args:
         target: The target video (encoded bytes or a path), as analysed.
@@ -431,9 +579,15 @@ def render_frames(
         geometry: Canonical geometry of the analysis (template, crop region and size).
         options: Render options (defaults when None).
         decode_threads: FFmpeg decoder threads (0 = FFmpeg's choice).
+        head_pose: float [M, >= 2] the target frames' yaw and pitch, radians (face.v1 head_pose); None = unknown.
+        landmark_jitter: float [M] the target frames' tracking jitter (face.v1 landmark_jitter); None = unknown.
+        pose_differences: float [n] the texture candidates' pose difference, degrees (texture.v1 pose_differences);
+            None = unknown.
+        context: (before, after) rows of the arrays (n of them in all) outside the chunk: judged for the fades,
+            not returned. Each >= 0, together < n.
 
     Returns:
-        An iterator of n RenderedFrame, in output order, at the target's native size.
+        An iterator of n - before - after RenderedFrame, in output order, at the target's native size.
 
     Raises:
         InvalidInput: mismatched shapes, an empty chunk, a target index out of range (also when the video holds
@@ -452,9 +606,30 @@ def render_frames(
         timestamps,
         geometry,
     )
+    n, m = len(fmap), len(lms)
+    before, after = (int(v) for v in context)
+    if before < 0 or after < 0 or before + after >= n:
+        raise InvalidInput(f"context must be two counts >= 0 leaving frames of the {n} given, got {context}")
+    poses = None
+    if head_pose is not None:
+        poses = np.asarray(head_pose, dtype=np.float64)
+        if poses.ndim != 2 or poses.shape[0] != m or poses.shape[1] < 2:
+            raise InvalidInput(f"head_pose must be float [{m}, >= 2] like landmarks, got {poses.shape}")
+    jitter = None
+    if landmark_jitter is not None:
+        jitter = np.asarray(landmark_jitter, dtype=np.float64)
+        if jitter.shape != (m,):
+            raise InvalidInput(f"landmark_jitter must be float [{m}] like landmarks, got {jitter.shape}")
+    differences = None
+    if pose_differences is not None:
+        differences = np.asarray(pose_differences, dtype=np.float64)
+        if differences.shape != (n,):
+            raise InvalidInput(f"pose_differences must be float [{n}] like the frame map, got {differences.shape}")
     reader = TargetFrames(target, fmap, timestamps=timestamps, decode_threads=decode_threads)
     extras = (mouth_shapes, texture_masks, mean_jaw_lines)
-    return _render(reader, fmap, lms, valid, tex, tex_valid, *extras, geometry, opts)
+    return _render(
+        reader, fmap, lms, valid, tex, tex_valid, *extras, geometry, opts, poses, jitter, differences, (before, after)
+    )
 
 
 def _render(
@@ -469,29 +644,87 @@ def _render(
     mean_jaw_lines: np.ndarray | None,
     geometry: CanonicalGeometry,
     opts: RenderOptions,
+    poses: np.ndarray | None,
+    jitter: np.ndarray | None,
+    differences: np.ndarray | None,
+    context: tuple[int, int],
 ) -> Iterator[RenderedFrame]:
     settings = opts.blend
+    limits = opts.limits
+    fade = int(opts.fade_frames)
+    n = len(fmap)
+    first, stop = context[0], n - context[1]
+    pitch_reference = 0.0
+    if poses is not None and np.isfinite(poses[valid, 1]).any():
+        pitch_reference = float(np.degrees(np.nanmedian(poses[valid, 1])))
+
+    def blend(i: int, k: int, frame: np.ndarray, strength: float, measure: bool) -> CompositeResult:
+        return composite_frame(
+            frame,
+            lms[k],
+            tex[i],
+            geometry=geometry,
+            synth_mouth=None if mouth_shapes is None else mouth_shapes[i],
+            mean_jaw=None if mean_jaw_lines is None else mean_jaw_lines[i],
+            texture_mask=None if texture_masks is None else texture_masks[i],
+            settings=settings,
+            strength=strength,
+            measure=measure,
+        )
+
+    def judge(i: int, k: int, frame: np.ndarray) -> _Row:
+        if not valid[k]:
+            return _Row(i, k, frame, None, 0.0, "no face", {})
+        if not tex_valid[i]:
+            return _Row(i, k, frame, None, 0.0, "no texture", {})
+        factors = {
+            "yaw": abs(float(np.degrees(poses[k, 0]))) if poses is not None else np.nan,
+            "pitch": abs(float(np.degrees(poses[k, 1])) - pitch_reference) if poses is not None else np.nan,
+            "pose_difference": float(differences[i]) if differences is not None else np.nan,
+            "landmark_jitter": float(jitter[k]) if jitter is not None else np.nan,
+        }
+        confidence, reason = frame_confidence(factors, limits)
+        if confidence < opts.min_confidence:  # it keeps its own mouth whatever the blend would look like
+            return _Row(i, k, frame, None, confidence, reason, factors)
+        try:
+            result = blend(i, k, frame, 1.0, True)
+        except InvalidInput:  # degenerate landmarks on one frame: show the frame rather than fail the chunk
+            return _Row(i, k, frame, None, 0.0, "degenerate landmarks", factors)
+        if not result.composited:
+            return _Row(i, k, frame, None, 0.0, "no texture", factors)
+        factors |= {"foreign_colour": result.foreign_colour, "foreign_edges": result.foreign_edges}
+        confidence, reason = frame_confidence(factors, limits)
+        return _Row(i, k, frame, result, confidence, reason, factors)
+
+    own = np.zeros(n, bool)  # frames that keep their own mouth, known up to the newest decoded one
+
+    def finish(row: _Row) -> RenderedFrame:
+        i = row.index
+        window = own[max(0, i - fade) : i + fade + 1]
+        strength = float(fade_weights(window, fade)[min(i, fade)]) if window.any() else 1.0
+        if row.result is None or own[i] or strength <= 0.0:
+            return RenderedFrame(row.frame, row.target_index, False, 0.0, row.confidence, 0.0, row.reason, row.factors)
+        result = row.result if strength >= 1.0 else blend(i, row.target_index, row.frame, strength, False)
+        if not result.composited:
+            return RenderedFrame(row.frame, row.target_index, False, 0.0, row.confidence, 0.0, row.reason, row.factors)
+        return RenderedFrame(
+            result.image, row.target_index, True, result.jaw_shift_px, row.confidence, strength, row.reason, row.factors
+        )
+
+    pending: deque[_Row] = deque()
     with reader:
         for i, (k, frame) in enumerate(reader):
-            if not (valid[k] and tex_valid[i]):
-                yield RenderedFrame(frame, k, False)
-                continue
-            try:
-                result: CompositeResult = composite_frame(
-                    frame,
-                    lms[k],
-                    tex[i],
-                    geometry=geometry,
-                    synth_mouth=None if mouth_shapes is None else mouth_shapes[i],
-                    mean_jaw=None if mean_jaw_lines is None else mean_jaw_lines[i],
-                    texture_mask=None if texture_masks is None else texture_masks[i],
-                    settings=settings,
-                )
-            except InvalidInput:
-                # Degenerate landmarks on one frame: show the frame rather than fail the chunk.
-                yield RenderedFrame(frame, k, False)
-                continue
-            yield RenderedFrame(result.image, k, result.composited, result.jaw_shift_px)
+            row = judge(i, k, frame)
+            own[i] = row.result is None or row.confidence < opts.min_confidence
+            pending.append(row)
+            while pending and pending[0].index + fade <= i:
+                done = pending.popleft()
+                if first <= done.index < stop:
+                    yield finish(done)
+        while pending:
+            done = pending.popleft()
+            if first <= done.index < stop:
+                yield finish(done)
 
 
 def render_segment(
@@ -518,12 +751,18 @@ def render_segment(
     progress: Callable[[int, int], None] | None = None,
     progress_every: int = 25,
     should_stop: Callable[[], bool] | None = None,
+    head_pose: np.ndarray | None = None,
+    landmark_jitter: np.ndarray | None = None,
+    pose_differences: np.ndarray | None = None,
+    context: tuple[int, int] = (0, 0),
 ) -> RenderSummary:
     """Render a chunk (`render_frames`) and encode it as one H.264 segment (`encode_segment`).
 
     Args:
         target, frame_map, landmarks, face_valid, textures, mouth_shapes, texture_valid, texture_masks,
-            mean_jaw_lines, timestamps, geometry, options, decode_threads: as `render_frames`.
+            mean_jaw_lines, timestamps, geometry, options, decode_threads, head_pose, landmark_jitter,
+            pose_differences, context: as `render_frames` (the arrays hold the context rows too; the segment holds
+            the frames between them).
         out: Segment path or writable binary file object.
         width: The target's width (decoded frames must have it).
         height: The target's height.
@@ -559,10 +798,18 @@ def render_segment(
         geometry=geometry,
         options=opts,
         decode_threads=decode_threads,
+        head_pose=head_pose,
+        landmark_jitter=landmark_jitter,
+        pose_differences=pose_differences,
+        context=context,
     )
     spec = color or target_color(target)
-    n = len(frame_map)
-    counts = {"composited": 0, "passthrough": 0}
+    n = len(frame_map) - context[0] - context[1]
+    counts = {"composited": 0, "passthrough": 0, "synthesized": 0, "faded": 0, "low": 0}
+    confidence = np.zeros(n, np.float32)
+    blend = np.zeros(n, np.float32)
+    values = np.full(n, np.nan, np.float32)
+    reasons: list[str] = []
 
     def images() -> Iterator[np.ndarray]:
         for i, rendered in enumerate(frames):
@@ -574,6 +821,13 @@ def render_segment(
                     f"expected {width}x{height}"
                 )
             counts["composited" if rendered.composited else "passthrough"] += 1
+            if rendered.composited:
+                counts["synthesized" if rendered.blend >= 1.0 else "faded"] += 1
+            elif rendered.reason not in NO_BLEND_REASONS and rendered.confidence < opts.min_confidence:
+                counts["low"] += 1
+            confidence[i], blend[i] = rendered.confidence, rendered.blend
+            values[i] = rendered.factors.get(rendered.reason, np.nan)
+            reasons.append(rendered.reason)
             yield rendered.image
             if progress is not None and ((i + 1) % progress_every == 0 or i + 1 == n):
                 progress(i + 1, n)
@@ -598,6 +852,13 @@ def render_segment(
         height=info.height,
         fps=info.fps,
         color=spec,
+        frames_synthesized=counts["synthesized"],
+        frames_faded=counts["faded"],
+        frames_low_confidence=counts["low"],
+        confidence=confidence,
+        blend=blend,
+        reasons=tuple(reasons),
+        values=values,
     )
 
 
@@ -613,6 +874,9 @@ __all__ = [
     "TargetFrames",
     "composite_frame",
     "correct_jaw",
+    "fade_weights",
+    "factor_score",
+    "frame_confidence",
     "encode_segment",
     "finalize",
     "inner_opening",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from services.composite.artifacts import artifact_maps, score_maps
 from services.runtime.canonical import (
     CanonicalGeometry,
     FramePatch,
@@ -56,6 +57,12 @@ MAX_JAW_SHIFT = 0.2  # canonical units (a fifth of the face box): larger request
 FEATHER_FRACTION = 0.08  # of the inter-ocular distance
 COLOR_GAIN_RANGE = (0.85, 1.18)  # mean_std contrast gain
 HISTOGRAM_SLOPE_RANGE = (0.5, 2.0)  # local slopes of the histogram-matching curve
+# Measuring a blend (`composite_frame(measure=True)`), in inter-ocular distances: colours that come from within
+# MEASURE_RADIUS of the frame's own face belong; an edge within MEASURE_EDGE_RADIUS of one of the frame's is its own;
+# the mouths (whose change is the point) are left out this far around their outer lips.
+MEASURE_RADIUS = 0.12
+MEASURE_EDGE_RADIUS = 0.04
+MEASURE_MOUTH_MARGIN = 0.12
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ class CompositeResult:
         jaw_shift_px: Largest jaw displacement applied, frame pixels (0 when none).
         box: (x0, y0, x1, y1) of the blended region in the frame ((0, 0, 0, 0) when nothing was blended).
         mask: float32 [y1 - y0, x1 - x0] soft mask of the blend in `box` (empty when nothing was blended).
+        foreign_colour: With `measure`: mean colour the blend brought into the face that the frame's own face had
+            nowhere near (`artifacts.artifact_maps`, delta E beyond tolerance) over the blended skin; else NaN.
+        foreign_edges: With `measure`: the same for edges the frame had nowhere near (Lab L per pixel); else NaN.
     """
 
     image: np.ndarray
@@ -94,6 +104,8 @@ class CompositeResult:
     jaw_shift_px: float = 0.0
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
     mask: np.ndarray | None = None
+    foreign_colour: float = math.nan
+    foreign_edges: float = math.nan
 
 
 # ---------------------------------------------------------------------- jaw correction
@@ -383,6 +395,8 @@ def composite_frame(
     mean_jaw: np.ndarray | None = None,
     texture_mask: np.ndarray | None = None,
     settings: BlendSettings = BlendSettings(),
+    strength: float = 1.0,
+    measure: bool = False,
 ) -> CompositeResult:
     """Blend a synthesized canonical texture into one target frame.
 
@@ -403,6 +417,10 @@ def composite_frame(
             synth_mouth.
         texture_mask: uint8 [h, w] valid texture pixels (1) or None (all valid).
         settings: Knobs.
+        strength: In [0, 1]: the blend mask and the jaw displacement are scaled by it (a cross-fade to the frame's own
+            mouth); 0 returns the frame as it is.
+        measure: Also measure what the blend brought that the frame's own face does not have nearby (foreign colour
+            and edges over the blended skin, mouths left out): `CompositeResult.foreign_colour` / `foreign_edges`.
 
     Returns:
         The CompositeResult; `composited` is False (and `image` is `frame` itself) when the texture does not reach
@@ -411,11 +429,15 @@ def composite_frame(
     Raises:
         InvalidInput: bad shapes or degenerate landmarks.
     """
+    if not 0.0 <= strength <= 1.0:
+        raise InvalidInput(f"strength must be in [0, 1], got {strength}")
     warp = LowerFaceWarp(landmarks, geometry)
+    if strength == 0.0:
+        return CompositeResult(frame, False)
     pts = np.asarray(landmarks, dtype=np.float64)
     delta = np.zeros((len(JAW_MOVING), 2))
     if settings.jaw_correction:
-        delta = jaw_displacement(
+        delta = strength * jaw_displacement(
             warp.canonical, geometry.template, synth_mouth=synth_mouth, mean_jaw=mean_jaw, gain=settings.jaw_gain
         )
     base, jaw_points, shift = correct_jaw(frame, pts, warp, delta)
@@ -454,7 +476,7 @@ def composite_frame(
     fx1, fy1 = patch.x0 + bx1, patch.y0 + by1
     target_b = base[fy0:fy1, fx0:fx1]
 
-    soft = feather_mask(hard_b, feather)
+    soft = feather_mask(hard_b, feather) * np.float32(strength)
     # Colour statistics in a ring inside the mask edge: skin near the seam, without the lips of either mouth
     # (the target's and the texture's), whose colours must not be pulled towards skin.
     ring_width = max(2.0 * feather, 4.0)
@@ -491,8 +513,46 @@ def composite_frame(
     keep = cv2.GaussianBlur(cv2.dilate(face_b, np.ones((3, 3), np.uint8)).astype(np.float32), (0, 0), 0.8)
     blended = target_f + (blended - target_f) * keep[..., None]
     out = base.copy() if base is frame else base
-    out[fy0:fy1, fx0:fx1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-    return CompositeResult(out, True, shift, (int(fx0), int(fy0), int(fx1), int(fy1)), soft)
+    result_b = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    colour = edges = math.nan
+    if measure:
+        colour, edges = _measure_blend(result_b, target_b, soft, face_b, mouths, offset, pts)
+    out[fy0:fy1, fx0:fx1] = result_b
+    return CompositeResult(out, True, shift, (int(fx0), int(fy0), int(fx1), int(fy1)), soft, colour, edges)
+
+
+def _measure_blend(
+    result: np.ndarray,
+    target: np.ndarray,
+    soft: np.ndarray,
+    face: np.ndarray,
+    mouths: list[np.ndarray],
+    offset: np.ndarray,
+    landmarks: np.ndarray,
+) -> tuple[float, float]:
+    """(foreign colour, foreign edges) of a blended box against the frame it was blended into: over the blended skin
+    (soft mask > 0.1, inside the face, the mouths grown by MEASURE_MOUTH_MARGIN left out); colours are explained only
+    by the frame's own face within MEASURE_RADIUS."""
+    iod = float(interocular_distance(landmarks))
+    region = (soft > 0.1) & (face > 0)
+    mouth = np.zeros(face.shape, np.uint8)
+    for points in mouths:
+        hull = cv2.convexHull((np.asarray(points) - offset).astype(np.float32)).reshape(-1, 2)
+        cv2.fillPoly(mouth, [np.round(hull * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    r = max(int(round(MEASURE_MOUTH_MARGIN * iod)), 1)
+    mouth = cv2.dilate(mouth, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    region &= mouth == 0
+    if region.sum() < 16:
+        return math.nan, math.nan
+    colour, edges = artifact_maps(
+        result,
+        target,
+        radius_px=max(2.0, MEASURE_RADIUS * iod),
+        edge_radius_px=max(1.0, MEASURE_EDGE_RADIUS * iod),
+        support=face > 0,
+    )
+    score = score_maps(colour, edges, region)
+    return score.colour, score.edges
 
 
 __all__ = [

@@ -17,7 +17,15 @@ from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
 from services.runtime.keys import derive_prefix, validate_key
 from services.runtime.progress import stream_events
-from services.runtime.protos import blob_ref, frame_rate, frame_rate_message, load_result, object_ref, store_result
+from services.runtime.protos import (
+    array_ref,
+    blob_ref,
+    frame_rate,
+    frame_rate_message,
+    load_result,
+    object_ref,
+    store_result,
+)
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 
@@ -36,6 +44,7 @@ def render_options(options: composite_pb2.RenderOptions) -> core.RenderOptions:
     """The proto's options with its defaults applied (validated by the core)."""
     if options.interpolate_holds:
         raise InvalidInput("interpolate_holds is not supported yet: held target frames are shown as they are")
+    defaults = core.RenderOptions()
     return core.RenderOptions(
         jaw_correction=options.jaw_correction if options.HasField("jaw_correction") else True,
         pyramid_levels=options.pyramid_levels or 4,
@@ -43,7 +52,40 @@ def render_options(options: composite_pb2.RenderOptions) -> core.RenderOptions:
         color_match=COLOR_MATCH.get(options.color_match, "mean_std"),
         crf=options.crf if options.HasField("crf") else encode.DEFAULT_CRF,
         x264_preset=options.x264_preset or encode.DEFAULT_PRESET,
+        min_confidence=options.min_confidence if options.HasField("min_confidence") else defaults.min_confidence,
+        fade_frames=options.fade_frames if options.HasField("fade_frames") else defaults.fade_frames,
+        max_yaw_degrees=options.max_yaw_degrees or defaults.max_yaw_degrees,
+        max_pitch_degrees=options.max_pitch_degrees or defaults.max_pitch_degrees,
+        max_pose_difference_degrees=options.max_pose_difference_degrees or defaults.max_pose_difference_degrees,
+        max_landmark_jitter=options.max_landmark_jitter or defaults.max_landmark_jitter,
+        max_foreign_colour=options.max_foreign_colour or defaults.max_foreign_colour,
+        max_foreign_edges=options.max_foreign_edges or defaults.max_foreign_edges,
     )
+
+
+MAX_LISTED_FRAMES = 10
+
+
+def lowest_confidence(summary: core.RenderSummary, start: int) -> list[composite_pb2.FrameConfidence]:
+    """The chunk's frames of lowest confidence below 1 (frames without a face or texture left out), lowest first."""
+    if summary.confidence is None:
+        return []
+    rows = [
+        i
+        for i, reason in enumerate(summary.reasons)
+        if reason and reason not in core.NO_BLEND_REASONS and summary.confidence[i] < 1.0
+    ]
+    rows.sort(key=lambda i: (float(summary.confidence[i]), i))
+    return [
+        composite_pb2.FrameConfidence(
+            frame=start + i,
+            confidence=float(summary.confidence[i]),
+            blend=float(summary.blend[i]),
+            reason=summary.reasons[i],
+            value=float(summary.values[i]) if summary.values is not None else float("nan"),
+        )
+        for i in rows[:MAX_LISTED_FRAMES]
+    ]
 
 
 class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
@@ -95,8 +137,21 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         shapes, _ = load_array(self.store, request.mouth_shapes, what="mouth shapes")
         if shapes.ndim != 3 or len(shapes) < stop:
             raise InvalidInput(f"mouth shapes of shape {shapes.shape} do not cover output frames [{start}, {stop})")
-        textures, jaws, masks, _ = self._textures(request, start, stop)
+        # The fades look up to fade_frames frames past the chunk, as far as the texture chunks given reach.
+        covered = {f for chunk in request.textures for f in range(chunk.frames.start, chunk.frames.stop)}
+        lo, hi = start, stop
+        while lo > max(0, start - options.fade_frames) and lo - 1 in covered:
+            lo -= 1
+        while hi < min(len(frame_map), len(shapes), stop + options.fade_frames) and hi in covered:
+            hi += 1
+        textures, jaws, masks, differences = self._textures(request, lo, hi)
         landmarks, _ = load_array(self.store, manifest.landmarks, what="landmarks")
+        poses = jitter = None
+        if manifest.format_version >= 2:  # earlier analyses' head poses came from a 2-D heuristic
+            if manifest.head_pose.object.key:
+                poses = load_array(self.store, manifest.head_pose, what="head pose")[0]
+            if manifest.landmark_jitter.object.key:
+                jitter = load_array(self.store, manifest.landmark_jitter, what="landmark jitter")[0]
         valid, _ = load_array(self.store, manifest.face_valid, what="face validity")
         timestamps, _ = load_array(self.store, manifest.timestamps_seconds, what="timestamps")
         geometry = load_geometry(self.store, manifest)
@@ -109,11 +164,11 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
             def work(progress, should_stop) -> core.RenderSummary:
                 return core.render_segment(
                     str(target_path),
-                    frame_map[start:stop].astype(np.int64),
+                    frame_map[lo:hi].astype(np.int64),
                     landmarks,
                     valid.astype(bool),
                     textures,
-                    shapes[start:stop],
+                    shapes[lo:hi],
                     str(segment_path),
                     width=manifest.info.width,
                     height=manifest.info.height,
@@ -127,6 +182,10 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     start_frame=start,
                     progress=progress,
                     should_stop=should_stop,
+                    head_pose=poses,
+                    landmark_jitter=jitter,
+                    pose_differences=differences,
+                    context=(start - lo, hi - stop),
                 )
 
             def finish(summary: core.RenderSummary):
@@ -140,7 +199,19 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     width=summary.width,
                     height=summary.height,
                     frame_rate=frame_rate_message(Fraction(fps)),
+                    frames_synthesized=summary.frames_synthesized,
+                    frames_faded=summary.frames_faded,
+                    frames_low_confidence=summary.frames_low_confidence,
+                    lowest_confidence=lowest_confidence(summary, start),
                 )
+                if summary.confidence is not None:
+                    rate = float(fps)
+                    result.confidence.CopyFrom(
+                        array_ref(*self.store.put_array(f"{prefix}/confidence.npy", summary.confidence, fps=rate))
+                    )
+                    result.blend.CopyFrom(
+                        array_ref(*self.store.put_array(f"{prefix}/blend.npy", summary.blend, fps=rate))
+                    )
                 store_result(self.store, result_key, result)
                 return result
 
