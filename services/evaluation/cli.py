@@ -1,7 +1,7 @@
 """Command line of the quality evaluation (sync, output, shape, resynth): each writes a JSON and an HTML report.
 
     python -m services.evaluation sync VIDEO [--audio AUDIO]
-    python -m services.evaluation output OUT.mp4 --target TARGET.mp4 [--audio AUDIO] [--timings T.json]
+    python -m services.evaluation output OUT.mp4 --target TARGET.mp4 [--audio AUDIO] [--timings T.json] [--job ID]
     python -m services.evaluation shape --models-dir DIR --speaker NAME [--version N] --clip HELDOUT.mp4
         --train-video TRAIN.mp4 [--train-video ...]
     python -m services.evaluation resynth --speaker NAME --clip HELDOUT.mp4 --target TARGET.mp4 [--retiming]
@@ -51,6 +51,17 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--target", type=Path, required=True, help="the real target footage (same resolution)")
     p.add_argument("--audio", type=Path, help="the output's audio, if not its own track")
     p.add_argument("--strip-frames", type=int, default=6, help="frames in the target/output strip (default 6)")
+    p.add_argument(
+        "--job",
+        help="the render job that made OUT: its report (frames synthesized, faded, kept; worst frames) and its "
+        "retiming map, so re-timed renders are compared frame by frame with the target frames they show",
+    )
+    p.add_argument(
+        "--no-artifacts",
+        action="store_true",
+        help="skip the artifact measure (foreign colour and edges per frame against the target frame; without "
+        "--job, output frame i is compared with target frame i: a render made with --no-retiming)",
+    )
     lag(p)
     outputs(p)
 
@@ -105,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         name = args.output.stem
         if args.strip_frames < 0:
             raise InvalidInput(f"--strip-frames must be >= 0, got {args.strip_frames}")
+        job, frame_map = (None, None) if args.job is None else evaluate.render_job_report(args.job)
         result = evaluate.evaluate_output(
             args.output,
             args.target,
@@ -112,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
             max_lag=args.max_lag,
             strip_frames=args.strip_frames,
             progress=progress,
+            artifacts=not args.no_artifacts,
+            frame_map=frame_map,
+            job=job,
         )
         rel = result.relative()
         s = result.output.sync
@@ -120,6 +135,14 @@ def run(args: argparse.Namespace) -> int:
             f"{args.output.name}: {lag}, sharpness x{rel['mouth_sharpness_ratio']:.2f}, "
             f"seam x{rel['seam_energy_ratio']:.2f}, silent flicker x{rel['flicker_silent_ratio']:.2f} of the target"
         )
+        if result.artifacts is not None:
+            a = result.artifacts.as_dict()
+            summary += f"; artifacts p95 {a['p95']:.3f}, max {a['max']:.3f}, {len(a['flagged_frames'])} frames flagged"
+        if job is not None:
+            summary += (
+                f"; job: {100 * job['synthesized_share']:.1f} % synthesized, {100 * job['faded_share']:.1f} % faded, "
+                f"{100 * job['passthrough_share']:.1f} % the target's own mouth"
+            )
     elif args.command == "resynth":
         from services.evaluation.resynth import evaluate_resynth
 

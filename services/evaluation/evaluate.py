@@ -334,12 +334,151 @@ def evaluate_sync(
     return SyncEvaluation(measures)
 
 
+ARTIFACT_FLAG = 0.5
+"""A frame whose artifact score (foreign colour + edges, `image.frame_artifacts`) exceeds this is flagged: a clean
+render of the shared targets stays below 0.1; a patch of background a tenth of the face wide on a chin scores ~2."""
+WORST_ARTIFACT_FRAMES = 6
+
+
+@dataclass(frozen=True, eq=False)
+class ArtifactReport:
+    """Foreign colour and edges of every output frame against the target frame it shows (`image.frame_artifacts`).
+
+    Attributes:
+        colour: float64 [N] foreign colour per output frame (NaN where either has no face or it was not measured).
+        edges: float64 [N] foreign edges per output frame.
+        target_frames: int64 [N] the target frame compared with each output frame.
+        correspondence: how output and target frames were paired ("frame i = target frame i (a render without
+            re-timing)" or "the job's retiming map").
+        worst: (output frame, BGR crop: target | output | foreign pixels marked) of the worst frames, worst first.
+        flag: the score above which a frame is flagged (ARTIFACT_FLAG).
+    """
+
+    colour: np.ndarray
+    edges: np.ndarray
+    target_frames: np.ndarray
+    correspondence: str
+    worst: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    flag: float = ARTIFACT_FLAG
+
+    @property
+    def total(self) -> np.ndarray:
+        """float64 [N] colour + edges."""
+        return self.colour + self.edges
+
+    @property
+    def flagged(self) -> list[int]:
+        """Output frames whose score exceeds the flag."""
+        total = self.total
+        return [int(i) for i in np.flatnonzero(np.isfinite(total) & (total > self.flag))]
+
+    def as_dict(self) -> dict:
+        total = self.total
+        measured = np.isfinite(total)
+        values = total[measured]
+        order = np.argsort(-np.where(measured, total, -np.inf), kind="stable")[: 2 * WORST_ARTIFACT_FRAMES]
+        return {
+            "correspondence": self.correspondence,
+            "frames_measured": int(measured.sum()),
+            "p50": float(np.percentile(values, 50)) if values.size else math.nan,
+            "p95": float(np.percentile(values, 95)) if values.size else math.nan,
+            "max": float(values.max()) if values.size else math.nan,
+            "colour_p95": float(np.percentile(self.colour[measured], 95)) if values.size else math.nan,
+            "edges_p95": float(np.percentile(self.edges[measured], 95)) if values.size else math.nan,
+            "flag": self.flag,
+            "flagged_frames": self.flagged,
+            "worst_frames": [
+                {
+                    "frame": int(i),
+                    "target_frame": int(self.target_frames[i]),
+                    "score": float(total[i]),
+                    "colour": float(self.colour[i]),
+                    "edges": float(self.edges[i]),
+                }
+                for i in order
+                if measured[i]
+            ],
+            "per_frame": [None if not np.isfinite(v) else round(float(v), 4) for v in total],
+        }
+
+
+def measure_artifacts(
+    output: str | os.PathLike,
+    target: str | os.PathLike,
+    output_analysis: VideoAnalysis,
+    target_analysis: VideoAnalysis,
+    *,
+    frame_map: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> ArtifactReport:
+    """Per output frame, `image.frame_artifacts` against the target frame it shows, and crops of the worst.
+
+    Args:
+        output, target: the videos.
+        output_analysis, target_analysis: their face analyses (landmarks).
+        frame_map: int [N] target frame of each output frame (a job's retiming map); None = output frame i shows
+            target frame i (a render without re-timing; frames beyond the target's end are not measured).
+        progress: progress(done, total) now and then.
+
+    Raises:
+        InvalidInput: a frame map that does not fit the videos.
+    """
+    from services.composite.core import TargetFrames
+
+    n, m = output_analysis.frame_count, target_analysis.frame_count
+    if frame_map is None:
+        fmap = np.arange(min(n, m), dtype=np.int64)
+        correspondence = "frame i = target frame i (a render without re-timing)"
+    else:
+        fmap = np.asarray(frame_map, dtype=np.int64)[:n]
+        correspondence = "the job's retiming map"
+        if fmap.ndim != 1 or (len(fmap) and (fmap.min() < 0 or fmap.max() >= m)):
+            raise InvalidInput(f"the frame map does not fit the target's {m} frames")
+    colour = np.full(n, np.nan)
+    edges = np.full(n, np.nan)
+    worst: list[tuple[float, int, np.ndarray]] = []
+    out_valid, tgt_valid = output_analysis.face_valid, target_analysis.face_valid
+    with TargetFrames(target, fmap, timestamps=target_analysis.timestamps) as targets:
+        for (i, _, frame), (k, target_frame) in zip(iter_frames(output, stop=len(fmap)), targets, strict=False):
+            if not tgt_valid[k] or frame.shape != target_frame.shape:
+                continue
+            try:
+                maps = image.frame_artifact_maps(
+                    frame,
+                    target_frame,
+                    target_analysis.landmarks[k],
+                    output_landmarks=output_analysis.landmarks[i] if out_valid[i] else None,
+                )
+            except InvalidInput:  # a face at the frame edge: nothing to measure
+                continue
+            if maps is not None:
+                colour[i], edges[i] = maps.score.colour, maps.score.edges
+                score = maps.score.total
+                if len(worst) < WORST_ARTIFACT_FRAMES or score > worst[-1][0]:
+                    worst.append((score, i, image.artifact_crop(frame, target_frame, maps)))
+                    worst.sort(key=lambda w: (-w[0], w[1]))
+                    del worst[WORST_ARTIFACT_FRAMES:]
+            if progress is not None and (i + 1) % 50 == 0:
+                progress(i + 1, len(fmap))
+    if progress is not None:
+        progress(len(fmap), len(fmap))
+    return ArtifactReport(colour, edges, fmap, correspondence, [(i, crop) for _, i, crop in worst])
+
+
 @dataclass(frozen=True, eq=False)
 class OutputEvaluation:
-    """`output` command: a rendered output's sync and image quality against the real target footage."""
+    """`output` command: a rendered output's sync and image quality against the real target footage.
+
+    Attributes:
+        output, target: the two videos, measured.
+        artifacts: foreign colour and edges per frame (None when not measured).
+        job: the render job's own report (`job_confidence`), when the job was given.
+    """
 
     output: VideoMeasures
     target: VideoMeasures
+    artifacts: ArtifactReport | None = None
+    job: dict | None = None
 
     def relative(self) -> dict:
         out, tgt = self.output, self.target
@@ -354,12 +493,65 @@ class OutputEvaluation:
         }
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "kind": "output",
             "output": self.output.as_dict(),
             "target": self.target.as_dict(),
             "relative": self.relative(),
         }
+        if self.artifacts is not None:
+            out["artifacts"] = self.artifacts.as_dict()
+        if self.job is not None:
+            out["job"] = self.job
+        return out
+
+
+def render_job_report(job_id: str, *, environ: dict[str, str] | None = None) -> tuple[dict, np.ndarray | None]:
+    """A finished render job's `job_confidence` and its retiming map (None when the job did not re-time: output
+    frame i then shows target frame i), from the stack the environment names.
+
+    Raises:
+        InvalidInput: not a finished render job, or the stack cannot be reached. Unavailable / CallFailed: the
+            orchestrator is down or refused.
+    """
+    import grpc
+
+    from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+    from services.evaluation.resynth import _connection, _rpc_error
+
+    connection = _connection(environ)
+    try:
+        job = connection.orchestrator.GetJob(pb.GetJobRequest(job_id=job_id)).job
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from exc
+    if job.kind != pb.JOB_KIND_RENDER or job.state != pb.JOB_STATE_SUCCEEDED:
+        raise InvalidInput(f"job {job_id} is not a finished render job ({pb.JobState.Name(job.state)})")
+    frame_map = None
+    retiming = [s for s in job.stages if s.stage == pb.STAGE_RETIMING]
+    if job.render_result.retimed and retiming and "retiming_map" in retiming[0].outputs:
+        ref = retiming[0].outputs["retiming_map"]
+        frame_map, _ = connection.store.get_array(ref.key, bucket=ref.bucket or None, expected_sha256=ref.sha256)
+    return job_confidence(job), frame_map
+
+
+def job_confidence(job) -> dict:
+    """What a render job (orchestrator.v1.Job) says about its mouth: the shares of frames synthesized, faded and
+    showing the target's own mouth, the frames kept for low confidence, and its worst frames."""
+    result = job.render_result
+    total = result.frames_synthesized + result.frames_faded + result.frames_passthrough
+    share = (lambda count: count / total) if total else (lambda count: math.nan)
+    return {
+        "job_id": job.id,
+        "frames": total,
+        "synthesized_share": share(result.frames_synthesized),
+        "faded_share": share(result.frames_faded),
+        "passthrough_share": share(result.frames_passthrough),
+        "low_confidence_frames": result.frames_low_confidence,
+        "worst_frames": [
+            {"frame": w.frame, "confidence": w.confidence, "blend": w.blend, "reason": w.reason, "value": w.value}
+            for w in result.worst_frames
+        ],
+    }
 
 
 def evaluate_output(
@@ -371,12 +563,17 @@ def evaluate_output(
     max_lag: int = DEFAULT_MAX_LAG,
     strip_frames: int = STRIP_FRAMES,
     progress: bool = True,
+    artifacts: bool = True,
+    frame_map: np.ndarray | None = None,
+    job: dict | None = None,
 ) -> OutputEvaluation:
     """Sync and image metrics of a rendered output and of the real target footage it was rendered on.
 
     The target is measured the same way with its own audio: its lag is the reference for the output's, its
     mouth sharpness, seam energy and silent flicker the denominators of the ratios (a target without audio
-    gives no reference lag and no flicker reference).
+    gives no reference lag and no flicker reference). With `artifacts`, every output frame is compared with the
+    target frame it shows (`measure_artifacts`: frame i with frame i, or by `frame_map`); `job` (`job_confidence`)
+    is reported as it is.
 
     Raises:
         InvalidInput: the two videos differ in resolution; see `measure_video` for the rest.
@@ -392,7 +589,17 @@ def evaluate_output(
     tgt = measure_video(
         target, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress, audio_optional=True
     )
-    return OutputEvaluation(out, tgt)
+    report_artifacts = None
+    if artifacts:
+        report_artifacts = measure_artifacts(
+            output,
+            target,
+            out.analysis,
+            tgt.analysis,
+            frame_map=frame_map,
+            progress=StderrProgress(f"{output.name} artifacts") if progress else None,
+        )
+    return OutputEvaluation(out, tgt, report_artifacts, job)
 
 
 @dataclass(frozen=True, eq=False)
@@ -517,6 +724,26 @@ def report_content(
             ("seam energy, output / target", relative["seam_energy_ratio"]),
             ("flicker in silence, output / target", relative["flicker_silent_ratio"]),
         ]
+        if evaluation.artifacts is not None:
+            data_artifacts = evaluation.artifacts.as_dict()
+            highlights += [
+                ("artifacts p95 (foreign colour + edges)", data_artifacts["p95"]),
+                ("artifacts max", data_artifacts["max"]),
+                (f"frames flagged (> {evaluation.artifacts.flag:g})", len(data_artifacts["flagged_frames"])),
+            ]
+        if evaluation.job is not None:
+            j = evaluation.job
+            highlights += [
+                (
+                    "job: share synthesized / faded / target's own mouth",
+                    [j["synthesized_share"], j["faded_share"], j["passthrough_share"]],
+                ),
+                ("job: frames kept for low confidence", j["low_confidence_frames"]),
+            ]
+            highlights += [
+                (f"job: worst frame #{w['frame']}", f"{w['reason']} {w['value']:.3g}, confidence {w['confidence']:.2f}")
+                for w in j["worst_frames"][:5]
+            ]
         figures.append(_opening_figure(out, f"output {out.path.name}: mouth opening and speech energy"))
         figures.append(_opening_figure(tgt, f"target {tgt.path.name}: mouth opening and its own speech energy"))
         curves = {f"output {out.path.name}": out.sync, f"target {tgt.path.name}": tgt.sync}
@@ -532,6 +759,27 @@ def report_content(
                     report.strip_image({"target": tgt.strip, "output": out.strip}),
                 )
             )
+        if evaluation.artifacts is not None:
+            a = evaluation.artifacts
+            times = np.arange(len(a.total)) / out.fps
+            figures.append(
+                (
+                    f"artifact score per frame (foreign colour + edges against the target frame; {a.correspondence})",
+                    report.plot_series(
+                        times,
+                        {"foreign colour": a.colour, "foreign edges": a.edges, "flag": np.full(len(times), a.flag)},
+                        ylabel="score",
+                        title="artifacts",
+                    ),
+                )
+            )
+            if a.worst:
+                figures.append(
+                    (
+                        "worst frames: target | output | foreign colour (red) and edges (yellow)",
+                        report.strip_image({"frame": a.worst}, columns=1),
+                    )
+                )
     else:
         e = evaluation.evaluation
         title = f"Mouth-shape accuracy on {evaluation.clip.name}"

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from services.composite.render import lower_face_polygon
+from services.composite.artifacts import COLOUR_TOLERANCE, EDGE_TOLERANCE, ArtifactScore, artifact_maps, score_maps
+from services.composite.render import JAW_MOVING, MAX_JAW_SHIFT, correct_jaw, face_outline, lower_face_polygon
 from services.runtime.canonical import DEFAULT_CROP_REGION, LowerFaceWarp, apply_similarity, interocular_distance
 from services.runtime.errors import InvalidInput
 
@@ -160,6 +161,161 @@ def frame_seam_energy(frame: np.ndarray, landmarks: np.ndarray) -> float:
     if not mask.any() or mask.all():
         return math.nan
     return seam_energy(frame, mask, band_px=seam_band_px(landmarks))
+
+
+ARTIFACT_RADIUS_FRACTION = 0.12  # of the inter-ocular distance: colour that moved less than this is not foreign
+ARTIFACT_EDGE_RADIUS_FRACTION = 0.04  # of the inter-ocular distance: an edge this close to the target's is its own
+ARTIFACT_BAND_FRACTION = 0.15  # of the inter-ocular distance: the band outside the jaw line that is scored too
+ARTIFACT_MOUTH_MARGIN = 0.12  # of the inter-ocular distance: the mouth (which may differ) is left out this far
+
+
+def _fill(shape: tuple[int, ...], polygon: np.ndarray) -> np.ndarray:
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(polygon) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return mask
+
+
+def _disk(radius: float) -> np.ndarray:
+    r = max(int(round(radius)), 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def jaw_compensated(
+    target: np.ndarray, target_landmarks: np.ndarray, output_landmarks: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The target frame with its jaw line moved where the output's is (the compositor's own jaw correction, both
+    directions, from the landmarks of both), and the landmarks that go with it: (image, landmarks [68, 2])."""
+    pts = _check_landmarks(target_landmarks)
+    if output_landmarks is None or not np.isfinite(output_landmarks).all():
+        return target, pts
+    warp = LowerFaceWarp(pts.astype(np.float32))
+    a, t = warp.similarity
+    moved = apply_similarity(a, t, np.asarray(output_landmarks, np.float64)[JAW_MOVING])
+    delta = moved - warp.canonical[JAW_MOVING]
+    length = np.linalg.norm(delta, axis=1, keepdims=True)
+    delta *= np.minimum(1.0, MAX_JAW_SHIFT / np.maximum(length, 1e-12))
+    image, jaw, _ = correct_jaw(target, pts, warp, delta)
+    landmarks = pts.copy()
+    landmarks[JAW_MOVING] = jaw
+    return image, landmarks
+
+
+def artifact_regions(
+    landmarks: np.ndarray, frame_shape: tuple[int, ...], output_landmarks: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Where `frame_artifacts` looks: (region uint8, face interior uint8, colour radius px) of one frame.
+
+    The region is the blend region (`blend_region` of `landmarks`) grown by ARTIFACT_BAND_FRACTION x the inter-ocular
+    distance (so a second contour or a halo just outside the jaw line counts), without the mouth: the outer-lip hulls
+    of `landmarks` and `output_landmarks`, grown by ARTIFACT_MOUTH_MARGIN. The face interior is the face outline
+    shrunk by the radius: there only face pixels may explain an output colour.
+    """
+    pts = _check_landmarks(landmarks)
+    iod = float(interocular_distance(pts))
+    radius = max(2.0, ARTIFACT_RADIUS_FRACTION * iod)
+    region = cv2.dilate(blend_region(pts, frame_shape), _disk(ARTIFACT_BAND_FRACTION * iod))
+    mouth = _fill(frame_shape, cv2.convexHull(pts[48:60].astype(np.float32)).reshape(-1, 2))
+    if output_landmarks is not None and np.isfinite(output_landmarks).all():
+        out_pts = np.asarray(output_landmarks, np.float64)
+        mouth |= _fill(frame_shape, cv2.convexHull(out_pts[48:60].astype(np.float32)).reshape(-1, 2))
+    mouth = cv2.dilate(mouth, _disk(ARTIFACT_MOUTH_MARGIN * iod))
+    region &= 1 - mouth
+    face = _fill(frame_shape, face_outline(pts, pts[3:14]))
+    interior = cv2.erode(face, _disk(radius))
+    return region, interior, radius
+
+
+@dataclass(frozen=True)
+class ArtifactMaps:
+    """What `frame_artifact_maps` found in one frame, inside a box of it.
+
+    Attributes:
+        box: (x0, y0, x1, y1) of the maps in the frame.
+        colour: float32 [h, w] colour excess (delta E beyond the local range).
+        edges: float32 [h, w] edge excess (Lab L per pixel beyond the strongest nearby edge).
+        region: uint8 [h, w] the scored pixels.
+        score: the ArtifactScore over the region.
+    """
+
+    box: tuple[int, int, int, int]
+    colour: np.ndarray
+    edges: np.ndarray
+    region: np.ndarray
+    score: ArtifactScore
+
+
+def frame_artifact_maps(
+    output: np.ndarray,
+    target: np.ndarray,
+    target_landmarks: np.ndarray,
+    *,
+    output_landmarks: np.ndarray | None = None,
+) -> ArtifactMaps | None:
+    """`frame_artifacts` with its maps (None when the region is empty)."""
+    output, target = _check_image(output, "output"), _check_image(target, "target")
+    if output.shape != target.shape or output.ndim != 3:
+        raise InvalidInput(f"output and target frames must be the same [h, w, 3], got {output.shape}, {target.shape}")
+    reference, landmarks = jaw_compensated(target, target_landmarks, output_landmarks)
+    region, interior, radius = artifact_regions(landmarks, target.shape, output_landmarks)
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return None
+    pad = int(math.ceil(radius)) + 2
+    y0, y1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, region.shape[0])
+    x0, x1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, region.shape[1])
+    box = (slice(y0, y1), slice(x0, x1))
+    out_b, ref_b, region_b, interior_b = output[box], reference[box], region[box], interior[box].astype(bool)
+    edge_radius = max(1.0, ARTIFACT_EDGE_RADIUS_FRACTION * float(interocular_distance(landmarks)))
+    face_colour, edges = artifact_maps(out_b, ref_b, radius_px=radius, edge_radius_px=edge_radius, support=interior_b)
+    any_colour, _ = artifact_maps(out_b, ref_b, radius_px=radius, edge_radius_px=edge_radius)
+    colour = np.where(interior_b, face_colour, any_colour)
+    return ArtifactMaps(
+        (int(x0), int(y0), int(x1), int(y1)), colour, edges, region_b, score_maps(colour, edges, region_b)
+    )
+
+
+def frame_artifacts(
+    output: np.ndarray,
+    target: np.ndarray,
+    target_landmarks: np.ndarray,
+    *,
+    output_landmarks: np.ndarray | None = None,
+) -> ArtifactScore:
+    """Foreign colour and edges of an output frame against the target frame it was rendered on, in the lower face
+    and just around it, outside the mouth (frames must correspond: the same target frame, as without re-timing).
+
+    The target is first given the output's jaw line (`jaw_compensated`: a corrected chin is not an artifact). Inside
+    the face (its outline shrunk by the radius) only face pixels explain an output colour, so background on a chin
+    or a cheek is foreign however close the background is; elsewhere any target pixel within the radius does. An
+    output edge counts where the target has none as strong within ARTIFACT_EDGE_RADIUS_FRACTION (a second contour).
+    See `services.composite.artifacts`.
+
+    Args:
+        output: BGR uint8 [h, w, 3] output frame.
+        target: BGR uint8 [h, w, 3] target frame.
+        target_landmarks: float [68, 2] the target frame's landmarks.
+        output_landmarks: optional float [68, 2] the output frame's landmarks (its jaw line and mouth).
+
+    Returns:
+        The ArtifactScore (total = colour + edges; 0 for a clean frame).
+    """
+    maps = frame_artifact_maps(output, target, target_landmarks, output_landmarks=output_landmarks)
+    return ArtifactScore(math.nan, math.nan, 0) if maps is None else maps.score
+
+
+def artifact_crop(output: np.ndarray, target: np.ndarray, maps: ArtifactMaps, *, height: int = 180) -> np.ndarray:
+    """target | output | output with foreign colour (red) and foreign edges (yellow) marked, around the scored
+    region, each `height` rows, side by side (BGR uint8)."""
+    x0, y0, x1, y1 = maps.box
+    marked = output[y0:y1, x0:x1].copy()
+    colour = (maps.colour > COLOUR_TOLERANCE) & (maps.region > 0)
+    edges = (maps.edges > EDGE_TOLERANCE) & (maps.region > 0)
+    marked[colour] = (0.4 * marked[colour] + 0.6 * np.array([0, 0, 255])).astype(np.uint8)
+    marked[edges] = (0, 255, 255)
+    panels = [target[y0:y1, x0:x1], output[y0:y1, x0:x1], marked]
+    scale = height / max(y1 - y0, 1)
+    size = (max(1, round((x1 - x0) * scale)), height)
+    return np.hstack([cv2.resize(p, size, interpolation=cv2.INTER_CUBIC) for p in panels])
 
 
 def canonical_mouth_box(geometry) -> tuple[int, int, int, int]:

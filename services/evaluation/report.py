@@ -171,30 +171,40 @@ def plot_stage_times(stages: Mapping[str, float]) -> bytes:
     return _png(fig)
 
 
-def strip_image(rows: Mapping[str, Sequence[tuple[int, np.ndarray]]], *, gap: int = 4) -> bytes:
-    """One PNG: a row of BGR thumbnails per named video (e.g. target over output), frame numbers on top."""
+def strip_image(
+    rows: Mapping[str, Sequence[tuple[int, np.ndarray]]], *, gap: int = 4, columns: int | None = None
+) -> bytes:
+    """One PNG: a row of BGR thumbnails per named video (e.g. target over output), frame numbers on top; with
+    `columns`, each video's thumbnails wrap onto lines of that many."""
     if not rows or not any(rows.values()):
         raise InvalidInput("no frames for the strip")
     lines = []
-    for name, thumbs in rows.items():
-        tiles = []
-        for index, thumb in thumbs:
-            tile = cv2.copyMakeBorder(np.ascontiguousarray(thumb), 18, 0, 0, gap, cv2.BORDER_CONSTANT, value=(255,) * 3)
-            cv2.putText(tile, f"{name} #{index}", (2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-            tiles.append(tile)
-        if tiles:
-            height = max(t.shape[0] for t in tiles)
-            tiles = [
-                cv2.copyMakeBorder(t, 0, height - t.shape[0], 0, 0, cv2.BORDER_CONSTANT, value=(255,) * 3)
-                for t in tiles
-            ]
-            lines.append(np.hstack(tiles))
+    for name, all_thumbs in rows.items():
+        step = columns or max(len(all_thumbs), 1)
+        groups = [all_thumbs[i : i + step] for i in range(0, len(all_thumbs), step)]
+        for thumbs in groups:
+            _strip_line(lines, name, thumbs, gap)
     width = max(line.shape[1] for line in lines)
     lines = [cv2.copyMakeBorder(x, 0, gap, 0, width - x.shape[1], cv2.BORDER_CONSTANT, value=(255,) * 3) for x in lines]
     ok, png = cv2.imencode(".png", np.vstack(lines))
     if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
         raise InvalidInput("cannot encode the strip")
     return png.tobytes()
+
+
+def _strip_line(lines: list[np.ndarray], name: str, thumbs: Sequence[tuple[int, np.ndarray]], gap: int) -> None:
+    """Append one line of labelled thumbnails to `lines`."""
+    tiles = []
+    for index, thumb in thumbs:
+        tile = cv2.copyMakeBorder(np.ascontiguousarray(thumb), 18, 0, 0, gap, cv2.BORDER_CONSTANT, value=(255,) * 3)
+        cv2.putText(tile, f"{name} #{index}", (2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    if tiles:
+        height = max(t.shape[0] for t in tiles)
+        tiles = [
+            cv2.copyMakeBorder(t, 0, height - t.shape[0], 0, 0, cv2.BORDER_CONSTANT, value=(255,) * 3) for t in tiles
+        ]
+        lines.append(np.hstack(tiles))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,7 +215,7 @@ def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
     rows = []
     if isinstance(data, Mapping):
         for key, value in data.items():
-            if key in ("lags", "correlation"):  # curves: plotted, and in the JSON
+            if key in ("lags", "correlation", "per_frame"):  # curves: plotted, and in the JSON
                 continue
             rows.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(data, list) and data and all(isinstance(v, Mapping) for v in data):

@@ -128,8 +128,11 @@ def test_the_output_command_scores_a_blurred_render_against_its_target(tmp_path,
     assert output["silent_frames"] == target["silent_frames"] == 49
     assert output["flicker_silent"]["pairs"] > 20 and target["frames"] == output["frames"] == 302
     page = html_path.read_text()
-    assert len(images_in(page)) == 4  # two opening plots, cross-correlation, target/output strip
+    # two opening plots, cross-correlation, target/output strip, artifacts per frame, worst frames
+    assert len(images_in(page)) == 6
     assert "frames: target (top) and output (bottom)" in page
+    artifacts = data["artifacts"]  # blur brings no foreign colour or edge
+    assert artifacts["frames_measured"] == 302 and artifacts["p95"] < 0.05 and artifacts["flagged_frames"] == []
 
 
 def images_in(page: str) -> list[str]:
