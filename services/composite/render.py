@@ -14,13 +14,16 @@ j = 3..13 the canonical displacement is
 with w_j = clip((y_j - y_angle) / (y_chin - y_angle), 0, 1) on the template (1 at the chin, 0 at points 3/13) and
 gain 0.6 (the chin moved 0.57-0.65 times the lower lip on the analysed clips; the inner-lip gap is used because it
 is 0 for a closed mouth whoever speaks, so a speaker model driving another person's face adds no bias). When the
-texture stage reports the weighted-mean jaw line of its candidates, the jaw goes exactly there instead
-(delta_j = mean_jaw_j - target_jaw_j): that is where the texture's own chin lies. Canonical displacements become
-frame pixels through the frame's similarity transform; the frame is then warped by a smooth backward field, a
-Gaussian radial-basis interpolation (sigma = 0.18 face-box widths) of -delta at the moved jaw points and 0 at fixed
-anchors (outer jaw 0-2 and 14-16, nose, eye corners, upper lip, three points below the chin), faded out above
-the upper lip (nothing moves above the nose tip) and applied with cv2.remap. A zero displacement leaves the frame
-untouched.
+texture stage reports the weighted-mean jaw line of its candidates, the jaw goes there instead (delta_j = mean_jaw_j -
+target_jaw_j, both directions: with pose-aware candidates their jaw lines differ from the target's by the mouth,
+not the pose; the sideways part at most MAX_JAW_SIDEWAYS, points 3 and 13 half way): that is where the texture's
+own chin lies, so the frame's chin edge lands where the texture's is. Canonical displacements become frame pixels
+through the frame's similarity transform; the frame is then warped by a smooth backward field, a Gaussian
+radial-basis interpolation (sigma = 0.18 face-box widths) of -delta at the moved jaw points and at points CHIN_BAND
+below them (the beard, the shadow under the jaw and the edge move together), and 0 at fixed anchors (outer jaw 0-2
+and 14-16, nose, eye corners, upper lip, three points below the chin), faded out above the upper lip (nothing moves
+above the nose tip) and applied with cv2.remap. A zero displacement leaves the frame untouched. The blend then stays
+JAW_EDGE_MARGIN inside the moved jaw line: the only jaw edge in the output is the frame's own, moved.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ JAW_GAIN = 0.6
 JAW_SIGMA = 0.18  # face-box widths
 JAW_FADE = (0.5, 0.68)  # canonical y: no jaw displacement above the first (nose tip), full below the second
 MAX_JAW_SHIFT = 0.2  # canonical units (a fifth of the face box): larger requests are clipped
+MAX_JAW_SIDEWAYS = 0.05  # canonical units: the sideways part of a move to the candidates' jaw line, at most
+JAW_EDGE_WEIGHT = 0.5  # share of the move to the candidates' jaw line at points 3 and 13 (0-2 and 14-16 stay)
+# The chin region moves as one (beard, shadow under the jaw, the edge itself): points this far below each moved jaw
+# point, along the jaw line's outward normal, move with it (canonical units); the field fades out below them.
+CHIN_BAND = 0.06
+# The blend stays this far inside the (corrected) jaw line and cheeks (canonical units), so the edge shown there is
+# always the frame's own (moved) edge, never a second one from the texture's candidates.
+JAW_EDGE_MARGIN = 0.025
 FEATHER_FRACTION = 0.08  # of the inter-ocular distance
 COLOR_GAIN_RANGE = (0.85, 1.18)  # mean_std contrast gain
 HISTOGRAM_SLOPE_RANGE = (0.5, 2.0)  # local slopes of the histogram-matching curve
@@ -137,8 +148,8 @@ def jaw_displacement(
         template: float [68, 2] canonical template (for the taper).
         synth_mouth: float [20, 2] synthesized mouth shape (points 48-67), canonical units.
         mean_jaw: float [17, 2] weighted-mean jaw line of the texture's candidates, canonical units; when given
-            (and finite) it wins over `synth_mouth`: its vertical offset from the target's jaw, tapered from the
-            chin (1) to points 3 and 13 (0), is applied.
+            (and finite) it wins over `synth_mouth`: the target's points 4..12 go there (the sideways part at most
+            MAX_JAW_SIDEWAYS), points 3 and 13 JAW_EDGE_WEIGHT of the way.
         gain: Chin displacement per unit of extra inner-lip opening.
 
     Returns:
@@ -146,12 +157,12 @@ def jaw_displacement(
     """
     current = np.asarray(target_canonical, dtype=np.float64)
     if mean_jaw is not None and np.isfinite(mean_jaw).all():
-        # Only the vertical part, tapered like the opening model: the candidates' jaw lines also differ from the
-        # target's sideways (other frames, other poses), and moving the cheek contour sideways tears it.
-        delta = np.zeros((len(JAW_MOVING), 2))
-        delta[:, 1] = (np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING, 1] - current[JAW_MOVING, 1]) * jaw_taper(
-            template
-        )
+        # The whole jaw line to the candidates' (their poses are the target's): a chin edge of the frame left where
+        # the texture's is not would show twice. Sideways moves are kept small (the cheek contour must not tear),
+        # and points 3 and 13 go half way towards the fixed 2 and 14.
+        delta = np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING] - current[JAW_MOVING]
+        delta[:, 0] = np.clip(delta[:, 0], -MAX_JAW_SIDEWAYS, MAX_JAW_SIDEWAYS)
+        delta[[0, -1]] *= JAW_EDGE_WEIGHT
     elif synth_mouth is not None and np.isfinite(synth_mouth).all():
         extra = float(inner_opening(synth_mouth) - inner_opening(current[48:68]))
         delta = np.zeros((len(JAW_MOVING), 2))
@@ -201,16 +212,25 @@ def correct_jaw(
     face_px = 1.0 / abs(a)  # face-box width in pixels
     sigma = JAW_SIGMA * face_px
     neck = apply_similarity(1 / a, -t / a, NECK_ANCHORS)
-    centres = np.vstack([moved, pts[JAW_ANCHORS], neck])
+    # Points CHIN_BAND below each moving jaw point (4..12), along the jaw line's outward normal, move with it.
+    line = np.vstack([pts[JAW_MOVING[0] - 1], moved, pts[JAW_MOVING[-1] + 1]])
+    tangent = line[2:] - line[:-2]
+    normal = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)  # the face's outside (y down, jaw 0 -> 16)
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+    inner = slice(1, len(moved) - 1)
+    followers = moved[inner] + normal[inner] * CHIN_BAND * face_px
+    centres = np.vstack([moved, followers, pts[JAW_ANCHORS], neck])
     values = np.zeros((len(centres), 2))
     values[: len(moved)] = pts[JAW_MOVING] - moved  # backward: output pixel at the moved point reads the old one
+    values[len(moved) : len(moved) + len(followers)] = values[inner]
     weights = _gaussian_rbf(centres, values, sigma)
     h, w = frame.shape[:2]
     reach = 3.5 * sigma + shift
-    x0 = max(int(math.floor(moved[:, 0].min() - reach)), 0)
-    x1 = min(int(math.ceil(moved[:, 0].max() + reach)) + 1, w)
-    y0 = max(int(math.floor(moved[:, 1].min() - reach)), 0)
-    y1 = min(int(math.ceil(moved[:, 1].max() + reach)) + 1, h)
+    moving = np.vstack([moved, followers])
+    x0 = max(int(math.floor(moving[:, 0].min() - reach)), 0)
+    x1 = min(int(math.ceil(moving[:, 0].max() + reach)) + 1, w)
+    y0 = max(int(math.floor(moving[:, 1].min() - reach)), 0)
+    y1 = min(int(math.ceil(moving[:, 1].max() + reach)) + 1, h)
     if a.real > 0:  # upright enough: rows above the fade's start (canonical y = JAW_FADE[0]) never move
         top = (JAW_FADE[0] - t.imag - a.imag * np.array([x0, x1])) / a.real
         y0 = max(y0, int(math.floor(top.min())))
@@ -457,7 +477,12 @@ def composite_frame(
     cv2.fillPoly(hard, [np.round(polygon * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
     face = np.zeros((ph, pw), np.uint8)
     cv2.fillPoly(face, [np.round((face_outline(pts, jaw_points) - origin) * 16).astype(np.int32)], 1, shift=4)
-    hard &= face
+    margin_px = int(round(JAW_EDGE_MARGIN / abs(warp.similarity[0])))
+    inside = face
+    if margin_px > 0:
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1, 2 * margin_px + 1))
+        inside = cv2.erode(face, disk, borderType=cv2.BORDER_REPLICATE)
+    hard &= inside
     hard &= cv2.erode(patch.mask, np.ones((3, 3), np.uint8), borderValue=0)
     if not hard.any():
         return CompositeResult(frame, False)
