@@ -11,8 +11,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -202,6 +203,33 @@ def confidence_report(renders: Iterable[composite_pb2.RenderResult]) -> dict:
         "frames_low_confidence": sum(r.frames_low_confidence for r in renders),
         "worst_frames": worst[:WORST_FRAMES],
     }
+
+
+class ChunkSlots:
+    """At most `count` chunk stage calls of a job at once (JobOptions.max_parallel_chunks); a composite waiting for a
+    slot goes before waiting textures, so finished textures become video first."""
+
+    def __init__(self, count: int) -> None:
+        self._ready = threading.Condition()
+        self._free = max(1, int(count))
+        self._urgent = 0
+
+    @contextmanager
+    def hold(self, *, urgent: bool = False) -> Iterator[None]:
+        """A slot for the duration of the block."""
+        with self._ready:
+            self._urgent += urgent
+            try:
+                self._ready.wait_for(lambda: self._free > 0 and (urgent or self._urgent == 0))
+            finally:
+                self._urgent -= urgent
+            self._free -= 1
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._free += 1
+                self._ready.notify_all()
 
 
 def retry_delay(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
@@ -421,7 +449,13 @@ class Pipeline:
         for stage in chunk_stages:
             report.progress(stage, 0, frames, "frames")
 
+        slots = ChunkSlots(parallel)
+
         def texture_chunk(bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
+            with slots.hold():
+                return texture_and_teeth(bounds)
+
+        def texture_and_teeth(bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
             frame_range = common_pb2.FrameRange(start=bounds[0], stop=bounds[1])
             synthesized = call(
                 Stage.STAGE_TEXTURE,
@@ -471,28 +505,30 @@ class Pipeline:
             neighbours = [j for j in (index - 1, index + 1) if 0 <= j < len(ranges)]
             chunks = [texture_futures[index].result(), *(texture_futures[j].result() for j in neighbours)]
             bounds = ranges[index]
-            rendered = call(
-                Stage.STAGE_COMPOSITE,
-                lambda: c.composite.Render(
-                    composite_pb2.RenderRequest(
-                        frames=common_pb2.FrameRange(start=bounds[0], stop=bounds[1]),
-                        target_video=spec.target_video,
-                        target_analysis=analysis.manifest,
-                        textures=chunks,
-                        retiming_map=retimed.retiming_map,
-                        mouth_shapes=predicted.mouth_shapes,
-                        options=options.composite,
-                    )
-                ),
-                streaming=True,
-                progress=False,
-            )
+            with slots.hold(urgent=True):
+                rendered = call(
+                    Stage.STAGE_COMPOSITE,
+                    lambda: c.composite.Render(
+                        composite_pb2.RenderRequest(
+                            frames=common_pb2.FrameRange(start=bounds[0], stop=bounds[1]),
+                            target_video=spec.target_video,
+                            target_analysis=analysis.manifest,
+                            textures=chunks,
+                            retiming_map=retimed.retiming_map,
+                            mouth_shapes=predicted.mouth_shapes,
+                            options=options.composite,
+                        )
+                    ),
+                    streaming=True,
+                    progress=False,
+                )
             report.output(Stage.STAGE_COMPOSITE, f"segment/{bounds[0]:06d}", rendered.segment)
             chunk_done(Stage.STAGE_COMPOSITE, bounds)
             return rendered
 
         # Textures (and teeth) of the chunks in one pool, their composites in another: a composite waits for its
-        # own and its neighbours' textures, which the other pool makes, so neither pool can block the other.
+        # own and its neighbours' textures, which the other pool makes, so neither pool can block the other; the
+        # slots keep the stage calls in flight to max_parallel_chunks.
         with ThreadPoolExecutor(max_workers=parallel) as texture_pool, ThreadPoolExecutor(max_workers=parallel) as pool:
             texture_futures = [texture_pool.submit(texture_chunk, bounds) for bounds in ranges]
             futures = [pool.submit(composite_chunk, index) for index in range(len(ranges))]

@@ -74,6 +74,7 @@ HISTOGRAM_SLOPE_RANGE = (0.5, 2.0)  # local slopes of the histogram-matching cur
 MEASURE_RADIUS = 0.12
 MEASURE_EDGE_RADIUS = 0.04
 MEASURE_MOUTH_MARGIN = 0.12
+MEASURE_IOD_PX = 64.0  # faces larger than this (inter-ocular pixels) are measured scaled down to it
 
 
 @dataclass(frozen=True)
@@ -569,12 +570,22 @@ def _measure_blend(
     region &= mouth == 0
     if region.sum() < 16:
         return math.nan, math.nan
+    support = face > 0
+    # A big face is measured scaled down: the same numbers (the radii scale with it), a fraction of the work.
+    scale = min(1.0, MEASURE_IOD_PX / max(iod, 1.0))
+    if scale < 1.0:
+        size = (max(1, round(result.shape[1] * scale)), max(1, round(result.shape[0] * scale)))
+        result = cv2.resize(result, size, interpolation=cv2.INTER_AREA)
+        target = cv2.resize(target, size, interpolation=cv2.INTER_AREA)
+        region = cv2.resize(region.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        support = cv2.resize(support.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        iod *= scale
     colour, edges = artifact_maps(
         result,
         target,
         radius_px=max(2.0, MEASURE_RADIUS * iod),
         edge_radius_px=max(1.0, MEASURE_EDGE_RADIUS * iod),
-        support=face > 0,
+        support=support,
     )
     score = score_maps(colour, edges, region)
     return score.colour, score.edges

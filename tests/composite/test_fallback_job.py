@@ -9,7 +9,9 @@ import pytest
 from audio2video.composite.v1 import composite_pb2
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+from deploy.local import stack_environment
 from orchestrator.cli import upload
+from services.evaluation.evaluate import render_job_report
 from services.face.video import iter_frames
 from tests.conftest import SHARED_DATA
 from tests.face.helpers import encode_clip
@@ -46,6 +48,11 @@ def test_a_turn_past_the_limit_falls_back_and_the_manifest_says_so(e2e_stack, tm
     worst = result.worst_frames[0]
     assert worst.reason == "yaw" and worst.value > MAX_YAW * 7 / 8 and worst.blend == 0.0
     assert [w.confidence for w in result.worst_frames] == sorted(w.confidence for w in result.worst_frames)
+    # `a2v eval output --job` reports the same shares (and no retiming map: the frames correspond one to one).
+    report, frame_map = render_job_report(job.id, environ=stack_environment(e2e_stack.env))
+    assert frame_map is None and report["frames"] == FRAMES
+    assert report["passthrough_share"] == pytest.approx(result.frames_passthrough / FRAMES)
+    assert report["worst_frames"][0]["reason"] == "yaw"
 
     # The frames kept for low confidence show the target's own mouth: they differ from the target as little as the
     # encoder makes any frame differ, the synthesized ones more (around the mouth).
