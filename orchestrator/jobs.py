@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator.leases import Leases
 from orchestrator.pipeline import Pipeline, Reporter, StageFailed, retry_delay, stage_name
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Env
@@ -42,7 +43,7 @@ from services.runtime.protos import load_result, store_result
 log = logging.getLogger(__name__)
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 STATUS_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
-RESERVED_NAMES = {"job.json", "lease.json"}
+RESERVED_NAMES = {"job.json", "lease.json", "cancel.json"}
 """Objects of a job's folder that its output may not replace."""
 
 
@@ -60,15 +61,18 @@ class JobLimits:
     max_queued: int = 100
     keep_finished: int = 200
     outage_seconds: float = 120.0
+    lease_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> JobLimits:
-        """A2V_MAX_RUNNING_JOBS (4), A2V_MAX_QUEUED_JOBS (100), A2V_OUTAGE_SECONDS (120)."""
+        """A2V_MAX_RUNNING_JOBS (4), A2V_MAX_QUEUED_JOBS (100), A2V_OUTAGE_SECONDS (120), A2V_JOB_LEASE_SECONDS (30:
+        how long a replica's hold on a job lasts unless renewed; a replica that died loses its jobs after it)."""
         env = Env(environ)
         limits = cls(
             max_running=env.get_int("A2V_MAX_RUNNING_JOBS", cls.max_running, minimum=1, maximum=256),
             max_queued=env.get_int("A2V_MAX_QUEUED_JOBS", cls.max_queued, minimum=0, maximum=100_000),
             outage_seconds=env.get_float("A2V_OUTAGE_SECONDS", cls.outage_seconds, minimum=0.0, maximum=86400.0),
+            lease_seconds=env.get_float("A2V_JOB_LEASE_SECONDS", cls.lease_seconds, minimum=1.0, maximum=3600.0),
         )
         env.check()
         return limits
@@ -82,6 +86,11 @@ def now() -> Timestamp:
 
 def manifest_key(job_id: str) -> str:
     return f"jobs/{job_id}/job.json"
+
+
+def cancel_key(job_id: str) -> str:
+    """A cancellation asked of a replica that does not run the job: the one that does sees it and stops."""
+    return f"jobs/{job_id}/cancel.json"
 
 
 def output_key(job_id: str, requested: str) -> str:
@@ -121,6 +130,7 @@ class JobRun:
         self.stop = threading.Event()
         self.started = time.monotonic()
         self.fingerprint = fingerprint(job)
+        self.lost = False  # another replica took the job over: nothing more is recorded from here
 
     def ended(self) -> bool:
         """Whether the change to a terminal state was emitted (the job's state is set a moment before: its
@@ -276,10 +286,15 @@ class JobReporter(Reporter):
 class JobManager:
     """Submits, queues, runs, watches and cancels jobs over one pipeline and one object store."""
 
-    def __init__(self, store: BlobStore, pipeline: Pipeline, limits: JobLimits | None = None) -> None:
+    def __init__(
+        self, store: BlobStore, pipeline: Pipeline, limits: JobLimits | None = None, leases: Leases | None = None
+    ) -> None:
         self.store = store
         self.pipeline = pipeline
         self.limits = limits or JobLimits()
+        self.leases = leases  # None: the only replica (no lease objects)
+        self.keeper: threading.Thread | None = None
+        self.ended: set[str] = set()  # ids of jobs found terminal in the store: never taken up again
         self.runs: dict[str, JobRun] = {}
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
@@ -334,6 +349,8 @@ class JobManager:
         again.ClearField("outcome")
         again.state, again.retries = pb.JOB_STATE_QUEUED, job.retries + 1
         again.updated.CopyFrom(now())
+        if self.store.exists(cancel_key(job_id)):
+            self.store.delete(cancel_key(job_id))
         self._admit(again, lambda: self._write(again), previous=job.state)
         return again
 
@@ -349,6 +366,8 @@ class JobManager:
             self.admitting += 1
         try:
             write()
+            if self.leases is not None and not self.leases.acquire(job.id):
+                raise FailedPrecondition(f"job {job.id} is run by another orchestrator replica")
         finally:
             with self.lock:
                 self.admitting -= 1
@@ -367,6 +386,7 @@ class JobManager:
         """Put `run` at the end of the queue and make sure runners are there to take it (lock held)."""
         self.queue.append(run)
         self._renumber()
+        self._keep()
         while len(self.runners) < self.limits.max_running:
             runner = threading.Thread(target=self._runner, name=f"job-runner-{len(self.runners) + 1}", daemon=True)
             self.runners.append(runner)
@@ -395,32 +415,84 @@ class JobManager:
             raise InvalidInput("no job spec given")
 
     def resume(self) -> int:
-        """Queue again every job whose manifest says it had not finished (the orchestrator restarted), oldest first.
+        """Queue again every unfinished job that no replica holds (this orchestrator restarted, or another replica
+        died: its leases expired), oldest first; with leases, only those whose lease this replica took.
 
         A manifest that cannot be read is skipped with an error in the log: one bad record must not keep the
         orchestrator from starting (a crash loop) or the other jobs from running.
         """
         found = []
         for key in list(self.store.list_keys("jobs/")):
-            if not key.endswith("/job.json"):
+            if not key.endswith("/job.json") or key.split("/")[1] in self.runs or key.split("/")[1] in self.ended:
                 continue
             try:
                 job = load_result(self.store, key, pb.Job)
             except (IntegrityError, InvalidInput) as exc:
                 log.error("skipping the job record %s: %s", key, exc)
+                self.ended.add(key.split("/")[1])
                 continue
+            if job is not None and job.state in TERMINAL:
+                self.ended.add(job.id)
             if job is None or job.state in TERMINAL or job.id in self.runs:
                 continue
+            if self.leases is not None:
+                holder = self.leases.holder(job.id)
+                if holder is not None and holder.owner != self.leases.owner and not holder.expired():
+                    continue
+                if not self.leases.acquire(job.id):
+                    continue
+                job = self._load(job.id) or job  # as its last owner left it
             found.append(job)
         found.sort(key=lambda j: j.created.ToNanoseconds())
         with self.lock:
+            self._keep()  # from the start: a replica with no job of its own still takes over a dead one's
             for job in found:
                 job.state = pb.JOB_STATE_QUEUED
-                self.runs[job.id] = JobRun(job)
-                self._enqueue(self.runs[job.id])  # past the bound if need be: accepted jobs are never dropped
+                run = self.runs[job.id] = JobRun(job)
+                if self.store.exists(cancel_key(job.id)):  # asked while nobody ran it
+                    job.cancel_requested = True
+                    run.stop.set()
+                self._enqueue(run)  # past the bound if need be: accepted jobs are never dropped
         if found:
-            log.info("resumed %d unfinished jobs", len(found))
+            log.info("took up %d unfinished jobs", len(found))
         return len(found)
+
+    def _keep(self) -> None:
+        """Start the thread that keeps this replica's leases (once; lock held or at start)."""
+        if self.leases is not None and self.keeper is None:
+            self.keeper = threading.Thread(target=self._keep_leases, name="job-leases", daemon=True)
+            self.keeper.start()
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of this replica's jobs, stop those another replica took, act on cancellations asked of
+        other replicas, and take up jobs whose owner died; every third of the lease time."""
+        while True:
+            time.sleep(self.limits.lease_seconds / 3)
+            with self.lock:
+                mine = [run for run in self.runs.values() if run.job.state not in TERMINAL and not run.lost]
+            for run in mine:
+                try:
+                    if not self.leases.renew(run.job.id):
+                        self._lose(run)
+                    elif not run.stop.is_set() and self.store.exists(cancel_key(run.job.id)):
+                        log.info("job %s: cancellation asked through another replica", run.job.id)
+                        self.cancel(run.job.id)
+                except A2VError as exc:  # the store is down: the lease lasts a while yet
+                    log.warning("job %s: lease not renewed (%s)", run.job.id, exc)
+            try:
+                self.resume()
+            except A2VError as exc:
+                log.warning("looking for jobs to take up failed: %s", exc)
+
+    def _lose(self, run: JobRun) -> None:
+        """Another replica holds the job now: stop it here and record nothing more of it."""
+        run.lost = True
+        run.stop.set()
+        with self.lock:
+            if run in self.queue:
+                self.queue.remove(run)
+                self._renumber()
+            self.runs.pop(run.job.id, None)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -449,6 +521,11 @@ class JobManager:
                             self.succeeded.popitem(last=False)
                     self._forget(run)
                     self.wakeup.notify_all()
+                if self.leases is not None and run.job.state in TERMINAL and not run.lost:
+                    try:
+                        self.leases.release(run.job.id)
+                    except A2VError as exc:
+                        log.warning("job %s: lease not released (%s); it expires by itself", run.job.id, exc)
 
     def _next(self) -> JobRun | None:
         """The first queued job that may start (lock held): one identical to a running render waits for it, unless
@@ -542,6 +619,8 @@ class JobManager:
     def _save(self, run: JobRun, *, patient: bool = False) -> None:
         """Rewrite the job's manifest. A store that is down does not fail the job: a progress save is skipped (the
         next one writes the whole job), a change of state is tried again with backoff for `outage_seconds`."""
+        if run.lost:
+            return
         deadline = time.monotonic() + (self.limits.outage_seconds if patient else 0.0)
         attempt = 0
         while True:
@@ -594,6 +673,8 @@ class JobManager:
             job_id=job_id, sequence=sequence, time=now(), job_fraction_done=job.fraction_done, snapshot=job
         )
         if run is None:
+            if job.state not in TERMINAL:  # another replica runs it: follow its manifest
+                yield from self._watch_stored(job, is_active)
             return
         position = after_sequence if 0 < after_sequence <= sequence else sequence
         while is_active():
@@ -606,10 +687,54 @@ class JobManager:
             if run.ended() and position >= len(run.events):
                 return
 
+    def _watch_stored(self, job: pb.Job, is_active, poll_seconds: float = 1.0) -> Iterator[pb.JobEvent]:
+        """Events of a job another replica runs, from its manifest as that replica saves it: each stage's progress
+        and state, and the job's changes of state, numbered from 1 on this stream; until it ends."""
+        sequence = 0
+
+        def event(**fields) -> pb.JobEvent:
+            nonlocal sequence
+            sequence += 1
+            return pb.JobEvent(
+                job_id=job.id,
+                sequence=sequence,
+                time=now(),
+                job_fraction_done=current.fraction_done,
+                job_eta_seconds=current.eta_seconds,
+                **fields,
+            )
+
+        last = job
+        while is_active() and last.state not in TERMINAL:
+            time.sleep(poll_seconds)
+            current = self._load(job.id)
+            if current is None:
+                continue
+            before = {status.stage: status for status in last.stages}
+            for status in current.stages:
+                old = before.get(status.stage)
+                if old is None or (old.state, old.done, old.total) != (status.state, status.done, status.total):
+                    name = stage_name(status.stage)
+                    yield event(
+                        progress={"stage": name, "done": status.done, "total": status.total, "unit": status.unit}
+                    )
+            if current.state != last.state:
+                yield event(
+                    state_changed=pb.JobStateChange(
+                        previous=last.state, current=current.state, reason=current.failure_reason, result=current.result
+                    )
+                )
+            last = current
+
     def cancel(self, job_id: str) -> pb.Job:
-        """Ask a job to stop: a queued one leaves the queue at once, a running one stops within seconds."""
+        """Ask a job to stop: a queued one leaves the queue at once, a running one stops within seconds. A job
+        another replica runs is asked through the store; that replica stops it within a third of a lease."""
         job = self.get(job_id)
         run = self.runs.get(job_id)
+        if run is None and job.state not in TERMINAL and self.leases is not None:
+            self.store.put_bytes(cancel_key(job_id), b"{}", content_type="application/json")
+            job.cancel_requested = True
+            return job
         if run is None or job.state in TERMINAL:
             return job
         job.cancel_requested = True
@@ -624,6 +749,8 @@ class JobManager:
             self._set_state(run, pb.JOB_STATE_CANCELLED, "cancelled before it started")
             with self.lock:
                 self._forget(run)
+            if self.leases is not None:
+                self.leases.release(job_id)
         else:
             self._save(run)
         return job

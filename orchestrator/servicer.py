@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from orchestrator.jobs import JobLimits, JobManager
+from orchestrator.leases import Leases
 from orchestrator.pipeline import DEFAULT_SERVE_WAIT_SECONDS, Pipeline, RetryPolicy, StageClients
 from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
-from services.runtime.config import Config, Env
+from services.runtime.config import Config, Env, parse_address
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
@@ -57,6 +59,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.ListJobsResponse(jobs=jobs)
 
 
+def replica_id(config: Config) -> str:
+    """A2V_REPLICA_ID, default host name and port: the same after a restart in place (a restarted replica takes its
+    own jobs back at once), different for every other replica (a Kubernetes pod's name is its host name)."""
+    env = Env()
+    value = env.get_str("A2V_REPLICA_ID", "")
+    env.check()
+    return value or f"{socket.gethostname()}:{parse_address(config.server.listen)[1]}"
+
+
 def serve_wait_seconds() -> float:
     """A2V_SERVE_WAIT_SECONDS: how long a training job waits for TF Serving to serve its new version (120)."""
     env = Env()
@@ -75,7 +86,8 @@ def bindings(config: Config) -> list[ServiceBinding]:
         retry=RetryPolicy.from_env(),
         serve_wait_seconds=serve_wait_seconds(),
     )
-    jobs = JobManager(store, pipeline, JobLimits.from_env())
+    limits = JobLimits.from_env()
+    jobs = JobManager(store, pipeline, limits, Leases(store, replica_id(config), limits.lease_seconds))
 
     def load() -> None:
         wait_for_store(store)

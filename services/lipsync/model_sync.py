@@ -26,9 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf import text_format
-from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
-from tensorflow_serving.config import model_server_config_pb2
 
 from services.lipsync.versions import stored_speakers, stored_versions, version_prefix
 from services.runtime.blobstore import BlobStore, wait_for_store
@@ -70,14 +67,15 @@ class SyncConfig:
         return config
 
 
-def model_list(speakers: list[str], base_path: str) -> model_server_config_pb2.ModelServerConfig:
-    """TF Serving's model list: one model per speaker, named after it, newest version served."""
-    config = model_server_config_pb2.ModelServerConfig()
-    models = config.model_config_list
-    models.SetInParent()
-    for speaker in sorted(speakers):
-        models.config.add(name=speaker, base_path=f"{base_path.rstrip('/')}/{speaker}", model_platform="tensorflow")
-    return config
+def model_list(speakers: list[str], base_path: str) -> str:
+    """TF Serving's model list (ModelServerConfig, text format): one model per speaker, named after it, the newest
+    version served. Written as text here, so `--once` starts without TensorFlow's protobuf modules (seconds)."""
+    entries = "".join(
+        f'  config {{\n    name: "{speaker}"\n    base_path: "{base_path.rstrip("/")}/{speaker}"\n'
+        f'    model_platform: "tensorflow"\n  }}\n'
+        for speaker in sorted(speakers)
+    )
+    return f"model_config_list {{\n{entries}}}\n"
 
 
 class ModelSync:
@@ -88,7 +86,7 @@ class ModelSync:
         self.config = config
         self.sent: str | None = None  # the list TF Serving was last given
         self.channel = create_channel(config.serving_address, ["tensorflow.serving.ModelService"], timeout_seconds=60)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self._models = None  # TF Serving's ModelService stub, made when first needed (it imports TensorFlow's protos)
 
     def copy_versions(self) -> list[str]:
         """Copy every complete stored version that the folder lacks; the speakers that have one."""
@@ -115,7 +113,7 @@ class ModelSync:
 
     def write_list(self, speakers: list[str]) -> str:
         """Write the model list (text, as --model_config_file reads it) if it changed; returns it."""
-        text = text_format.MessageToString(model_list(speakers, self.config.base_path or str(self.config.folder)))
+        text = model_list(speakers, self.config.base_path or str(self.config.folder))
         path = self.config.folder / CONFIG_NAME
         if not path.exists() or path.read_text() != text:
             self.config.folder.mkdir(parents=True, exist_ok=True)
@@ -133,10 +131,15 @@ class ModelSync:
         """
         if text == self.sent:
             return True
+        from google.protobuf import text_format
+        from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+
+        if self._models is None:
+            self._models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         request = model_management_pb2.ReloadConfigRequest()
         text_format.Parse(text, request.config)
         try:
-            response = self.models.HandleReloadConfigRequest(request)
+            response = self._models.HandleReloadConfigRequest(request)
         except grpc.RpcError as exc:
             code, detail = rpc_failure(exc)
             log.warning(

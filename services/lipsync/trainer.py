@@ -34,7 +34,7 @@ import numpy as np
 from audio2video.lipsync.v1 import lipsync_pb2
 from services.lipsync import model as lstm
 from services.lipsync.core import shapes_from_coefficients
-from services.lipsync.versions import stored_versions, version_prefix
+from services.lipsync.versions import reserve_version, stored_versions, version_prefix  # noqa: F401 (re-exported)
 from services.runtime.blobstore import NPZ_CONTENT_TYPE, BlobStore
 from services.runtime.canonical import mouth_opening_ratio
 from services.runtime.config import Config, ConfigError
@@ -479,7 +479,8 @@ def train_speaker(
     models_root = Path(models_dir) / speaker if models_dir else None
     if models_root is not None:
         models_root.mkdir(parents=True, exist_ok=True)
-    version = 1 + max([0, *stored_versions(store, speaker), *(_disk_versions(models_root) if models_root else [])])
+    on_disk = _disk_versions(models_root) if models_root else []
+    version = reserve_version(store, speaker, at_least=1 + max([0, *on_disk]))  # atomically: no two trainings share it
     prefix = version_prefix(speaker, version)
     work = Path(
         tempfile.mkdtemp(prefix=f".{version}.partial-", dir=models_root)

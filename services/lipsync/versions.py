@@ -5,7 +5,11 @@ A version is complete once its `assets.extra/model_card.json` exists (the traine
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import time
 from collections.abc import Mapping
 
 from google.protobuf import json_format
@@ -31,6 +35,28 @@ def stored_versions(store: BlobStore, speaker: str) -> list[int]:
     pattern = re.compile(rf"models/{re.escape(speaker)}/(\d+)/assets\.extra/model_card\.json")
     found = {int(m.group(1)) for key in store.list_keys(f"models/{speaker}/") if (m := pattern.fullmatch(key))}
     return sorted(v for v in found if v > 0)
+
+
+def reservation_key(speaker: str, version: int) -> str:
+    return f"models/{speaker}/reserved/{version}.json"
+
+
+def reserve_version(store: BlobStore, speaker: str, *, at_least: int = 1, owner: str = "") -> int:
+    """The next version number of `speaker`, taken for good: a conditional write of its reservation, so two
+    trainings finishing at once never export to the same `models/<speaker>/<version>/` (each gets its own).
+
+    Numbers go on from the highest stored or reserved version (and `at_least`); one another trainer reserved first
+    is skipped.
+    """
+    pattern = re.compile(rf"models/{re.escape(speaker)}/reserved/(\d+)\.json")
+    reserved = [
+        int(m.group(1)) for key in store.list_keys(f"models/{speaker}/reserved/") if (m := pattern.fullmatch(key))
+    ]
+    version = max([at_least - 1, *stored_versions(store, speaker), *reserved]) + 1
+    body = json.dumps({"owner": owner or f"{socket.gethostname()}:{os.getpid()}", "at": time.time()}).encode()
+    while store.write_versioned(reservation_key(speaker, version), body, etag=None) is None:
+        version += 1
+    return version
 
 
 def stored_speakers(store: BlobStore) -> list[str]:

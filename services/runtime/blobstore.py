@@ -33,7 +33,7 @@ from services.runtime.errors import (
     TooLarge,
     Unavailable,
 )
-from services.runtime.keys import content_key, is_derived_key, sha256_bytes, sha256_file, validate_key
+from services.runtime.keys import ZIP_EPOCH, content_key, is_derived_key, sha256_bytes, sha256_file, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,6 @@ _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NoSuchUpload", "
 _AUTH_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
 _EXISTS_CODES = {"PreconditionFailed"}  # a conditional write (If-None-Match: *) found the key taken
 _CONFLICT_CODES = {"ConditionalRequestConflict"}  # another conditional write of the key is in flight
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-"""Date of every member of the archives the runtime writes: with the clock in them, equal content gave unequal
-bytes (and unequal sha256), so two writers of one deterministic key disagreed about what it holds."""
 REREAD_DELAY_SECONDS = 0.5
 
 
@@ -268,6 +265,49 @@ class BlobStore:
             bucket=bucket,
             if_absent=if_absent,
         )
+
+    # -- compare-and-swap (leases, reservations) --------------------------------------------------
+
+    def read_versioned(self, key: str, *, bucket: str | None = None) -> tuple[bytes, str] | None:
+        """A small object and its ETag (the version a `write_versioned` must name), or None when absent."""
+        bucket = bucket or self.bucket
+        validate_key(key)
+        try:
+            with self._translate(bucket, key):
+                response = self.client.get_object(bucket, key)
+                try:
+                    return response.read(), response.headers.get("ETag", "").strip('"')
+                finally:
+                    response.close()
+                    response.release_conn()
+        except NotFound:
+            return None
+
+    def write_versioned(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        etag: str | None,
+        content_type: str = "application/json",
+        bucket: str | None = None,
+    ) -> str | None:
+        """Write `key` only if it is still the version `etag` names (If-Match), or, with `etag=None`, only if it
+        does not exist (If-None-Match: *). Returns the new ETag, or None when another writer got there first:
+        the store decides atomically, so of two writers naming the same version exactly one wins."""
+        bucket = bucket or self.bucket
+        validate_key(key)
+        headers = genheaders({SHA256_META: sha256_bytes(data)}, None, None, None, False)
+        headers["Content-Type"] = content_type
+        headers["If-Match" if etag else "If-None-Match"] = f'"{etag}"' if etag else "*"
+        try:
+            with self._translate(bucket, key, passthrough=_EXISTS_CODES | _CONFLICT_CODES | _MISSING_CODES):
+                result = self.client._put_object(bucket, key, data, headers)
+        except S3Error as exc:
+            if exc.code in _EXISTS_CODES | _CONFLICT_CODES or (etag and exc.code == "NoSuchKey"):
+                return None
+            raise NotFound(f"bucket not found: {bucket} ({exc.code})") from exc
+        return (result.etag or "").strip('"')
 
     # -- reads ---------------------------------------------------------------------------------
 

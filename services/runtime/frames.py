@@ -13,8 +13,8 @@ import zipfile
 import cv2
 import numpy as np
 
-from services.runtime.blobstore import ZIP_EPOCH
 from services.runtime.errors import InvalidInput
+from services.runtime.keys import ZIP_EPOCH
 
 FRAMES_FORMAT = "a2v-frames-png/1"
 FRAMES_CONTENT_TYPE = "application/x-a2v-frames+zip"

@@ -15,6 +15,9 @@ MAX_KEY_LENGTH = 1024
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SPEAKER = re.compile(r"[a-z0-9_-]{1,64}")
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+"""Date of every member of the archives the runtime writes (frame zips, npz): with the clock in them, equal content
+gave unequal bytes (and unequal sha256), so two writers of one deterministic key disagreed about what it holds."""
 _DERIVED = re.compile(r"^[A-Za-z0-9._=+-]+/[0-9a-f]{32}/|/[0-9a-f]{64}[^/]*$")
 
 

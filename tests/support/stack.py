@@ -52,14 +52,16 @@ class Stack:
         state = json.loads((Path(self.env["A2V_STACK_DIR"]) / "state.json").read_text())
         return next(entry["pid"] for entry in state if entry["name"] == name)
 
-    def submit(self, audio: Path, **options) -> pb.Job:
-        spec = pb.RenderJobSpec(
+    def spec(self, audio: Path, **options) -> pb.RenderJobSpec:
+        return pb.RenderJobSpec(
             audio=upload(self.store, audio),
             target_video=upload(self.store, SPEAKER_VIDEO),
             model=lipsync_pb2.ModelSpec(speaker=SPEAKER),
             options=pb.JobOptions(**options),
         )
-        return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=60).job
+
+    def submit(self, audio: Path, **options) -> pb.Job:
+        return self.stub.SubmitJob(pb.SubmitJobRequest(spec=self.spec(audio, **options)), timeout=60).job
 
     def job(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30).job
@@ -87,6 +89,7 @@ class Stack:
 def trained_stack(root: Path) -> Iterator[Stack]:
     """The local stack with two texture replicas and the `e2e` speaker trained through the job API; stopped after."""
     env = make_stack_env(root, replicas=2)
+    env["A2V_JOB_LEASE_SECONDS"] = "6"  # a second orchestrator takes over a dead one's jobs within seconds
     try:
         up = a2v(env, "up", timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
