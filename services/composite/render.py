@@ -14,15 +14,15 @@ j = 3..13 the canonical displacement is
 with w_j = clip((y_j - y_angle) / (y_chin - y_angle), 0, 1) on the template (1 at the chin, 0 at points 3/13) and
 gain 0.6 (the chin moved 0.57-0.65 times the lower lip on the analysed clips; the inner-lip gap is used because it
 is 0 for a closed mouth whoever speaks, so a speaker model driving another person's face adds no bias). When the
-texture stage reports the weighted-mean jaw line of its candidates, the jaw goes there instead (delta_j = mean_jaw_j -
-target_jaw_j, both directions: with pose-aware candidates their jaw lines differ from the target's by the mouth,
-not the pose; the sideways part at most MAX_JAW_SIDEWAYS, points 3 and 13 half way): that is where the texture's
-own chin lies, so the frame's chin edge lands where the texture's is. Canonical displacements become frame pixels
+texture stage reports the weighted-mean jaw line of its candidates, the chin goes there instead (the vertical part of
+mean_jaw_j - target_jaw_j, tapered the same way: a sideways move of the jaw would bend the cheek contour and the
+collar or wall beside it): that is where the texture's own chin lies. Canonical displacements become frame pixels
 through the frame's similarity transform; the frame is then warped by a smooth backward field, a Gaussian
 radial-basis interpolation (sigma = 0.18 face-box widths) of -delta at the moved jaw points and at points CHIN_BAND
 below them (the beard, the shadow under the jaw and the edge move together), and 0 at fixed anchors (outer jaw 0-2
 and 14-16, nose, eye corners, upper lip, three points below the chin), faded out above the upper lip (nothing moves
-above the nose tip) and applied with cv2.remap. A zero displacement leaves the frame untouched. The blend then stays
+above the nose tip) and outside the face and the chin band (the background beside the face does not bend), and
+applied with cv2.remap. A zero displacement leaves the frame untouched. The blend then stays
 JAW_EDGE_MARGIN inside the moved jaw line: the only jaw edge in the output is the frame's own, moved.
 """
 
@@ -57,14 +57,13 @@ JAW_GAIN = 0.6
 JAW_SIGMA = 0.18  # face-box widths
 JAW_FADE = (0.5, 0.68)  # canonical y: no jaw displacement above the first (nose tip), full below the second
 MAX_JAW_SHIFT = 0.2  # canonical units (a fifth of the face box): larger requests are clipped
-MAX_JAW_SIDEWAYS = 0.05  # canonical units: the sideways part of a move to the candidates' jaw line, at most
-JAW_EDGE_WEIGHT = 0.5  # share of the move to the candidates' jaw line at points 3 and 13 (0-2 and 14-16 stay)
 # The chin region moves as one (beard, shadow under the jaw, the edge itself): points this far below each moved jaw
 # point, along the jaw line's outward normal, move with it (canonical units); the field fades out below them.
 CHIN_BAND = 0.06
 # The blend stays this far inside the (corrected) jaw line and cheeks (canonical units), so the edge shown there is
 # always the frame's own (moved) edge, never a second one from the texture's candidates.
 JAW_EDGE_MARGIN = 0.025
+JAW_FIELD_FADE = 0.05  # canonical units: outside the face and the chin band the jaw's field falls to 0 within this
 FEATHER_FRACTION = 0.08  # of the inter-ocular distance
 COLOR_GAIN_RANGE = (0.85, 1.18)  # mean_std contrast gain
 HISTOGRAM_SLOPE_RANGE = (0.5, 2.0)  # local slopes of the histogram-matching curve
@@ -73,7 +72,7 @@ HISTOGRAM_SLOPE_RANGE = (0.5, 2.0)  # local slopes of the histogram-matching cur
 # the mouths (whose change is the point) are left out this far around their outer lips.
 MEASURE_RADIUS = 0.12
 MEASURE_EDGE_RADIUS = 0.04
-MEASURE_MOUTH_MARGIN = 0.12
+MEASURE_MOUTH_MARGIN = 0.2
 MEASURE_IOD_PX = 64.0  # faces larger than this (inter-ocular pixels) are measured scaled down to it
 
 
@@ -149,8 +148,8 @@ def jaw_displacement(
         template: float [68, 2] canonical template (for the taper).
         synth_mouth: float [20, 2] synthesized mouth shape (points 48-67), canonical units.
         mean_jaw: float [17, 2] weighted-mean jaw line of the texture's candidates, canonical units; when given
-            (and finite) it wins over `synth_mouth`: the target's points 4..12 go there (the sideways part at most
-            MAX_JAW_SIDEWAYS), points 3 and 13 JAW_EDGE_WEIGHT of the way.
+            (and finite) it wins over `synth_mouth`: its vertical offset from the target's jaw, tapered from the
+            chin (1) to points 3 and 13 (0), is applied.
         gain: Chin displacement per unit of extra inner-lip opening.
 
     Returns:
@@ -158,12 +157,14 @@ def jaw_displacement(
     """
     current = np.asarray(target_canonical, dtype=np.float64)
     if mean_jaw is not None and np.isfinite(mean_jaw).all():
-        # The whole jaw line to the candidates' (their poses are the target's): a chin edge of the frame left where
-        # the texture's is not would show twice. Sideways moves are kept small (the cheek contour must not tear),
-        # and points 3 and 13 go half way towards the fixed 2 and 14.
-        delta = np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING] - current[JAW_MOVING]
-        delta[:, 0] = np.clip(delta[:, 0], -MAX_JAW_SIDEWAYS, MAX_JAW_SIDEWAYS)
-        delta[[0, -1]] *= JAW_EDGE_WEIGHT
+        # Only the vertical part, tapered like the opening model: the candidates' jaw lines also differ from the
+        # target's sideways, and moving the cheek contour sideways tears it and bends what stands beside it. Where
+        # the texture's jaw line still differs from the moved one, the blend's margin inside the jaw line
+        # (JAW_EDGE_MARGIN) keeps the texture's own edge out of the frame.
+        delta = np.zeros((len(JAW_MOVING), 2))
+        delta[:, 1] = (np.asarray(mean_jaw, dtype=np.float64)[JAW_MOVING, 1] - current[JAW_MOVING, 1]) * jaw_taper(
+            template
+        )
     elif synth_mouth is not None and np.isfinite(synth_mouth).all():
         extra = float(inner_opening(synth_mouth) - inner_opening(current[48:68]))
         delta = np.zeros((len(JAW_MOVING), 2))
@@ -265,6 +266,16 @@ def correct_jaw(
     x0, y0 = x0 + c0 * step, y0 + r0 * step
     x1, y1 = min(x0 + (c1 - c0) * step, x1), min(y0 + (r1 - r0) * step, y1)
     field = field[: y1 - y0, : x1 - x0]
+    # Only the face and the chin region below the jaw line move: the background beside the face and below its sides
+    # stays (a moving jaw would otherwise bend the lines of a wall or a collar next to it).
+    region = np.zeros(field.shape[:2], np.uint8)
+    origin = np.array([x0, y0])
+    chin = np.vstack([moved[inner], followers[::-1]])
+    for polygon in (np.vstack([pts[:3], pts[JAW_MOVING], pts[14:17]]), np.vstack([pts[:3], moved, pts[14:17]]), chin):
+        cv2.fillPoly(region, [np.round((polygon - origin) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    outside = cv2.distanceTransform(1 - region, cv2.DIST_L2, 3)
+    weight = np.clip(1.0 - outside / max(JAW_FIELD_FADE * face_px, 1.0), 0.0, 1.0)
+    field *= (weight * weight * (3.0 - 2.0 * weight))[..., None]
     field[..., 0] += np.arange(x0, x1, dtype=np.float32)[None, :]
     field[..., 1] += np.arange(y0, y1, dtype=np.float32)[:, None]
     out = frame.copy()

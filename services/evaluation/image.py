@@ -166,7 +166,12 @@ def frame_seam_energy(frame: np.ndarray, landmarks: np.ndarray) -> float:
 ARTIFACT_RADIUS_FRACTION = 0.12  # of the inter-ocular distance: colour that moved less than this is not foreign
 ARTIFACT_EDGE_RADIUS_FRACTION = 0.04  # of the inter-ocular distance: an edge this close to the target's is its own
 ARTIFACT_BAND_FRACTION = 0.15  # of the inter-ocular distance: the band outside the jaw line that is scored too
-ARTIFACT_MOUTH_MARGIN = 0.12  # of the inter-ocular distance: the mouth (which may differ) is left out this far
+# Of the inter-ocular distance: edges count within this of the jaw line and cheek outline, where a second contour
+# shows. Inside the face, the texture's own folds and creases sit where its candidates had them (an opened mouth
+# moves them): not an artifact of the compositing, which colour still watches there.
+ARTIFACT_EDGE_BAND_FRACTION = 0.25
+ARTIFACT_MOUTH_MARGIN = 0.2  # of the inter-ocular distance: the mouth is left out this far (an opened mouth
+# legitimately moves the fold between lip and chin and the lips' shadows about this far)
 
 
 def _fill(shape: tuple[int, ...], polygon: np.ndarray) -> np.ndarray:
@@ -265,10 +270,15 @@ def frame_artifact_maps(
     x0, x1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, region.shape[1])
     box = (slice(y0, y1), slice(x0, x1))
     out_b, ref_b, region_b, interior_b = output[box], reference[box], region[box], interior[box].astype(bool)
-    edge_radius = max(1.0, ARTIFACT_EDGE_RADIUS_FRACTION * float(interocular_distance(landmarks)))
+    iod = float(interocular_distance(landmarks))
+    edge_radius = max(1.0, ARTIFACT_EDGE_RADIUS_FRACTION * iod)
     face_colour, edges = artifact_maps(out_b, ref_b, radius_px=radius, edge_radius_px=edge_radius, support=interior_b)
     any_colour, _ = artifact_maps(out_b, ref_b, radius_px=radius, edge_radius_px=edge_radius)
     colour = np.where(interior_b, face_colour, any_colour)
+    outline = np.zeros(region.shape, np.uint8)
+    thickness = max(2, int(round(2 * ARTIFACT_EDGE_BAND_FRACTION * iod)))
+    cv2.polylines(outline, [np.round(landmarks[:17]).astype(np.int32)], False, 1, thickness=thickness)
+    edges = edges * outline[box]
     return ArtifactMaps(
         (int(x0), int(y0), int(x1), int(y1)), colour, edges, region_b, score_maps(colour, edges, region_b)
     )
@@ -287,7 +297,8 @@ def frame_artifacts(
     The target is first given the output's jaw line (`jaw_compensated`: a corrected chin is not an artifact). Inside
     the face (its outline shrunk by the radius) only face pixels explain an output colour, so background on a chin
     or a cheek is foreign however close the background is; elsewhere any target pixel within the radius does. An
-    output edge counts where the target has none as strong within ARTIFACT_EDGE_RADIUS_FRACTION (a second contour).
+    output edge counts where the target has none as strong within ARTIFACT_EDGE_RADIUS_FRACTION, near the jaw line
+    and the cheek outline (ARTIFACT_EDGE_BAND_FRACTION: a second contour).
     See `services.composite.artifacts`.
 
     Args:

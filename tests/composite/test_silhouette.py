@@ -29,9 +29,11 @@ def shear(frame: np.ndarray, k: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def faces():
-    """Two frames of a real clip (downscaled to 422 px) and the same frames sheared both ways, analysed."""
+    """Two frames of a real clip (downscaled to 422 px), the same frames sheared both ways, and one cropped so that
+    the face touches the frame's edge, analysed."""
     frames = [cv2.resize(f, (422, 422), interpolation=cv2.INTER_AREA) for _, _, f in iter_frames(NEWS, stop=2)]
     frames += [shear(frames[0], 0.35), shear(frames[1], -0.35)]
+    frames.append(cv2.copyMakeBorder(frames[0][:, 110:], 0, 0, 0, 110, cv2.BORDER_REPLICATE))  # face at the left edge
     analysis = analyze_video(encode_clip(frames), detector=LandmarkDetector(), smoothing_cutoff_hz=0.0)
     assert analysis.face_valid.all()
     decoded = [f for _, _, f in iter_frames(encode_clip(frames))]
@@ -45,7 +47,7 @@ def outline_mask(landmarks: np.ndarray, shape, grow: int) -> np.ndarray:
     return cv2.dilate(mask, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)).astype(bool)
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_a_garish_texture_changes_nothing_outside_the_face(faces, index):
     """A texture that is all green (as if every candidate brought background) never shows past the jaw line or the
     cheeks: every changed pixel lies inside the face outline (plus the pyramid's roll-off of two pixels)."""
