@@ -253,6 +253,17 @@ def correct_jaw(
     fade = np.clip((canonical_y - JAW_FADE[0]) / (JAW_FADE[1] - JAW_FADE[0]), 0.0, 1.0)
     fade = fade * fade * (3.0 - 2.0 * fade)
     field = np.stack([gy.T @ (weights[:, c : c + 1] * gx) * fade for c in (0, 1)], axis=-1).astype(np.float32)
+    # Only the face and the chin region below the jaw line move: the background beside the face and below its sides
+    # stays (a moving jaw would otherwise bend the lines of a wall or a collar next to it). On the cells' grid.
+    region = np.zeros((ny, nx), np.uint8)
+    origin = np.array([x0 + (step - 1) / 2, y0 + (step - 1) / 2])
+    chin = np.vstack([moved[inner], followers[::-1]])
+    for polygon in (np.vstack([pts[:3], pts[JAW_MOVING], pts[14:17]]), np.vstack([pts[:3], moved, pts[14:17]]), chin):
+        cells = (polygon - origin) / step
+        cv2.fillPoly(region, [np.round(cells * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    outside = cv2.distanceTransform(1 - region, cv2.DIST_L2, 3) * np.float32(step)
+    weight = np.clip(1.0 - outside / max(JAW_FIELD_FADE * face_px, 1.0), 0.0, 1.0)
+    field *= (weight * weight * (3.0 - 2.0 * weight))[..., None]
     # Only cells that move by more than 1/50 pixel (or border them) are resampled.
     active = np.abs(field).max(axis=-1) > 0.02
     if not active.any():
@@ -266,16 +277,6 @@ def correct_jaw(
     x0, y0 = x0 + c0 * step, y0 + r0 * step
     x1, y1 = min(x0 + (c1 - c0) * step, x1), min(y0 + (r1 - r0) * step, y1)
     field = field[: y1 - y0, : x1 - x0]
-    # Only the face and the chin region below the jaw line move: the background beside the face and below its sides
-    # stays (a moving jaw would otherwise bend the lines of a wall or a collar next to it).
-    region = np.zeros(field.shape[:2], np.uint8)
-    origin = np.array([x0, y0])
-    chin = np.vstack([moved[inner], followers[::-1]])
-    for polygon in (np.vstack([pts[:3], pts[JAW_MOVING], pts[14:17]]), np.vstack([pts[:3], moved, pts[14:17]]), chin):
-        cv2.fillPoly(region, [np.round((polygon - origin) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-    outside = cv2.distanceTransform(1 - region, cv2.DIST_L2, 3)
-    weight = np.clip(1.0 - outside / max(JAW_FIELD_FADE * face_px, 1.0), 0.0, 1.0)
-    field *= (weight * weight * (3.0 - 2.0 * weight))[..., None]
     field[..., 0] += np.arange(x0, x1, dtype=np.float32)[None, :]
     field[..., 1] += np.arange(y0, y1, dtype=np.float32)[:, None]
     out = frame.copy()
