@@ -158,12 +158,19 @@ def test_watching_goes_on_across_an_orchestrator_restart(orchestrator, store, s3
     assert all(reason.startswith(("UNAVAILABLE", "CANCELLED")) for reason in drops), drops
 
 
+def _interruptible() -> None:
+    """The child takes Ctrl-C as a user's shell gives it. A test run started in the background (`make test &`)
+    ignores SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def a2v_watch(env: dict[str, str], job_id: str, **streams) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "watch", job_id],
         cwd=REPO,
         env={**os.environ, **env},
         text=True,
+        preexec_fn=_interruptible,
         **streams,
     )
 
