@@ -10,13 +10,12 @@ from fractions import Fraction
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from services.runtime.canonical import mouth_opening_ratio
+from services.runtime.canonical import INNER_LIP_PAIRS, mouth_opening_ratio
 from services.runtime.errors import InvalidInput
 
 FEATURE_DIM = 28
 MOUTH_POINTS = 20
 # Inner-lip pairs (dlib 61-67, 62-66, 63-65 as indices into points 48-67) that meet when the mouth closes.
-INNER_LIP_PAIRS = ((13, 19), (14, 18), (15, 17))
 
 ModelRun = Callable[[np.ndarray], np.ndarray]
 """Runs the LSTM on float32 [t, 28] normalised features; returns float32 [t, K], row i = mouth at row i - delay."""

@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"max_epochs": args.max_epochs} if args.max_epochs else {}
         fit = trainer.fit_speaker(arrays, pca, overrides=overrides, name=f"{minutes:g} min")
         seconds = time.monotonic() - tic
-        aligned = build_speaker_dataset([test], validation_fraction=0.0, sync_correction=False)
         norm = ((test.features - dataset.feature_mean) / dataset.feature_std).astype(np.float32)
         delay = fit.settings.delay_steps
         row = {
@@ -202,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         row["predicted_sync_offset_s"] = estimate_sync_offset(predicted_clip).seconds
-        del aligned
         if free is not None:
             fnorm = ((free.values - dataset.feature_mean) / dataset.feature_std).astype(np.float32)
             times = np.arange(int(len(free.values) / 100 * 25)) / 25.0

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from services.lipsync.core import INNER_LIP_PAIRS, MOUTH_POINTS
+from services.lipsync.core import MOUTH_POINTS, shapes_from_coefficients
+from services.runtime.canonical import INNER_LIP_PAIRS, MOUTH_CORNERS, mouth_opening_ratio
 from services.runtime.errors import Cancelled, InvalidInput
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (lazily, below)
@@ -24,8 +25,6 @@ DEFAULT_DELAY_STEPS = 20
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "features"
 OUTPUT_KEY = "coefficients"
-# Mouth corners (dlib 48 and 54) as indices into points 48-67: their distance is the mouth width.
-MOUTH_CORNERS = (0, 6)
 
 
 @dataclass(frozen=True)
@@ -739,11 +738,7 @@ def amplitude_gain(
         return 1.0
 
     def spread(coefficients: np.ndarray) -> float:
-        flat = np.asarray(pca_mean, np.float64) + coefficients @ np.asarray(pca_components, np.float64)
-        opening = mouth_opening(flat.reshape(-1, MOUTH_POINTS, 2)) / np.maximum(
-            mouth_width(flat.reshape(-1, MOUTH_POINTS, 2)), 1e-12
-        )
-        return float(np.std(opening))
+        return float(np.nanstd(mouth_opening_ratio(shapes_from_coefficients(coefficients, pca_mean, pca_components))))
 
     predicted_spread, true_spread = spread(predicted), spread(truth)
     if true_spread <= 0 or predicted_spread <= 1e-6 * true_spread:  # constant (up to rounding): nothing to scale
