@@ -19,6 +19,7 @@ import scipy.fft
 import scipy.ndimage
 
 from services.runtime.errors import InvalidInput, NotFound, TooLarge
+from services.runtime.media import ffmpeg_reason, open_container
 
 SAMPLE_RATE = 16000
 """Rate of every decoded signal and of the feature analysis, in Hz."""
@@ -154,38 +155,11 @@ def decode_audio(
     """
     if not (isinstance(max_seconds, int | float) and math.isfinite(max_seconds) and max_seconds > 0):
         raise InvalidInput(f"max_seconds must be a finite number > 0, got {max_seconds!r}")
-    container = _open_container(source)
+    container = open_container(source, what="audio", missing=NotFound)
     try:
         return _decode_container(container, max_seconds=float(max_seconds), progress=progress)
     finally:
         container.close()
-
-
-def _open_container(source: bytes | bytearray | memoryview | str | os.PathLike) -> av.container.InputContainer:
-    if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        if not data:
-            raise InvalidInput("audio is empty (0 bytes)")
-        target: io.BytesIO | str = io.BytesIO(data)
-        name = "input bytes"
-    elif isinstance(source, str | os.PathLike):
-        target = os.fspath(source)
-        name = target
-        if not os.path.exists(target):
-            raise NotFound(f"audio file not found: {target}")
-        if os.path.isfile(target) and os.path.getsize(target) == 0:
-            raise InvalidInput(f"audio is empty (0 bytes): {target}")
-    else:
-        raise InvalidInput(f"audio source must be bytes or a path, got {type(source).__name__}")
-    try:
-        return av.open(target, mode="r", metadata_errors="ignore")
-    except av.error.FFmpegError as exc:
-        raise InvalidInput(f"cannot decode audio ({name}): {_ffmpeg_reason(exc)}") from exc
-
-
-def _ffmpeg_reason(exc: BaseException) -> str:
-    reason = getattr(exc, "strerror", None) or str(exc)
-    return str(reason).strip() or type(exc).__name__
 
 
 def _audio_stream(container: av.container.InputContainer) -> av.audio.stream.AudioStream:
@@ -300,14 +274,14 @@ def _decode_container(
                     next_report = decoded_seconds + _PROGRESS_EVERY_SECONDS
     except _DemuxStopped as stopped:
         if leading is None:  # nothing decoded at all: the file is unreadable, not truncated
-            raise InvalidInput(f"cannot decode audio: {_ffmpeg_reason(stopped.cause)}") from stopped.cause
+            raise InvalidInput(f"cannot decode audio: {ffmpeg_reason(stopped.cause)}") from stopped.cause
     flush()
 
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if samples.size == 0:
         if first_failure is not None:
             raise InvalidInput(
-                f"cannot decode audio: {_ffmpeg_reason(first_failure)} ({failed_packets} packets failed to decode)"
+                f"cannot decode audio: {ffmpeg_reason(first_failure)} ({failed_packets} packets failed to decode)"
             )
         raise InvalidInput("audio is empty (0 samples)")
     duration = samples.size / SAMPLE_RATE
