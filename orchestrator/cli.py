@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluation_main(argv[1:], prog="a2v eval")
     if argv and argv[0] == "bench":
-        from deploy.bench import main as bench_main
+        from deploy.bench.end_to_end import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

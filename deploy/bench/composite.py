@@ -1,6 +1,6 @@
 """Benchmark of the composite core: frames per second on one core at 512² and 1080p, end to end and per part (prints).
 
-Run: `python -m services.composite.bench [--frames 40] [--data ../shared/data]`. The process is pinned to one CPU
+Run: `python -m deploy.bench.composite [--frames 40] [--data ../shared/data]`. The process is pinned to one CPU
 (OpenCV, FFmpeg and x264 single-threaded) so the numbers are per core. Each clip's first N frames are re-encoded
 as H.264 (CRF 12) in memory and analysed by the face core (not timed); every output frame then shows target frame
 i with the texture and mouth shape of frame i + 5 (so jaw correction and colour matching do real work).
@@ -14,13 +14,12 @@ import argparse
 import io
 import os
 import time
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
+from deploy.bench.clips import head
 from deploy.samples import SAMPLE_DATA
 from services.composite.core import RenderOptions, TargetFrames, encode_segment, render_segment
 from services.composite.render import BlendSettings, composite_frame, correct_jaw, jaw_displacement
@@ -34,34 +33,12 @@ CLIPS = (
 SHIFT = 5
 
 
-def _head(path: Path, frames: int) -> tuple[bytes, Fraction]:
-    """The first `frames` frames of a clip as an H.264 mp4 (bytes) and its frame rate."""
-    buffer = io.BytesIO()
-    with av.open(str(path)) as source, av.open(buffer, "w", format="mp4") as out:
-        rate = Fraction(source.streams.video[0].average_rate)
-        stream = None
-        for i, frame in enumerate(source.decode(video=0)):
-            if i >= frames:
-                break
-            image = frame.to_ndarray(format="bgr24")
-            if stream is None:
-                stream = out.add_stream("libx264", rate=rate)
-                stream.height, stream.width = image.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": "12", "preset": "veryfast"}
-            encoded = av.VideoFrame.from_ndarray(image, format="bgr24")
-            encoded.pts = i
-            out.mux(stream.encode(encoded))
-        out.mux(stream.encode())
-    return buffer.getvalue(), rate
-
-
 def _fps(count: int, seconds: float) -> str:
     return f"{count / seconds:8.1f}" if seconds > 0 else "     inf"
 
 
 def bench_clip(label: str, path: Path, frames: int, detector: LandmarkDetector) -> None:
-    data, rate = _head(path, frames)
+    data, rate = head(path, frames)
     analysis = analyze_video(data, detector=detector, decode_threads=1)
     n = analysis.frame_count
     valid = np.flatnonzero(analysis.face_valid)

@@ -5,7 +5,7 @@ throw-away speaker for a few epochs, and renders real speech onto real targets t
 per target a warm-up job (its face analysis is the one-off cost of a new target), then one job per audio
 duration with the analysis cached. Every measured job gets audio no earlier job saw, so nothing after the
 analysis comes from a cache. Then texture synthesis with 1 and 2 fresh replicas, the peak memory of every
-stack process, and the fast cores against their naive reference implementations (`deploy.microbench`).
+stack process, and the fast cores against their naive reference implementations (`deploy.bench.micro`).
 
 Real-time factor (RTF) = seconds spent per second of output video; <= 1 renders as fast as the audio plays.
 Prints a table, writes JSON (`--json`) and a `{"stages": {stage: seconds}}` file that the evaluation report
@@ -670,7 +670,7 @@ class Bench:
     def replica_scaling(self, target: Target, job) -> dict:
         """Texture synthesis frames/s with 1 and 2 fresh replicas on `job`'s target analysis and mouth shapes."""
         from audio2video.common.v1 import common_pb2
-        from services.texture import bench_replicas
+        from deploy.bench import texture_replicas as bench_replicas
 
         outputs = {stage_key(s.stage): s.outputs for s in job.stages}
         manifest = outputs["face"]["manifest"]
@@ -684,8 +684,8 @@ class Bench:
         return {"target": target.label, **numbers}
 
     def references(self) -> dict:
-        """Each `deploy.microbench` in a process of its own (the stack idles meanwhile)."""
-        from deploy.microbench import BENCHMARKS
+        """Each `deploy.bench.micro` in a process of its own (the stack idles meanwhile)."""
+        from deploy.bench.micro import BENCHMARKS
 
         results = {}
         for name in BENCHMARKS:
@@ -693,7 +693,7 @@ class Bench:
             path = self.workdir / f"micro-{name}.json"
             try:
                 done = subprocess.run(
-                    [sys.executable, "-m", "deploy.microbench", name, "--json", str(path)],
+                    [sys.executable, "-m", "deploy.bench.micro", name, "--json", str(path)],
                     cwd=REPO,
                     capture_output=True,
                     text=True,

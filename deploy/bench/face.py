@@ -1,6 +1,6 @@
 """Benchmark of the face analysis core: frames per second on one core at 256², 512² and 1080p (prints only).
 
-Run: `python -m services.face.bench [--frames 60] [--data ../shared/data]`. The process is pinned to one CPU
+Run: `python -m deploy.bench.face [--frames 60] [--data ../shared/data]`. The process is pinned to one CPU
 (OpenCV and FFmpeg single-threaded) so the numbers are per core. Each clip's first N frames are re-encoded
 losslessly-enough (x264 CRF 12) into memory first, so decoding cost matches the source resolution.
 """
@@ -8,15 +8,14 @@ losslessly-enough (x264 CRF 12) into memory first, so decoding cost matches the 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import time
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
+from deploy.bench.clips import head
 from deploy.samples import SAMPLE_DATA
 from services.face.core import LandmarkDetector, analyze_video
 from services.face.video import iter_frames
@@ -27,26 +26,6 @@ CLIPS = (
     ("512x512", "targets/hdtf_katiehill_512.mp4"),
     ("1920x1080", "targets/woman_1080p.mp4"),
 )
-
-
-def _head(path: Path, frames: int) -> tuple[bytes, float]:
-    """The first `frames` frames of a clip as an H.264 mp4 (bytes) and its frame rate."""
-    with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as out:
-        stream = None
-        for i, _, image in iter_frames(path, stop=frames, decode_threads=1):
-            if stream is None:
-                stream = out.add_stream("libx264", rate=rate)
-                stream.height, stream.width = image.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": "12", "preset": "veryfast"}
-            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return buffer.getvalue(), float(rate)
 
 
 def main() -> None:
@@ -68,7 +47,7 @@ def main() -> None:
         if not path.is_file():
             print(f"{label:<12} missing {path}")
             continue
-        data, _ = _head(path, args.frames)
+        data, _ = head(path, args.frames)
         t0 = time.perf_counter()
         n = sum(1 for _ in iter_frames(data, decode_threads=1))
         decode_fps = n / (time.perf_counter() - t0)

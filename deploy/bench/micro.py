@@ -1,6 +1,6 @@
-"""Fast cores against their naive references, one process on one core: `python -m deploy.microbench NAME --json OUT`.
+"""Fast cores against their naive references, one process on one core: `python -m deploy.bench.micro NAME --json OUT`.
 
-`deploy.bench` runs each in a process of its own, so pinning to one CPU, single-threaded BLAS and the
+`deploy.bench.end_to_end` runs each in a process of its own, so pinning to one CPU, single-threaded BLAS and the
 clip analysis stay out of the benchmark's own process. NAME is one of BENCHMARKS; the JSON written is
 the dict the stage's `reference_comparison` returns, plus `seconds` (the run's wall time).
 """
@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 
 BENCHMARKS = {
     # name: (module, settings short enough for `a2v bench`: about 10-30 s each on one core)
-    "texture": ("services.texture.bench", {"frames": 60, "reference_frames": 15, "chunk": 30}),
-    "retiming": ("services.retiming.bench", {"audio_seconds": 60.0, "target_seconds": 300.0, "repeats": 3}),
+    "texture": ("deploy.bench.texture", {"frames": 60, "reference_frames": 15, "chunk": 30}),
+    "retiming": ("deploy.bench.retiming", {"audio_seconds": 60.0, "target_seconds": 300.0, "repeats": 3}),
 }
 
 
@@ -41,7 +41,7 @@ def run(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.microbench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m deploy.bench.micro", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--json", type=Path, required=True, help="where to write the numbers")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Benchmark of the re-timing core: time and peak memory for 1 min of audio against a 5 min target (prints only).
 
-Run: `python -m services.retiming.bench [--fps 30] [--audio-seconds 60] [--target-seconds 300] [--repeats 3]`.
+Run: `python -m deploy.bench.retiming [--fps 30] [--audio-seconds 60] [--target-seconds 300] [--repeats 3]`.
 Inputs are synthetic (speech in 2-6 s runs with 0.5-3 s pauses, head motion with bursts, blinks every ~4 s,
 2 % of frames without a face). Peak memory is what numpy allocated during the call (tracemalloc), not the
 process RSS. The naive reference is the seed's formulation (a Python loop over every (output frame,

@@ -1,6 +1,6 @@
 """Benchmark of the teeth core: proxy selection and enhancement frames per second on one core (prints only).
 
-Run: `python -m services.teeth.bench [--frames 150] [--repeat 4] [--data ../shared/data]`. The target is the
+Run: `python -m deploy.bench.teeth [--frames 150] [--repeat 4] [--data ../shared/data]`. The target is the
 first N frames of a real clip where the speaker shows her teeth, analysed by the face core (not timed); the
 "synthesized textures" are its crops blurred (sigma 2 px), as blurry as weighted-median textures. The process
 is pinned to one CPU with OpenCV single-threaded, so the numbers are per core.
@@ -9,41 +9,19 @@ is pinned to one CPU with OpenCV single-threaded, so the numbers are per core.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import time
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
+from deploy.bench.clips import head
 from deploy.samples import SAMPLE_DATA
 from services.face.core import LandmarkDetector, analyze_video
-from services.face.video import iter_frames
 from services.teeth.core import ProxyImages, enhance, select_proxies
 
 CLIP = "targets/hdtf_katiehill_512.mp4"
-
-
-def _head(path: Path, frames: int) -> bytes:
-    """The first `frames` frames of a clip as an H.264 mp4 (bytes), near-lossless (CRF 12)."""
-    with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as out:
-        stream = None
-        for i, _, image in iter_frames(path, stop=frames, decode_threads=1):
-            if stream is None:
-                stream = out.add_stream("libx264", rate=rate)
-                stream.height, stream.width = image.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": "12", "preset": "veryfast"}
-            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return buffer.getvalue()
 
 
 def _best_of(runs: int, call) -> float:
@@ -68,7 +46,7 @@ def main() -> None:
     cv2.setNumThreads(1)
 
     t0 = time.perf_counter()
-    analysis = analyze_video(_head(args.data / CLIP, args.frames), detector=LandmarkDetector())
+    analysis = analyze_video(head(args.data / CLIP, args.frames)[0], detector=LandmarkDetector())
     crops, shapes, valid = analysis.crops, analysis.canonical_mouth, analysis.face_valid
     print(f"target: {CLIP}, {len(crops)} frames ({int(valid.sum())} with a face), crops {crops.shape[1:3]}")
     print(f"  analysed in {time.perf_counter() - t0:.1f} s (not part of the numbers below)")

@@ -1,6 +1,6 @@
 """Benchmark of the texture core: frames/s per core at n = 100 against the naive reference, and flicker (prints only).
 
-Run: `python -m services.texture.bench [--clip speakers/obama/obama_clip2.mp4] [--split 600]`. One real clip is
+Run: `python -m deploy.bench.texture [--clip speakers/obama/obama_clip2.mp4] [--split 600]`. One real clip is
 analysed (face core); its first `split` frames are the target (the candidates) and the mouth shapes of the
 remaining frames drive the synthesis, so the real footage of those frames is the reference for flicker and
 error. The process is pinned to one CPU with BLAS and OpenCV single-threaded, so the numbers are per core.

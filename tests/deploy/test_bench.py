@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-from deploy import bench
+from deploy.bench import end_to_end as bench
 from deploy.local import EXTRA_REPLICA_PORT_STEP, STACK_COMPONENTS, _alive, read_env_file
 from deploy.ports import isolated_stack_env, ports_free
 from services.runtime.config import parse_address
@@ -313,7 +313,7 @@ def test_bad_settings_are_refused(tmp_path, capsys):
 def test_retiming_against_its_naive_reference_in_a_process_of_its_own(tmp_path):
     out = tmp_path / "retiming.json"
     done = subprocess.run(
-        [sys.executable, "-m", "deploy.microbench", "retiming", "--json", str(out)],
+        [sys.executable, "-m", "deploy.bench.micro", "retiming", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

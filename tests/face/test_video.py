@@ -165,7 +165,7 @@ def test_frame_size_limit():
 
 def test_core_modules_do_not_import_grpc():
     code = (
-        "import sys, services.face.core, services.face.bench; "
+        "import sys, services.face.core, deploy.bench.face; "
         "bad = [m for m in sys.modules if m.startswith(('grpc', 'audio2video', 'minio'))]; "
         "assert not bad, bad"
     )
