@@ -129,7 +129,7 @@ def analyse_clip(store: BlobStore, key: str, path: Path, frames: int):
     """Store the first `frames` frames of a real clip and analyse them with the face stage (no gRPC)."""
     from audio2video.face.v1 import face_pb2
     from services.face.servicer import FaceServicer
-    from services.face.video import iter_frames
+    from services.runtime.media import iter_frames
     from services.runtime.protos import object_ref
     from tests.face.helpers import encode_clip
 

@@ -9,13 +9,10 @@ rate (encode.py), and `finalize` joins the segments and muxes the audio.
 
 from __future__ import annotations
 
-import io
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -46,9 +43,7 @@ from services.composite.render import (
 )
 from services.runtime.canonical import DEFAULT_GEOMETRY, CanonicalGeometry
 from services.runtime.errors import Cancelled, InvalidInput
-
-VideoSource = bytes | bytearray | memoryview | str | os.PathLike
-"""A video given as its encoded bytes or as a filesystem path."""
+from services.runtime.media import VideoSource, open_container, to_bgr
 
 
 @dataclass(frozen=True)
@@ -223,46 +218,6 @@ class RenderSummary:
 
 
 # ---------------------------------------------------------------------- target decoding
-def _open(source: VideoSource) -> av.container.InputContainer:
-    if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        if not data:
-            raise InvalidInput("target video is empty (0 bytes)")
-        handle: object = io.BytesIO(data)
-    elif isinstance(source, str | os.PathLike):
-        path = Path(source)
-        if not path.is_file() or path.stat().st_size == 0:
-            raise InvalidInput(f"target video {str(path)!r} does not exist or is empty")
-        handle = str(path)
-    else:
-        raise InvalidInput(f"target video must be bytes or a path, got {type(source).__name__}")
-    try:
-        container = av.open(handle, mode="r")
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InvalidInput(f"target video cannot be decoded: {exc}") from exc
-    if not container.streams.video:
-        container.close()
-        raise InvalidInput("target video has no video stream")
-    return container
-
-
-def _rotation(frame: av.VideoFrame) -> int:
-    """Display rotation, clockwise degrees in {0, 90, 180, 270} (as the face stage applies it)."""
-    try:
-        ccw = frame.rotation
-    except (AttributeError, ValueError):
-        return 0
-    if not ccw or not np.isfinite(ccw):
-        return 0
-    return int(round(-ccw / 90.0)) % 4 * 90
-
-
-def _to_bgr(frame: av.VideoFrame) -> np.ndarray:
-    image = frame.to_ndarray(format="bgr24")
-    turn = _rotation(frame)
-    return image if turn == 0 else np.ascontiguousarray(np.rot90(image, k=-(turn // 90)))
-
-
 class TargetFrames:
     """Frames of the target video in the order a chunk needs them, decoded sequentially.
 
@@ -341,7 +296,7 @@ class TargetFrames:
         """(Re)open the decoder so that it yields frame k or an earlier one next (seeking to a keyframe if asked)."""
         self.close()
         self.restarts += 1
-        container = _open(self.source)
+        container = open_container(self.source, what="target video", require_video=True)
         stream = container.streams.video[0]
         if self.decode_threads != 1:
             stream.thread_type = "AUTO"
@@ -393,11 +348,11 @@ class TargetFrames:
                 for index, frame in self._frames:
                     self._next_index = index + 1
                     if index == k:
-                        return _to_bgr(frame)
+                        return to_bgr(frame)
                     if index > k:
                         raise _LostTrack  # a seek landed after the wanted frame
                     if self._last_use.get(index, -1) > position and len(self._cache) < self.max_cached:
-                        self._cache.setdefault(index, _to_bgr(frame))
+                        self._cache.setdefault(index, to_bgr(frame))
                 raise InvalidInput(f"target frame {k} is out of range: the video holds {self._next_index} frames")
             except _LostTrack:
                 if not self._seeked:
@@ -411,7 +366,7 @@ class _LostTrack(Exception):
 
 def target_color(source: VideoSource) -> ColorSpec:
     """The YUV matrix PyAV decodes the target with (its first frame's tags; BT.601 when untagged)."""
-    container = _open(source)
+    container = open_container(source, what="target video", require_video=True)
     try:
         for frame in container.decode(video=0):
             return ColorSpec.from_decoded(frame.colorspace, frame.color_primaries, frame.color_trc)

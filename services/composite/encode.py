@@ -28,9 +28,8 @@ import av
 import numpy as np
 
 from services.runtime.errors import Cancelled, InvalidInput
+from services.runtime.media import MediaSource, open_container
 
-MediaSource = bytes | bytearray | memoryview | str | os.PathLike
-"""Encoded media given as bytes or as a filesystem path."""
 MediaSink = str | os.PathLike | io.IOBase
 """Where an mp4 is written: a path or a writable binary file object."""
 
@@ -160,25 +159,6 @@ def _check_encoder_options(crf: int, preset: str) -> None:
         raise InvalidInput(f"x264 preset must be one of {X264_PRESETS}, got {preset!r}")
 
 
-def _open_input(source: MediaSource, what: str) -> av.container.InputContainer:
-    if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        if not data:
-            raise InvalidInput(f"{what} is empty (0 bytes)")
-        handle: object = io.BytesIO(data)
-    elif isinstance(source, str | os.PathLike):
-        path = Path(source)
-        if not path.is_file() or path.stat().st_size == 0:
-            raise InvalidInput(f"{what} {str(path)!r} does not exist or is empty")
-        handle = str(path)
-    else:
-        raise InvalidInput(f"{what} must be bytes or a path, got {type(source).__name__}")
-    try:
-        return av.open(handle, mode="r")
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InvalidInput(f"{what} cannot be read: {exc}") from exc
-
-
 def _open_output(sink: MediaSink, options: dict[str, str] | None = None) -> av.container.OutputContainer:
     if isinstance(sink, str | os.PathLike):
         return av.open(str(sink), mode="w", format="mp4", options=options or {})
@@ -282,7 +262,7 @@ def _read_packets(container: av.container.InputContainer, index: int) -> Iterato
 
 def _probe_segment(source: MediaSource, index: int) -> _SegmentMeta:
     """Stream facts and frame count of a segment (its packets are read, not decoded)."""
-    with _open_input(source, f"segment {index}") as container:
+    with open_container(source, what=f"segment {index}") as container:
         if not container.streams.video:
             raise InvalidInput(f"segment {index} has no video stream")
         stream = container.streams.video[0]
@@ -311,7 +291,7 @@ def _probe_segment(source: MediaSource, index: int) -> _SegmentMeta:
 
 def _segment_frames(source: MediaSource) -> tuple[ColorSpec, Iterator[np.ndarray]]:
     """The colour spec a segment is tagged with and an iterator over its frames as BGR (decoded lazily)."""
-    container = _open_input(source, "segment")
+    container = open_container(source, what="segment")
     frames = container.decode(video=0)
     try:
         first = next(frames)
@@ -334,7 +314,7 @@ def _segment_frames(source: MediaSource) -> tuple[ColorSpec, Iterator[np.ndarray
 # ---------------------------------------------------------------------- audio
 def _decode_audio(source: MediaSource, sample_rate: int) -> tuple[np.ndarray, int, str, float]:
     """Decode audio to float32 planar [channels, samples] at `sample_rate` (0 = native); also rate, layout, duration."""
-    container = _open_input(source, "audio")
+    container = open_container(source, what="audio")
     try:
         if not container.streams.audio:
             raise InvalidInput("audio has no audio stream")
@@ -488,7 +468,7 @@ def finalize(
 
     options = {"movflags": "+faststart"} if faststart else {}
     with _open_output(out_path, options) as out:
-        template_container = _open_input(sources[0], "segment 0")
+        template_container = open_container(sources[0], what="segment 0")
         try:
             video = out.add_stream_from_template(template_container.streams.video[0])
         finally:
@@ -507,7 +487,7 @@ def finalize(
         for i, (source, meta) in enumerate(zip(sources, metas, strict=True)):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"finalize cancelled after joining {i} segments")
-            with _open_input(source, f"segment {i}") as container:
+            with open_container(source, what=f"segment {i}") as container:
                 for packet in _read_packets(container, i):
                     pts = round((packet.pts - meta.first_pts) * meta.time_base / video_tb) + offset * frame_ticks
                     dts = (

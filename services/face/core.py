@@ -25,7 +25,6 @@ from services.face.landmarks import (
     smooth_run,
     smoothing_kernel,
 )
-from services.face.video import VideoInfo, VideoSource, iter_frames, probe_video
 from services.runtime.canonical import (
     CANONICAL_TEMPLATE,
     DEFAULT_CROP_REGION,
@@ -43,6 +42,7 @@ from services.runtime.canonical import (
     to_canonical,
 )
 from services.runtime.errors import Cancelled, InvalidInput, NoFace, TooLarge
+from services.runtime.media import VideoInfo, VideoSource, iter_frames, probe_video
 
 __all__ = [
     "CANONICAL_TEMPLATE",

@@ -18,13 +18,13 @@ from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from services.face import dataset as dataset_core
 from services.face.core import VideoAnalysis, analyze_video
 from services.face.landmarks import LandmarkDetector
-from services.face.video import VideoInfo, probe_video
 from services.runtime.analysis import load_array, load_manifest, store_frames
 from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
 from services.runtime.budget import MIB, Budget, Resources
 from services.runtime.config import Config, Env
 from services.runtime.errors import InvalidInput, TooLarge
 from services.runtime.keys import derive_prefix, sha256_file, validate_key, validate_speaker
+from services.runtime.media import VideoInfo, probe_video
 from services.runtime.progress import stream_events
 from services.runtime.protos import array_ref, blob_ref, load_result, object_ref, store_result
 from services.runtime.server import ServiceBinding, binding_for

@@ -20,7 +20,7 @@ from services.composite.core import (
 from services.composite.render import composite_frame
 from services.face.core import analyze_video
 from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
+from services.runtime.media import iter_frames
 from tests.face.helpers import encode_clip
 
 OBAMA = SAMPLE_DATA / "speakers" / "obama" / "obama_clip1.mp4"

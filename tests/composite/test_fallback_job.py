@@ -9,10 +9,10 @@ import pytest
 from audio2video.composite.v1 import composite_pb2
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+from client.jobs import upload
 from deploy.local import stack_environment
-from orchestrator.cli import upload
 from services.evaluation.evaluate import render_job_report
-from services.face.video import iter_frames
+from services.runtime.media import iter_frames
 from tests.conftest import SHARED_DATA
 from tests.face.helpers import encode_clip
 

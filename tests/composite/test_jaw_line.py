@@ -12,8 +12,8 @@ from deploy.samples import SAMPLE_DATA
 from services.composite.render import JAW_MOVING, composite_frame, correct_jaw
 from services.face.core import analyze_video
 from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
 from services.runtime.canonical import LowerFaceWarp, apply_similarity
+from services.runtime.media import iter_frames
 from tests.face.helpers import encode_clip
 
 KATIE = SAMPLE_DATA / "targets" / "hdtf_katiehill_512.mp4"

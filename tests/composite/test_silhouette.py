@@ -10,8 +10,8 @@ from deploy.samples import SAMPLE_DATA
 from services.composite.render import BlendSettings, composite_frame, face_outline
 from services.face.core import analyze_video
 from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
 from services.runtime.canonical import DEFAULT_GEOMETRY
+from services.runtime.media import iter_frames
 from tests.face.helpers import encode_clip
 
 NEWS = SAMPLE_DATA / "targets" / "news_man_844.mp4"

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
 from services.runtime.canonical import (
     CANONICAL_TEMPLATE,
     DEFAULT_GEOMETRY,
@@ -29,6 +28,7 @@ from services.runtime.canonical import (
     to_canonical,
 )
 from services.runtime.errors import InvalidInput
+from services.runtime.media import iter_frames
 from tests.face.helpers import KATIE, OBAMA
 
 needs_data = pytest.mark.skipif(not OBAMA.is_file(), reason="shared data not present")

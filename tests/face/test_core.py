@@ -13,10 +13,10 @@ from services.face.core import (
     analyze_video,
     smooth_landmarks,
 )
-from services.face.video import iter_frames
 from services.runtime.canonical import CANONICAL_TEMPLATE, DEFAULT_GEOMETRY, TEMPLATE_ID
 from services.runtime.errors import Cancelled, InvalidInput, NoFace, TooLarge
 from services.runtime.frames import decode_frames, encode_frames
+from services.runtime.media import iter_frames
 from tests.face.helpers import KATIE, OBAMA, encode_clip
 
 pytestmark = pytest.mark.skipif(not OBAMA.is_file(), reason="shared data not present")

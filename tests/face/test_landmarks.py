@@ -15,8 +15,8 @@ from services.face.landmarks import (
     smoothing_kernel,
     valid_runs,
 )
-from services.face.video import iter_frames
 from services.runtime.errors import InvalidInput
+from services.runtime.media import iter_frames
 from tests.face.helpers import OBAMA
 
 needs_data = pytest.mark.skipif(not OBAMA.is_file(), reason="shared data not present")

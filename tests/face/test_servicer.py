@@ -9,9 +9,9 @@ from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from services.audio import core as audio_core
 from services.face.servicer import AnalyzeSettings, DetectorPool, FaceServicer
-from services.face.video import iter_frames
 from services.runtime.clients import create_channel
 from services.runtime.frames import decode_frames
+from services.runtime.media import iter_frames
 from services.runtime.protos import array_ref, object_ref
 from services.runtime.server import binding_for
 from tests.face.helpers import OBAMA, encode_clip

@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from services.face.video import iter_frames, probe_video
 from services.runtime.errors import InvalidInput, TooLarge
+from services.runtime.media import iter_frames, probe_video
 from tests.face.helpers import OBAMA, SHARED_DATA, encode_clip
 
 pytestmark = pytest.mark.skipif(not OBAMA.is_file(), reason="shared data not present")
@@ -126,12 +126,12 @@ def test_other_codecs_decode_from_container_start(fmt, codec, name):
 def test_bad_inputs_raise_invalid_input(tmp_path):
     with pytest.raises(InvalidInput, match="empty"):
         probe_video(b"")
-    with pytest.raises(InvalidInput, match="cannot be decoded"):
+    with pytest.raises(InvalidInput, match="cannot decode video"):
         probe_video(b"this is not a video at all" * 50)
     rng = np.random.default_rng(1)
     with pytest.raises(InvalidInput):
         list(iter_frames(rng.integers(0, 256, 20000, dtype=np.uint8).tobytes()))
-    with pytest.raises(InvalidInput, match="does not exist"):
+    with pytest.raises(InvalidInput, match="video file not found"):
         probe_video(tmp_path / "missing.mp4")
     text = tmp_path / "notes.mp4"
     text.write_text("hello")

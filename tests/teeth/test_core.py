@@ -11,9 +11,9 @@ import pytest
 
 from services.face.core import analyze_video
 from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
 from services.runtime.canonical import DEFAULT_GEOMETRY as GEOMETRY
 from services.runtime.errors import Cancelled, InvalidInput
+from services.runtime.media import iter_frames
 from services.teeth.core import (
     ProxyImages,
     TeethProxies,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from services.face.core import LandmarkDetector, VideoAnalysis, analyze_video
-from services.face.video import iter_frames
 from services.runtime.canonical import DEFAULT_GEOMETRY
 from services.runtime.errors import Cancelled, InvalidInput, NoFace
+from services.runtime.media import iter_frames
 from services.texture import core
 from services.texture.core import (
     TextureOptions,
