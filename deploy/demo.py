@@ -16,9 +16,9 @@ import grpc
 
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from audio2video.orchestrator.v1 import orchestrator_pb2
+from client.jobs import CommandError, Connection, interrupted, job_outcome
 from deploy.local import REPO, LocalStack, stack_environment
 from deploy.samples import SAMPLE_DATA
-from orchestrator.cli import CommandError, Connection, interrupted, job_outcome
 from services.runtime.clients import create_channel
 from services.runtime.config import service_address
 

@@ -23,13 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from client.environment import ENV_FILE, read_env_file, stack_environment  # noqa: F401 (re-exported)
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.clients import health_status, wait_for_serving
 from services.runtime.config import Config, ConfigError, parse_address
 from services.runtime.errors import Unavailable
 
 REPO = Path(__file__).resolve().parent.parent
-ENV_FILE = REPO / "deploy" / ".env"
 STOP_TIMEOUT_SECONDS = 20.0
 START_TIMEOUT_SECONDS = 60.0
 EXTRA_REPLICA_PORT_STEP = 100
@@ -81,26 +81,6 @@ class Process:
         except OSError:
             return True
         return self.marker in command
-
-
-def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
-    """KEY=VALUE lines (comments and blanks ignored)."""
-    values: dict[str, str] = {}
-    if not path.exists():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip().strip('"').strip("'")
-    return values
-
-
-def stack_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`deploy/.env` overlaid with the process environment (the environment wins)."""
-    merged = read_env_file()
-    merged.update(os.environ if environ is None else environ)
-    return merged
 
 
 class LocalStack:

@@ -1,4 +1,5 @@
-"""The `a2v` command: the local stack, jobs through the orchestrator's gRPC API, and single stage calls."""
+"""The `a2v` command: the local stack, jobs through the orchestrator's gRPC API (`client.jobs`), and single stage
+calls. Nothing imports it: what other code needs lives in `client`."""
 
 from __future__ import annotations
 
@@ -7,40 +8,32 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
 from audio2video.common.v1 import common_pb2
-from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
+from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from client.environment import stack_environment
+from client.jobs import (
+    INTERRUPTED,
+    JOB_STATES,
+    TERMINAL,
+    CommandError,
+    Connection,
+    interrupted,
+    job_outcome,
+    queue_text,
+    upload,
+)
 from deploy import local
-from orchestrator.pipeline import retry_delay
-from services.lipsync.versions import stored_speakers
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, rpc_failure
-from services.runtime.config import Config, ConfigError, Env, service_address
-from services.runtime.protos import object_ref
+from services.runtime.config import Config, ConfigError, service_address
 
-CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
-SERVICE = "audio2video.orchestrator.v1.OrchestratorService"
-WATCH_METHOD = f"{SERVICE}/WatchJob"
-LIPSYNC_SERVICE = "audio2video.lipsync.v1.LipsyncService"
-TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-JOB_STATES = ("queued", "pending", "running", "succeeded", "failed", "cancelled")
-DEFAULT_RECONNECT_SECONDS = 600.0
-RECONNECT_CODES = {
-    grpc.StatusCode.UNAVAILABLE,  # the orchestrator restarted or a connection broke
-    grpc.StatusCode.CANCELLED,  # a server draining at shutdown cancels the streams it holds
-    grpc.StatusCode.DEADLINE_EXCEEDED,  # a proxy's own limit on stream length
-    grpc.StatusCode.RESOURCE_EXHAUSTED,  # the orchestrator is at its bound of concurrent calls
-}
-"""Why a WatchJob stream may end before the job: the CLI opens it again."""
-INTERRUPTED = 130
-"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 STAGE_SERVICES = {
     "audio": "AudioService",
     "face": "FaceService",
@@ -51,281 +44,6 @@ STAGE_SERVICES = {
     "composite": "CompositeService",
 }
 """Stages another system may call on its own: `a2v stage NAME METHOD --request JSON`."""
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 1 (2 for usage and configuration)."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
-    """A local input into the object store, under its content hash (re-running stores nothing twice)."""
-    if not path.is_file():
-        raise CommandError(f"no such file: {path}", status=2)
-    content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-    blob = store.put_content_addressed(
-        "uploads",
-        path.read_bytes(),
-        suffix=path.suffix.lower(),
-        content_type=content_type,
-        metadata={"filename": path.name},
-    )
-    return object_ref(blob)
-
-
-class Connection:
-    """The object store and the orchestrator as the environment (default: the local stack) names them.
-
-    Unary calls have the deadline A2V_RPC_TIMEOUT_SECONDS (default 60 s); WatchJob has none, since a job takes as
-    long as it takes, and a dropped watch is opened again for up to A2V_WATCH_RECONNECT_SECONDS (default 600 s).
-    """
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        self.environ = dict(local.stack_environment() if environ is None else environ)
-        try:
-            config = Config.from_env("a2v", self.environ)
-            self.store = BlobStore.from_config(config.store)
-            address = service_address("orchestrator", self.environ)
-            env = Env(self.environ)
-            self.reconnect_seconds = env.get_float(
-                "A2V_WATCH_RECONNECT_SECONDS", DEFAULT_RECONNECT_SECONDS, minimum=0.0, maximum=7 * 86400.0
-            )
-            env.check()
-        except ConfigError as exc:
-            raise CommandError(str(exc), status=2) from exc
-        self.timeout_seconds = config.rpc_timeout_seconds
-        self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            create_channel(address, [SERVICE], timeout_seconds=self.timeout_seconds, open_ended_methods=[WATCH_METHOD])
-        )
-
-    def train(self, speaker: str, videos: Sequence[Path], options: pb.TrainOptions | None = None) -> pb.Job:
-        """Upload the speaker's videos and start a TrainSpeaker job."""
-        spec = pb.TrainJobSpec(
-            speaker=speaker,
-            videos=[pb.TrainingVideo(clip_id=v.stem, video=upload(self.store, v)) for v in videos],
-            options=options,
-        )
-        return self.orchestrator.TrainSpeaker(pb.TrainSpeakerRequest(spec=spec)).job
-
-    def render(self, speaker: str, audio: Path, video: Path, options: pb.JobOptions | None = None) -> pb.Job:
-        """Upload the audio and the target video and start a render job."""
-        spec = pb.RenderJobSpec(
-            audio=upload(self.store, audio),
-            target_video=upload(self.store, video),
-            model=lipsync_pb2.ModelSpec(speaker=speaker),
-            options=options,
-        )
-        return self.orchestrator.SubmitJob(pb.SubmitJobRequest(spec=spec)).job
-
-    def job(self, job_id: str) -> pb.Job:
-        return self.orchestrator.GetJob(pb.GetJobRequest(job_id=job_id)).job
-
-    def cancel(self, job_id: str) -> pb.Job:
-        return self.orchestrator.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="cancelled from a2v")).job
-
-    def retry(self, job_id: str) -> pb.Job:
-        return self.orchestrator.RetryJob(pb.RetryJobRequest(job_id=job_id)).job
-
-    def follow(self, job_id: str, *, out=sys.stdout) -> pb.Job:
-        """Show the job's progress (one line per stage) until it ends, across dropped streams; the final job."""
-        follow(self.orchestrator, job_id, out=out, reconnect_seconds=self.reconnect_seconds)
-        return self.job(job_id)
-
-    def download(self, job: pb.Job, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.store.get_file(job.result.key, path, bucket=job.result.bucket or None)
-        return path
-
-    def speakers(self) -> list[lipsync_pb2.DescribeModelResponse]:
-        """Every speaker with a stored model, its versions and their serving state (the lipsync stage asks TF
-        Serving), by name."""
-        try:
-            address = service_address("lipsync", self.environ)
-        except ConfigError as exc:
-            raise CommandError(str(exc), status=2) from exc
-        channel = create_channel(address, [LIPSYNC_SERVICE], timeout_seconds=self.timeout_seconds)
-        stub = lipsync_pb2_grpc.LipsyncServiceStub(channel)
-        described = []
-        try:
-            for speaker in stored_speakers(self.store):
-                try:
-                    described.append(stub.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)))
-                except grpc.RpcError as exc:
-                    if rpc_failure(exc)[0] != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: its versions went meanwhile
-                        raise
-        finally:
-            channel.close()
-        return described
-
-
-def eta_text(seconds: float) -> str:
-    if seconds < 0:
-        return ""
-    return f"ETA {seconds:.0f} s" if seconds < 120 else f"ETA {seconds / 60:.1f} min"
-
-
-def watch_events(
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
-    job_id: str,
-    *,
-    reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
-    on_reconnect: Callable[[str, float], None] | None = None,
-) -> Iterator[pb.JobEvent]:
-    """The job's events until it ends: a snapshot at each (re)connection, then every event once.
-
-    A stream that drops (UNAVAILABLE: the orchestrator restarted, a proxy closed it) is opened again with
-    backoff from the last sequence seen; the server replays what was missed, and whatever it sends twice is
-    skipped here. After `reconnect_seconds` without a single event, CommandError says how to watch again.
-    """
-    last = 0
-    attempt = 0
-    failing_since: float | None = None
-    while True:
-        call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_sequence=last))
-        try:
-            for event in call:
-                if event.HasField("snapshot"):
-                    # A snapshot numbered below what was seen comes from a restarted orchestrator: its events
-                    # start again from there.
-                    last = min(last, event.sequence) if last else event.sequence
-                    yield event
-                    if event.snapshot.state in TERMINAL:
-                        return
-                    continue
-                attempt, failing_since = 0, None
-                if event.sequence <= last:
-                    continue
-                last = event.sequence
-                yield event
-                if event.HasField("state_changed") and event.state_changed.current in TERMINAL:
-                    return
-            reason = "the stream ended before the job"
-        except grpc.RpcError as exc:
-            code, detail = rpc_failure(exc)
-            if code not in RECONNECT_CODES:
-                raise
-            reason = f"{code.name}: {detail}"
-        finally:
-            call.cancel()
-        failing_since = failing_since or time.monotonic()
-        if time.monotonic() - failing_since > reconnect_seconds:
-            raise CommandError(
-                f"lost the job's progress ({reason}); it may still be running: a2v watch {job_id} follows it again"
-            )
-        attempt += 1
-        delay = retry_delay(attempt)
-        if on_reconnect is not None:
-            on_reconnect(reason, delay)
-        time.sleep(delay)
-
-
-class ProgressPrinter:
-    """Each stage's progress on its own updating line (bar, counts, ETA); a log file gets each stage's start and
-    end, not every update."""
-
-    def __init__(self, out=sys.stdout) -> None:
-        self.out = out
-        self.interactive = out.isatty()
-        self.last_stage = ""
-
-    def show(self, event: pb.JobEvent) -> None:
-        kind = event.WhichOneof("event")
-        if kind == "snapshot" and event.snapshot.state == pb.JOB_STATE_QUEUED:
-            print(queue_text(event.snapshot), file=self.out, flush=True)
-        elif kind == "snapshot":
-            running = [s for s in event.snapshot.stages if s.state == pb.STAGE_STATE_RUNNING]
-            for status in running[-1:]:  # where a job being watched again stands
-                progress = common_pb2.Progress(
-                    stage=pb.Stage.Name(status.stage), done=status.done, total=status.total, unit=status.unit
-                )
-                self.line(progress, event.job_fraction_done, event.snapshot.eta_seconds)
-        elif kind == "progress":
-            self.line(event.progress, event.job_fraction_done, event.job_eta_seconds)
-        elif kind == "state_changed" and event.state_changed.current in TERMINAL:
-            self.end_line()
-
-    def line(self, progress: common_pb2.Progress, fraction: float, eta_seconds: float) -> None:
-        stage = progress.stage.removeprefix("STAGE_").lower()
-        if stage != self.last_stage and self.last_stage:
-            print(file=self.out)
-        elif stage == self.last_stage and not self.interactive and progress.total and progress.done < progress.total:
-            return
-        self.last_stage = stage
-        share = progress.done / progress.total if progress.total else 0.0
-        bar = "#" * int(20 * share) + "." * (20 - int(20 * share)) if progress.total else " " * 20
-        amount = f"{progress.done}/{progress.total}" if progress.total else str(progress.done)
-        line = f"  {stage:<10} [{bar}] {amount} {progress.unit}  job {fraction:4.0%} {eta_text(eta_seconds)}"
-        print(f"\r{line:<90}", end="", flush=True, file=self.out)
-
-    def end_line(self) -> None:
-        if self.last_stage:
-            print(file=self.out, flush=True)
-            self.last_stage = ""
-
-
-def follow(
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
-    job_id: str,
-    *,
-    out=sys.stdout,
-    reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
-) -> None:
-    """Print the job's progress until it ends, watching again (and saying so on stderr) when the stream drops."""
-    printer = ProgressPrinter(out)
-
-    def reconnecting(reason: str, delay: float) -> None:
-        printer.end_line()
-        print(f"  lost the job's progress ({reason}); watching again in {delay:.1f} s", file=sys.stderr, flush=True)
-
-    try:
-        for event in watch_events(stub, job_id, reconnect_seconds=reconnect_seconds, on_reconnect=reconnecting):
-            printer.show(event)
-    finally:
-        printer.end_line()
-
-
-def queue_text(job: pb.Job) -> str:
-    """Where a queued job stands."""
-    if job.waiting_for_job:
-        return f"  queued: waits for the identical job {job.waiting_for_job}, then reuses its work"
-    ahead = max(0, job.queue_position - 1)
-    return f"  queued: {ahead} job{'s' if ahead != 1 else ''} ahead" if job.queue_position else "  queued"
-
-
-def job_outcome(job: pb.Job) -> str:
-    """'' for a finished job, else the one-line reason it did not finish."""
-    if job.state == pb.JOB_STATE_SUCCEEDED:
-        return ""
-    state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
-    if job.state not in TERMINAL:
-        return f"job {job.id} is {state} ({job.fraction_done:.0%} done): a2v watch {job.id} follows it"
-    return f"job {job.id} {state}: {job.failure_reason or 'cancelled'}"
-
-
-def interrupted(connection: Connection, job_id: str, *, stdin=None, out=None) -> int:
-    """Ctrl-C while following a job: at a terminal, ask whether to cancel it; otherwise say how to get back to it.
-
-    The job runs in the orchestrator, not here, so leaving the command leaves it running unless asked."""
-    stdin, out = stdin or sys.stdin, out or sys.stderr
-    print(file=out)
-    if stdin.isatty():
-        print(f"cancel job {job_id}? [y/N] ", end="", flush=True, file=out)
-        try:
-            answer = stdin.readline().strip().lower()
-        except KeyboardInterrupt:
-            answer = ""
-        if answer in ("y", "yes"):
-            connection.cancel(job_id)
-            print(f"cancelling job {job_id} (a2v watch {job_id} shows it stop)", file=out)
-            return INTERRUPTED
-    print(
-        f"job {job_id} goes on: a2v watch {job_id} follows it, a2v cancel {job_id} cancels it",
-        file=out,
-    )
-    return INTERRUPTED
 
 
 def job_table(jobs: Sequence[pb.Job]) -> str:
@@ -435,7 +153,7 @@ def call_stage(
 ) -> dict:
     """Call one stage method with a proto3-JSON request (local files as {"key": "@PATH"}); its result as JSON."""
     stub_class, descriptor = stage_method(stage, method)
-    environ = dict(local.stack_environment() if environ is None else environ)
+    environ = dict(stack_environment() if environ is None else environ)
     try:
         request_value = json.loads(request_json or "{}")
     except json.JSONDecodeError as exc:

@@ -508,7 +508,7 @@ class Bench:
     """One benchmark run against a stack: training, render cases, replicas, memory, references."""
 
     def __init__(self, args: argparse.Namespace, env: dict[str, str], stack: LocalStack, progress: Progress) -> None:
-        from orchestrator.cli import Connection
+        from client.jobs import Connection
 
         self.args = args
         self.stack = stack
@@ -535,7 +535,7 @@ class Bench:
     def wait(self, job_id: str, what: str):
         """Poll the job until it ends (a progress line every PROGRESS_EVERY_SECONDS); the final Job."""
         from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-        from orchestrator.cli import TERMINAL
+        from client.jobs import TERMINAL
 
         self.current_job = job_id
         deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
@@ -566,8 +566,8 @@ class Bench:
 
     def train(self) -> dict:
         from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+        from client.jobs import job_outcome
         from deploy.demo import speaker_has_model
-        from orchestrator.cli import job_outcome
 
         if speaker_has_model(self.env, SPEAKER):
             self.progress(f"speaker {SPEAKER!r} already has a model: no training")
@@ -604,7 +604,7 @@ class Bench:
     def render(self, target: Target, seconds: float, what: str, **options) -> tuple[object, dict]:
         """Render `seconds` of fresh audio onto `target`; (the finished Job, CPU seconds per process)."""
         from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-        from orchestrator.cli import job_outcome
+        from client.jobs import job_outcome
 
         audio = self.audio(seconds, f"{target.label}-{seconds:g}s")
         pids = stack_processes(self.stack)

@@ -86,7 +86,7 @@ def _rpc_error(exc) -> Exception:
 
 
 def _connection(environ):
-    from orchestrator.cli import CommandError, Connection
+    from client.jobs import CommandError, Connection
 
     try:
         return Connection(environ)
@@ -146,7 +146,7 @@ def render_through_stack(
     import grpc
 
     from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-    from orchestrator.cli import job_outcome
+    from client.jobs import job_outcome
 
     connection = _connection(environ)
     stream = sys.stderr if progress else open(os.devnull, "w")  # noqa: SIM115 - closed below

@@ -17,8 +17,8 @@ import pytest
 from audio2video.common.v1 import common_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from client.jobs import Connection, watch_events
 from deploy.ports import free_port
-from orchestrator.cli import Connection, watch_events
 from orchestrator.jobs import JobManager, JobRun
 from orchestrator.servicer import OrchestratorServicer
 from services.runtime.config import ServerConfig

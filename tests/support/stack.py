@@ -18,9 +18,9 @@ import grpc
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from client.jobs import upload
 from deploy.demo import speaker_has_model
 from deploy.local import stack_environment
-from orchestrator.cli import upload
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
 from tests.conftest import REPO, SHARED_DATA, make_stack_env, stop_stack, wait_until

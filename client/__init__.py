@@ -1,0 +1,1 @@
+"""Clients of the stack: `environment` (where it is), `jobs` (the orchestrator's job API: connect, submit, watch)."""
