@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -14,8 +13,8 @@ from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
 from services.audio import core
 from services.runtime.blobstore import BlobStore
-from services.runtime.budget import MIB, Budget, Resources
-from services.runtime.config import Config, Env
+from services.runtime.budget import MIB, Budget
+from services.runtime.config import Config, Env, InputLimits
 from services.runtime.errors import TooLarge
 from services.runtime.keys import derive_prefix, sha256_bytes, validate_key
 from services.runtime.progress import stream_events
@@ -106,21 +105,15 @@ def analyse(
 class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     """Extract: any audio (or video) blob -> features, speech activity and normalised WAV blobs."""
 
-    def __init__(
-        self,
-        store: BlobStore,
-        *,
-        max_seconds: float = 1800.0,
-        max_input_bytes: int | None = None,
-        resources: Resources | None = None,
-    ) -> None:
+    def __init__(self, store: BlobStore, limits: InputLimits | None = None) -> None:
         self.store = store
-        self.max_seconds = max_seconds
-        resources = resources or Resources()
+        limits = limits or InputLimits()
+        self.max_seconds = limits.max_seconds
+        resources = limits.resources
         # The input is read into memory and decoded there: a call holds about INPUT_MEMORY_FACTOR times its size.
         self.memory = Budget(resources.memory_bytes - BASELINE_MEMORY_BYTES, what="memory", variable="A2V_MEMORY_BYTES")
         largest = self.memory.total // INPUT_MEMORY_FACTOR
-        self.max_input_bytes = min(max_input_bytes or largest, largest)
+        self.max_input_bytes = min(limits.max_input_bytes or largest, largest)
 
     @grpc_errors
     def Extract(self, request: audio_pb2.ExtractRequest, context):
@@ -217,21 +210,15 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         return result
 
 
-def read_settings(environ: Mapping[str, str] | None = None) -> dict:
-    """Stage limits from the environment: A2V_AUDIO_MAX_SECONDS (default 1800 = 30 min), A2V_AUDIO_MAX_INPUT_BYTES
-    (default and at most a quarter of the memory the replica has for calls), A2V_MEMORY_BYTES (`Resources`)."""
-    env = Env(environ)
-    settings = {
-        "max_seconds": env.get_float("A2V_AUDIO_MAX_SECONDS", 1800.0, minimum=1.0, maximum=24 * 3600.0),
-        "max_input_bytes": env.get_int("A2V_AUDIO_MAX_INPUT_BYTES", 0, minimum=0) or None,
-    }
-    env.check()
-    return settings | {"resources": Resources.from_env(environ)}
+def read_settings(env: Env) -> InputLimits:
+    """The stage's limits: A2V_AUDIO_MAX_SECONDS (default 1800 = 30 min), A2V_AUDIO_MAX_INPUT_BYTES (default and at
+    most a quarter of the memory the replica has for calls), A2V_MEMORY_BYTES (`Resources`)."""
+    return InputLimits.read(env, "audio")
 
 
-def bindings(config: Config) -> list[ServiceBinding]:
+def bindings(config: Config[InputLimits]) -> list[ServiceBinding]:
     """What `python -m services.audio` serves: SERVING once the object store answers."""
-    limits = read_settings()
+    limits = config.settings or InputLimits()
     return store_backed_bindings(
-        config, audio_pb2, audio_pb2_grpc, "AudioService", lambda store: AudioServicer(store, **limits)
+        config, audio_pb2, audio_pb2_grpc, "AudioService", lambda store: AudioServicer(store, limits)
     )

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,8 @@ from services.face.core import VideoAnalysis, analyze_video
 from services.face.landmarks import LandmarkDetector
 from services.runtime.analysis import load_array, load_manifest, store_frames
 from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
-from services.runtime.budget import MIB, Budget, Resources
-from services.runtime.config import Config, Env
+from services.runtime.budget import MIB, Budget
+from services.runtime.config import Config, Env, InputLimits
 from services.runtime.errors import InvalidInput, TooLarge
 from services.runtime.keys import derive_prefix, sha256_file, validate_key, validate_speaker
 from services.runtime.media import VideoInfo, probe_video
@@ -165,18 +165,13 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
     """Video analysis over the object store."""
 
     def __init__(
-        self,
-        store: BlobStore,
-        *,
-        detectors: DetectorPool | None = None,
-        max_seconds: float = 1800.0,
-        max_input_bytes: int | None = None,
-        resources: Resources | None = None,
+        self, store: BlobStore, limits: InputLimits | None = None, *, detectors: DetectorPool | None = None
     ) -> None:
         self.store = store
+        limits = limits or InputLimits()
         self.detectors = detectors or DetectorPool()
-        self.max_seconds = max_seconds
-        resources = resources or Resources()
+        self.max_seconds = limits.max_seconds
+        resources = limits.resources
         # Videos are downloaded to /tmp and crops are kept in memory until stored: both are bounded by the pod,
         # so what cannot fit is refused (RESOURCE_EXHAUSTED) before any work, not killed halfway.
         self.scratch = Budget(
@@ -185,7 +180,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         self.memory = Budget(
             resources.memory_bytes - BASELINE_MEMORY_BYTES, what="memory for crops", variable="A2V_MEMORY_BYTES"
         )
-        self.max_input_bytes = min(max_input_bytes or self.scratch.total, self.scratch.total)
+        self.max_input_bytes = min(limits.max_input_bytes or self.scratch.total, self.scratch.total)
 
     # -- Probe ---------------------------------------------------------------------------------
 
@@ -435,23 +430,17 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             yield path
 
 
-def read_limits(environ: Mapping[str, str] | None = None) -> dict:
-    """Stage limits: A2V_FACE_MAX_SECONDS (default 1800 s), A2V_FACE_MAX_INPUT_BYTES (default and at most 90 % of
-    A2V_SCRATCH_BYTES), and the replica's A2V_MEMORY_BYTES / A2V_SCRATCH_BYTES (`Resources`)."""
-    env = Env(environ)
-    limits = {
-        "max_seconds": env.get_float("A2V_FACE_MAX_SECONDS", 1800.0, minimum=1.0, maximum=24 * 3600.0),
-        "max_input_bytes": env.get_int("A2V_FACE_MAX_INPUT_BYTES", 0, minimum=0) or None,
-    }
-    env.check()
-    return limits | {"resources": Resources.from_env(environ)}
+def read_settings(env: Env) -> InputLimits:
+    """The stage's limits: A2V_FACE_MAX_SECONDS (default 1800 s), A2V_FACE_MAX_INPUT_BYTES (default and at most 90 %
+    of A2V_SCRATCH_BYTES), and the replica's A2V_MEMORY_BYTES / A2V_SCRATCH_BYTES (`Resources`)."""
+    return InputLimits.read(env, "face")
 
 
-def bindings(config: Config) -> list[ServiceBinding]:
+def bindings(config: Config[InputLimits]) -> list[ServiceBinding]:
     """What `python -m services.face` serves: SERVING once the store answers and the landmark model is loaded."""
     store = BlobStore.from_config(config.store)
     detectors = DetectorPool()
-    servicer = FaceServicer(store, detectors=detectors, **read_limits())
+    servicer = FaceServicer(store, config.settings or InputLimits(), detectors=detectors)
 
     def load() -> None:
         wait_for_store(store)

@@ -300,19 +300,26 @@ def serving_note(speaker: str, version: int, states: Mapping) -> str:
     return "TF Serving unloaded it (a newer version serves)"
 
 
-def read_serving_address(environ: Mapping[str, str] | None = None) -> str:
-    """A2V_TFSERVING_ADDR: TF Serving's gRPC address (default the local stand-in, 127.0.0.1:8500)."""
-    env = Env(environ)
-    address = env.get_str("A2V_TFSERVING_ADDR", "127.0.0.1:8500")
-    env.check()
-    return address
+@dataclass(frozen=True)
+class LipsyncSettings:
+    """The stage's settings: A2V_TFSERVING_ADDR, TF Serving's gRPC address (default the local stand-in)."""
+
+    serving_address: str = "127.0.0.1:8500"
+
+    @classmethod
+    def read(cls, env: Env) -> LipsyncSettings:
+        """Read the settings from the environment (with the rest of `Config.from_env`)."""
+        return cls(serving_address=env.get_str("A2V_TFSERVING_ADDR", cls.serving_address))
 
 
-def bindings(config: Config) -> list[ServiceBinding]:
+def bindings(config: Config[LipsyncSettings]) -> list[ServiceBinding]:
     """What `python -m services.lipsync` serves: SERVING once the object store answers.
 
     TF Serving may come up later or have no model yet: Predict then answers UNAVAILABLE or NOT_FOUND.
     """
     store = BlobStore.from_config(config.store)
-    servicer = LipsyncServicer(store, ServingClient(read_serving_address(), timeout_seconds=config.rpc_timeout_seconds))
+    settings = config.settings or LipsyncSettings()
+    servicer = LipsyncServicer(
+        store, ServingClient(settings.serving_address, timeout_seconds=config.rpc_timeout_seconds)
+    )
     return [binding_for(lipsync_pb2, lipsync_pb2_grpc, "LipsyncService", servicer, load=lambda: wait_for_store(store))]

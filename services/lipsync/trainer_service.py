@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from audio2video.common.v1 import common_pb2
@@ -92,12 +92,22 @@ class TrainerServicer(lipsync_pb2_grpc.TrainerServiceServicer):
         )
 
 
-def read_models_dir(environ: Mapping[str, str] | None = None) -> Path | None:
-    """A2V_MODELS_DIR: where new versions are also written (the folder TF Serving polls); unset = the store only."""
-    env = Env(environ)
-    folder = env.get_str(trainer.MODELS_DIR_VARIABLE, "")
-    env.check()
-    return Path(folder) if folder else None
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The trainer service's settings.
+
+    Attributes:
+        models_dir: A2V_MODELS_DIR, where new versions are also written (the folder TF Serving polls); None (unset)
+            = the store only.
+    """
+
+    models_dir: Path | None = None
+
+    @classmethod
+    def read(cls, env: Env) -> TrainerSettings:
+        """Read the settings from the environment (with the rest of `Config.from_env`)."""
+        folder = env.get_str(trainer.MODELS_DIR_VARIABLE, "")
+        return cls(models_dir=Path(folder) if folder else None)
 
 
 def check_models_dir(folder: Path | None) -> None:
@@ -112,11 +122,11 @@ def check_models_dir(folder: Path | None) -> None:
         raise ConfigError(f"{trainer.MODELS_DIR_VARIABLE}={folder} is not writable by uid {os.getuid()}")
 
 
-def bindings(config: Config, environ: Mapping[str, str] | None = None) -> list[ServiceBinding]:
+def bindings(config: Config[TrainerSettings]) -> list[ServiceBinding]:
     """What `python -m services.lipsync.trainer_service` serves: SERVING once the models folder is writable and
     the object store answers."""
     store = BlobStore.from_config(config.store)
-    models_dir = read_models_dir(environ)
+    models_dir = (config.settings or TrainerSettings()).models_dir
     servicer = TrainerServicer(store, models_dir=models_dir)
 
     def load() -> None:
@@ -129,7 +139,7 @@ def bindings(config: Config, environ: Mapping[str, str] | None = None) -> list[S
 def main() -> None:
     for name, value in LONG_CALL_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    run_service(SERVICE, bindings)
+    run_service(SERVICE, bindings, TrainerSettings.read)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-from services.runtime.config import Env
+from services.runtime.config import MIB
 from services.runtime.errors import TooLarge
-
-MIB = 1 << 20
 
 
 def mib(amount: int) -> str:
@@ -23,29 +20,6 @@ class Busy(TooLarge):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"server busy: {message}")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one replica may use: its pod's memory limit and the size of its scratch folder (/tmp).
-
-    Kubernetes passes the memory limit in (`resourceFieldRef: limits.memory`) and the scratch size is the
-    `emptyDir` sizeLimit; the defaults are those of the base manifests (2 GiB each).
-    """
-
-    memory_bytes: int = 2 << 30
-    scratch_bytes: int = 2 << 30
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Resources:
-        """A2V_MEMORY_BYTES and A2V_SCRATCH_BYTES (defaults 2 GiB)."""
-        env = Env(environ)
-        resources = cls(
-            memory_bytes=env.get_int("A2V_MEMORY_BYTES", cls.memory_bytes, minimum=64 * MIB),
-            scratch_bytes=env.get_int("A2V_SCRATCH_BYTES", cls.scratch_bytes, minimum=16 * MIB),
-        )
-        env.check()
-        return resources
 
 
 class Budget:

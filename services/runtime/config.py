@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 REQUIRED = object()
 """Marker default: the variable must be set."""
+
+MIB = 1 << 20
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -189,16 +192,102 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
-class Config:
-    """Everything a service needs at start: its server settings and the object store."""
+class Resources:
+    """What one replica may use: its pod's memory limit and the size of its scratch folder (/tmp).
+
+    Kubernetes passes the memory limit in (`resourceFieldRef: limits.memory`) and the scratch size is the
+    `emptyDir` sizeLimit; the defaults are those of the base manifests (2 GiB each).
+    """
+
+    memory_bytes: int = 2 << 30
+    scratch_bytes: int = 2 << 30
+
+    @classmethod
+    def read(cls, env: Env) -> Resources:
+        """Read A2V_MEMORY_BYTES and A2V_SCRATCH_BYTES (defaults 2 GiB)."""
+        return cls(
+            memory_bytes=env.get_int("A2V_MEMORY_BYTES", cls.memory_bytes, minimum=64 * MIB),
+            scratch_bytes=env.get_int("A2V_SCRATCH_BYTES", cls.scratch_bytes, minimum=16 * MIB),
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Resources:
+        """Read A2V_MEMORY_BYTES and A2V_SCRATCH_BYTES from the environment; raises ConfigError when malformed."""
+        env = Env(environ)
+        resources = cls.read(env)
+        env.check()
+        return resources
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """How much one call of a stage that reads a whole media file may bring, and what its replica has.
+
+    Attributes:
+        max_seconds: Longest input accepted, in seconds.
+        max_input_bytes: Largest input accepted, in bytes; None = as much as the replica's resources allow
+            (each stage caps it by what its calls hold per input byte).
+        resources: The replica's memory and scratch space.
+    """
+
+    max_seconds: float = 1800.0
+    max_input_bytes: int | None = None
+    resources: Resources = field(default_factory=Resources)
+
+    @classmethod
+    def read(cls, env: Env, stage: str) -> InputLimits:
+        """Read A2V_<STAGE>_MAX_SECONDS (default 1800 s), A2V_<STAGE>_MAX_INPUT_BYTES (0 or unset = no own limit)
+        and the replica's `Resources`."""
+        prefix = f"A2V_{stage.upper()}"
+        return cls(
+            max_seconds=env.get_float(f"{prefix}_MAX_SECONDS", cls.max_seconds, minimum=1.0, maximum=24 * 3600.0),
+            max_input_bytes=env.get_int(f"{prefix}_MAX_INPUT_BYTES", 0, minimum=0) or None,
+            resources=Resources.read(env),
+        )
+
+
+S = TypeVar("S")
+"""The type of a stage's own settings (`Config.settings`)."""
+
+
+@dataclass(frozen=True)
+class Config(Generic[S]):
+    """Everything a service needs at start: its server settings, the object store and its own settings.
+
+    Attributes:
+        server: How the service listens.
+        store: The object store.
+        rpc_timeout_seconds: Deadline of the calls it makes to other services.
+        settings: The stage's own settings (a frozen dataclass its servicer takes), read by the reader given to
+            `from_env`; None when none was given.
+    """
 
     server: ServerConfig
     store: StoreConfig
     rpc_timeout_seconds: float = 60.0
+    settings: S = None  # type: ignore[assignment]
 
     @classmethod
-    def from_env(cls, service: str, environ: Mapping[str, str] | None = None) -> Config:
-        """Read the config of `service` from the environment; raises ConfigError listing all problems."""
+    def from_env(
+        cls,
+        service: str,
+        environ: Mapping[str, str] | None = None,
+        settings: Callable[[Env], S] | None = None,
+    ) -> Config[S]:
+        """Read the config of `service` from the environment.
+
+        Args:
+            service: The service's name (logs, health).
+            environ: The environment; default `os.environ`.
+            settings: Reads the stage's own settings from the same environment, so that one ConfigError names
+                every problem of the start.
+
+        Returns:
+            The frozen config.
+
+        Raises:
+            ConfigError: a required value is missing or a value is malformed (all of them listed).
+        """
         env = Env(environ)
         config = cls(
             server=ServerConfig.read(env, service),
@@ -206,11 +295,20 @@ class Config:
             rpc_timeout_seconds=env.get_float(
                 "A2V_RPC_TIMEOUT_SECONDS", cls.rpc_timeout_seconds, minimum=0.1, maximum=86400.0
             ),
+            settings=settings(env) if settings is not None else None,  # type: ignore[arg-type]
         )
         env.check()
         parse_address(config.server.listen)
         parse_address(config.store.endpoint)
         return config
+
+
+def read_settings(reader: Callable[[Env], Any], environ: Mapping[str, str] | None = None) -> Any:
+    """One stage's settings read on their own (tools, tests); raises ConfigError naming every problem."""
+    env = Env(environ)
+    settings = reader(env)
+    env.check()
+    return settings
 
 
 def service_address(name: str, environ: Mapping[str, str] | None = None, default: str | None = None) -> str:

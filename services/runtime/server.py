@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.blobstore import BlobStore, wait_for_store
-from services.runtime.config import Config, ConfigError, ServerConfig, parse_address
+from services.runtime.config import Config, ConfigError, Env, ServerConfig, parse_address
 from services.runtime.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -223,10 +223,20 @@ def serve(config: Config, bindings: Sequence[ServiceBinding]) -> int:
     return 0
 
 
-def run_service(service: str, make_bindings: Callable[[Config], Sequence[ServiceBinding]]) -> None:
-    """Entry point body of `python -m services.<stage>`: read config, build bindings, serve, exit."""
+def run_service(
+    service: str,
+    make_bindings: Callable[[Config], Sequence[ServiceBinding]],
+    settings: Callable[[Env], object] | None = None,
+) -> None:
+    """Entry point body of `python -m services.<stage>`: read config, build bindings, serve, exit.
+
+    Args:
+        service: The service's name.
+        make_bindings: Builds what the service serves from its config.
+        settings: Reads the stage's own settings (`Config.settings`) with the rest of the config.
+    """
     try:
-        config = Config.from_env(service)
+        config = Config.from_env(service, settings=settings)
     except ConfigError as exc:
         configure_logging(service)
         log.error("%s", exc)

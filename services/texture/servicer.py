@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -186,17 +186,21 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         return array_ref(*self.store.put_array(key, np.ascontiguousarray(array), fps=fps))
 
 
-def read_cache_bytes(environ: Mapping[str, str] | None = None) -> int:
-    """A2V_TEXTURE_CACHE_BYTES: memory for prepared targets per replica (default 2 GiB)."""
-    env = Env(environ)
-    value = env.get_int("A2V_TEXTURE_CACHE_BYTES", 2 << 30, minimum=0)
-    env.check()
-    return value
+@dataclass(frozen=True)
+class TextureSettings:
+    """The stage's settings: A2V_TEXTURE_CACHE_BYTES, memory for prepared targets per replica (default 2 GiB)."""
+
+    cache_bytes: int = 2 << 30
+
+    @classmethod
+    def read(cls, env: Env) -> TextureSettings:
+        """Read the settings from the environment (with the rest of `Config.from_env`)."""
+        return cls(cache_bytes=env.get_int("A2V_TEXTURE_CACHE_BYTES", cls.cache_bytes, minimum=0))
 
 
-def bindings(config: Config) -> list[ServiceBinding]:
+def bindings(config: Config[TextureSettings]) -> list[ServiceBinding]:
     """What `python -m services.texture` serves."""
-    cache = BoundedCache(read_cache_bytes())
+    cache = BoundedCache((config.settings or TextureSettings()).cache_bytes)
     return store_backed_bindings(
         config, texture_pb2, texture_pb2_grpc, "TextureService", lambda store: TextureServicer(store, cache=cache)
     )

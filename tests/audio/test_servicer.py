@@ -11,6 +11,7 @@ from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
 from services.audio.servicer import AudioServicer
 from services.runtime.clients import create_channel
+from services.runtime.config import InputLimits
 from services.runtime.protos import object_ref
 from services.runtime.server import binding_for
 from tests.conftest import SHARED_DATA
@@ -22,7 +23,9 @@ NTSC = common_pb2.FrameRate(numerator=30000, denominator=1001)
 
 @pytest.fixture()
 def audio_stub(store, run_server):
-    port = run_server([binding_for(audio_pb2, audio_pb2_grpc, "AudioService", AudioServicer(store, max_seconds=60))])
+    port = run_server(
+        [binding_for(audio_pb2, audio_pb2_grpc, "AudioService", AudioServicer(store, InputLimits(max_seconds=60)))]
+    )
     channel = create_channel(f"127.0.0.1:{port}", [SERVICE], timeout_seconds=60)
     yield audio_pb2_grpc.AudioServiceStub(channel)
     channel.close()

@@ -10,6 +10,7 @@ from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from services.audio import core as audio_core
 from services.face.servicer import AnalyzeSettings, DetectorPool, FaceServicer
 from services.runtime.clients import create_channel
+from services.runtime.config import InputLimits
 from services.runtime.frames import decode_frames
 from services.runtime.media import iter_frames
 from services.runtime.protos import array_ref, object_ref
@@ -35,7 +36,7 @@ def detectors():
 
 @pytest.fixture()
 def face_stub(store, run_server, detectors):
-    servicer = FaceServicer(store, detectors=detectors, max_seconds=60)
+    servicer = FaceServicer(store, InputLimits(max_seconds=60), detectors=detectors)
     port = run_server([binding_for(face_pb2, face_pb2_grpc, "FaceService", servicer)])
     channel = create_channel(f"127.0.0.1:{port}", [SERVICE], timeout_seconds=120)
     yield face_pb2_grpc.FaceServiceStub(channel)

@@ -16,10 +16,10 @@ from audio2video.common.v1 import common_pb2
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from services.face.dataset import build_speaker_dataset
 from services.lipsync import trainer
-from services.lipsync.trainer_service import TrainerServicer, check_models_dir, read_models_dir
+from services.lipsync.trainer_service import TrainerServicer, TrainerSettings, check_models_dir
 from services.lipsync.versions import stored_versions
 from services.runtime.clients import create_channel, wait_for_serving
-from services.runtime.config import ConfigError
+from services.runtime.config import ConfigError, read_settings
 from services.runtime.server import binding_for
 from tests.conftest import REPO, free_port, wait_until
 from tests.lipsync.test_trainer import TINY, clip, upload
@@ -131,8 +131,9 @@ def test_cancelling_the_call_stops_the_training_and_stores_nothing(store, servic
 
 
 def test_the_models_folder_comes_from_the_environment_and_must_be_writable(tmp_path):
-    assert read_models_dir({}) is None
-    assert read_models_dir({trainer.MODELS_DIR_VARIABLE: str(tmp_path / "m")}) == tmp_path / "m"
+    assert read_settings(TrainerSettings.read, {}).models_dir is None
+    settings = read_settings(TrainerSettings.read, {trainer.MODELS_DIR_VARIABLE: str(tmp_path / "m")})
+    assert settings.models_dir == tmp_path / "m"
     check_models_dir(tmp_path / "m" / "new")
     assert (tmp_path / "m" / "new").is_dir()
     blocker = tmp_path / "file"

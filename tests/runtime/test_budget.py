@@ -10,8 +10,9 @@ from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from services.audio.servicer import AudioServicer
 from services.face.servicer import FaceServicer
-from services.runtime.budget import MIB, Budget, Busy, Resources
+from services.runtime.budget import MIB, Budget, Busy
 from services.runtime.clients import create_channel, is_busy
+from services.runtime.config import InputLimits, Resources
 from services.runtime.errors import TooLarge
 from services.runtime.protos import object_ref
 from services.runtime.server import binding_for
@@ -39,7 +40,7 @@ def test_face_refuses_a_video_whose_crops_exceed_the_pods_memory_before_decoding
     video = object_ref(store.put_file(f"{key_prefix}/long.mp4", LONG_CLIP, content_type="video/mp4"))
 
     def analyse(resources: Resources) -> list:
-        servicer = FaceServicer(store, resources=resources)
+        servicer = FaceServicer(store, InputLimits(resources=resources))
         port = run_server([binding_for(face_pb2, face_pb2_grpc, "FaceService", servicer)])
         stub = face_pb2_grpc.FaceServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=60))
         return stub.Analyze(face_pb2.AnalyzeRequest(video=video))
@@ -59,9 +60,11 @@ def test_face_refuses_a_video_whose_crops_exceed_the_pods_memory_before_decoding
 
 @pytest.mark.integration
 def test_audio_input_limit_follows_the_pods_memory(store, key_prefix, run_server):
-    servicer = AudioServicer(store, resources=Resources(memory_bytes=256 * MIB + 8 * MIB))  # 2 MiB per call
+    servicer = AudioServicer(
+        store, InputLimits(resources=Resources(memory_bytes=256 * MIB + 8 * MIB))
+    )  # 2 MiB per call
     assert servicer.max_input_bytes == 2 * MIB
-    assert AudioServicer(store, resources=Resources(memory_bytes=1 << 30)).max_input_bytes == 192 * MIB
+    assert AudioServicer(store, InputLimits(resources=Resources(memory_bytes=1 << 30))).max_input_bytes == 192 * MIB
     port = run_server([binding_for(audio_pb2, audio_pb2_grpc, "AudioService", servicer)])
     stub = audio_pb2_grpc.AudioServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=60))
     audio = object_ref(store.put_file(f"{key_prefix}/long.mp4", LONG_CLIP, content_type="video/mp4"))

@@ -4,7 +4,16 @@ import dataclasses
 
 import pytest
 
-from services.runtime.config import Config, ConfigError, Env, parse_address, service_address
+from services.runtime.config import (
+    Config,
+    ConfigError,
+    Env,
+    InputLimits,
+    Resources,
+    parse_address,
+    read_settings,
+    service_address,
+)
 
 BASE = {"A2V_S3_ACCESS_KEY": "key", "A2V_S3_SECRET_KEY": "secret"}
 
@@ -84,3 +93,34 @@ def test_env_reader_ranges_and_blank_values():
     assert env.get_str("BLANK", "fallback") == "fallback"
     with pytest.raises(ConfigError, match="N=5 is above the maximum 3"):
         env.check()
+
+
+def test_stage_settings_are_read_with_the_rest_of_the_config():
+    from services.audio.servicer import read_settings as audio_settings
+    from services.face.servicer import read_settings as face_settings
+    from services.lipsync.servicer import LipsyncSettings
+    from services.texture.servicer import TextureSettings
+
+    config = Config.from_env("audio", BASE, settings=audio_settings)
+    assert config.settings == InputLimits(max_seconds=1800.0, max_input_bytes=None, resources=Resources())
+    assert Resources() == Resources(memory_bytes=2 << 30, scratch_bytes=2 << 30)
+    assert Config.from_env("x", BASE).settings is None
+    environ = BASE | {
+        "A2V_FACE_MAX_SECONDS": "60",
+        "A2V_FACE_MAX_INPUT_BYTES": "1000",
+        "A2V_MEMORY_BYTES": str(1 << 30),
+        "A2V_SCRATCH_BYTES": str(64 << 20),
+        "A2V_TEXTURE_CACHE_BYTES": "0",
+        "A2V_TFSERVING_ADDR": "tfs:8500",
+    }
+    assert read_settings(face_settings, environ) == InputLimits(60.0, 1000, Resources(1 << 30, 64 << 20))
+    assert read_settings(audio_settings, environ).max_seconds == 1800.0
+    assert read_settings(TextureSettings.read, environ) == TextureSettings(cache_bytes=0)
+    assert read_settings(TextureSettings.read, {}) == TextureSettings(cache_bytes=2 << 30)
+    assert read_settings(LipsyncSettings.read, environ).serving_address == "tfs:8500"
+    assert read_settings(LipsyncSettings.read, {}).serving_address == "127.0.0.1:8500"
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env("face", BASE | {"A2V_FACE_MAX_SECONDS": "0", "A2V_LISTEN": ""}, settings=face_settings)
+    assert "A2V_FACE_MAX_SECONDS=0.0 is below the minimum 1.0" in str(caught.value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.settings.max_seconds = 1  # type: ignore[misc]
