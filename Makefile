@@ -88,7 +88,7 @@ bench: setup
 # silent flicker; JSON + HTML report in out/eval/. Defaults to the demo's output and target.
 EVAL_OUTPUT ?= out/demo.mp4
 eval: setup
-	$(PY) -m services.evaluation output $(EVAL_OUTPUT) --target $(or $(VIDEO),$(SAMPLE_DATA)/speakers/obama/obama_clip2.mp4)
+	$(PY) -m evaluation output $(EVAL_OUTPUT) --target $(or $(VIDEO),$(SAMPLE_DATA)/speakers/obama/obama_clip2.mp4)
 
 clean:
 	rm -rf $(VENV) audio2video build .pytest_cache .ruff_cache *.egg-info

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # eval and bench have their own parsers (their tools are importable on their own too).
     if argv and argv[0] == "eval":
-        from services.evaluation.cli import main as evaluation_main
+        from evaluation.cli import main as evaluation_main
 
         return evaluation_main(argv[1:], prog="a2v eval")
     if argv and argv[0] == "bench":

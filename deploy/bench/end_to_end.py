@@ -274,7 +274,7 @@ def pick_headline(cases: list[dict]) -> dict | None:
 
 
 def stage_timings(case: Mapping) -> dict:
-    """{"stages": {stage: busy seconds}} of one case (what `python -m services.evaluation ... --timings` reads)."""
+    """{"stages": {stage: busy seconds}} of one case (what `python -m evaluation ... --timings` reads)."""
     return {
         "stages": {name: round(s["busy_seconds"], 4) for name, s in case["stages"].items()},
         "target": case["target"],

@@ -785,14 +785,25 @@ INNER_LIP_PAIRS = ((13, 19), (14, 18), (15, 17))
 MOUTH_CORNERS = (0, 6)
 
 
-def mouth_opening_ratio(mouth_shapes: np.ndarray) -> np.ndarray:
-    """Inner-lip gap over mouth width of float [N, 20, 2] mouth shapes, float64 [N] (NaN where not finite)."""
+def _mouths(mouth_shapes: np.ndarray) -> np.ndarray:
     m = np.asarray(mouth_shapes, dtype=np.float64)
     if m.ndim != 3 or m.shape[1:] != (20, 2):
         raise InvalidInput(f"mouth shapes must be [N, 20, 2], got {m.shape}")
+    return m
+
+
+def inner_lip_gap(mouth_shapes: np.ndarray) -> np.ndarray:
+    """Mean distance of the inner-lip pairs 61-67, 62-66, 63-65 of float [N, 20, 2] mouth shapes, float64 [N]."""
+    m = _mouths(mouth_shapes)
     upper = [u for u, _ in INNER_LIP_PAIRS]
     lower = [lo for _, lo in INNER_LIP_PAIRS]
-    gap = np.linalg.norm(m[:, upper] - m[:, lower], axis=-1).mean(axis=1)
+    return np.linalg.norm(m[:, upper] - m[:, lower], axis=-1).mean(axis=1)
+
+
+def mouth_opening_ratio(mouth_shapes: np.ndarray) -> np.ndarray:
+    """Inner-lip gap over mouth width of float [N, 20, 2] mouth shapes, float64 [N] (NaN where not finite)."""
+    m = _mouths(mouth_shapes)
+    gap = inner_lip_gap(m)
     width = np.linalg.norm(m[:, MOUTH_CORNERS[0]] - m[:, MOUTH_CORNERS[1]], axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(width > 0, gap / width, np.nan)

@@ -11,7 +11,7 @@ from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from client.jobs import upload
 from deploy.local import stack_environment
-from services.evaluation.evaluate import render_job_report
+from evaluation.evaluate import render_job_report
 from services.runtime.media import iter_frames
 from tests.conftest import SHARED_DATA
 from tests.face.helpers import encode_clip

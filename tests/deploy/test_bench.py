@@ -103,7 +103,7 @@ def test_headline_is_the_largest_target_with_cached_analysis_and_the_longest_aud
 
 
 def test_stage_timings_are_what_the_evaluation_report_reads():
-    from services.evaluation.report import load_stage_timings
+    from evaluation.report import load_stage_timings
 
     case = {"target": "512x512", "audio_seconds": 10.0, **bench.job_timing(finished_job(10.0))}
     timings = bench.stage_timings(case)

@@ -11,8 +11,8 @@ import pytest
 from deploy.samples import SAMPLE_DATA
 from services.composite.artifacts import artifact_maps, artifact_score
 from services.composite.core import RenderOptions, render_segment
-from services.evaluation.evaluate import ARTIFACT_FLAG, measure_artifacts
-from services.evaluation.image import frame_artifacts
+from evaluation.evaluate import ARTIFACT_FLAG, measure_artifacts
+from evaluation.image import frame_artifacts
 from services.face.core import analyze_video
 from services.face.landmarks import LandmarkDetector
 from services.face.video import iter_frames

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.composite.render import feather_mask
-from services.evaluation import image
+from evaluation import image
 from services.runtime.canonical import CANONICAL_TEMPLATE
 from services.runtime.errors import InvalidInput
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from services.audio.core import decode_audio, encode_wav
-from services.evaluation.cli import main
-from services.evaluation.evaluate import evaluate_sync, mouth_opening, sync_of_analysis
-from services.evaluation.sync import shift_samples
+from evaluation.cli import main
+from evaluation.evaluate import evaluate_sync, mouth_opening, sync_of_analysis
+from evaluation.sync import shift_samples
 from services.face.core import LandmarkDetector, analyze_video
 from tests.conftest import SHARED_DATA
 from tests.face.helpers import encode_clip
@@ -140,7 +140,7 @@ def images_in(page: str) -> list[str]:
 
 
 def test_a_video_without_audio_is_refused_or_measured_without_sync(detector, tmp_path):
-    from services.evaluation.evaluate import measure_video
+    from evaluation.evaluate import measure_video
     from services.face.video import iter_frames
     from services.runtime.errors import InvalidInput
 

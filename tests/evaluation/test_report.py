@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from services.evaluation import report
-from services.evaluation.sync import cross_correlation
+from evaluation import report
+from evaluation.sync import cross_correlation
 from services.runtime.errors import InvalidInput, NotFound
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

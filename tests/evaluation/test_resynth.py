@@ -8,10 +8,10 @@ import av
 import numpy as np
 import pytest
 
-from services.evaluation import lips
-from services.evaluation.cli import main
-from services.evaluation.evaluate import measure_video
-from services.evaluation.resynth import compare_resynthesis
+from evaluation import lips
+from evaluation.cli import main
+from evaluation.evaluate import measure_video
+from evaluation.resynth import compare_resynthesis
 from services.face.core import LandmarkDetector
 from services.runtime.errors import InvalidInput
 from tests.conftest import SHARED_DATA

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from services.evaluation.shape import SpeakerModel, evaluate_mouth_shapes, load_speaker_model, shape_scores
+from evaluation.shape import SpeakerModel, evaluate_mouth_shapes, load_speaker_model, shape_scores
 from services.face.dataset import ClipTracks, fit_mouth_pca
 from services.lipsync import model as lstm
 from services.runtime.canonical import CANONICAL_TEMPLATE

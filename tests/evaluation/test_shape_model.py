@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from services.evaluation.cli import main
-from services.evaluation.shape import evaluate_mouth_shapes, load_speaker_model, model_versions
+from evaluation.cli import main
+from evaluation.shape import evaluate_mouth_shapes, load_speaker_model, model_versions
 from services.face.dataset import fit_mouth_pca
 from services.lipsync import model as lstm
 from tests.conftest import SHARED_DATA

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter1d
 
-from services.evaluation.sync import (
+from evaluation.sync import (
     audio_visual_sync,
     cross_correlation,
     frame_energy_db,

@@ -94,7 +94,7 @@ def trained_stack(root: Path) -> Iterator[Stack]:
         up = a2v(env, "up", timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
         running = Stack(env)
-        # Training through the job API, short (the quality run is `python -m services.lipsync.quality`).
+        # Training through the job API, short (the quality run is `python -m evaluation.quality`).
         spec = pb.TrainJobSpec(
             speaker=SPEAKER,
             videos=[pb.TrainingVideo(clip_id="clip3", video=upload(running.store, SPEAKER_VIDEO))],

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.quality import Ridge, choose_alpha, opening_lag, rows_of, windowed
 from services.face.dataset import ClipTracks, MouthPCA, build_speaker_dataset, pair_clip
 from services.lipsync import model as lstm
-from services.lipsync.quality import Ridge, choose_alpha, opening_lag, rows_of, windowed
+from services.runtime.canonical import inner_lip_gap
 from services.runtime.errors import InvalidInput, NoFace, NotFound
 
 DEFAULT_WINDOW_ROWS = 20
@@ -43,7 +44,6 @@ class SpeakerModel:
         pca: the mouth PCA the network's coefficients belong to.
         feature_mean, feature_std: float32 [F] normalisation of the training features.
         card: the model card (assets.extra/model_card.json); `delay_steps` sets the delay.
-        keep_alive: the loaded SavedModel object (its signature's variables belong to it).
     """
 
     speaker: str
@@ -53,7 +53,6 @@ class SpeakerModel:
     feature_mean: np.ndarray
     feature_std: np.ndarray
     card: dict = field(default_factory=dict)
-    keep_alive: Any = None
 
     @property
     def delay(self) -> int:
@@ -73,7 +72,8 @@ def model_versions(models_dir: str | os.PathLike, speaker: str) -> list[int]:
 
 
 def load_speaker_model(models_dir: str | os.PathLike, speaker: str, version: int | None = None) -> SpeakerModel:
-    """Load `<models_dir>/<speaker>/<version>/` as the trainer exports it (TensorFlow is imported here).
+    """Load `<models_dir>/<speaker>/<version>/` as the trainer exports it (through `lipsync.model`, which imports
+    TensorFlow).
 
     Args:
         models_dir: the models folder (A2V_MODELS_DIR / the trainer's --models-dir).
@@ -100,11 +100,9 @@ def load_speaker_model(models_dir: str | os.PathLike, speaker: str, version: int
             mean, std = arrays["feature_mean"].astype(np.float32), arrays["feature_std"].astype(np.float32)
     except (OSError, KeyError, ValueError) as exc:
         raise InvalidInput(f"model {speaker} version {version} in {folder} is malformed: {exc}") from exc
-    import tensorflow as tf  # only this subcommand needs TensorFlow
-
-    loaded = tf.saved_model.load(str(folder))
-    signature = loaded.signatures[lstm.SIGNATURE_KEY]
-    return SpeakerModel(speaker, version, signature, pca, mean, std, card, keep_alive=loaded)
+    # The SavedModel is loaded (and TensorFlow imported) by the module that trains and exports it, once here.
+    network = lstm._runner(folder)
+    return SpeakerModel(speaker, version, network, pca, mean, std, card)
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ def shape_scores(predicted: np.ndarray, truth: np.ndarray, *, rate_hz: float = R
     error, correlation = lstm.mouth_metrics(predicted, truth)  # checks the shapes
     difference = np.asarray(predicted, np.float64) - np.asarray(truth, np.float64)
     rmse = float(np.sqrt(np.mean(np.sum(difference**2, axis=-1))))
-    constant = np.ptp(lstm.mouth_opening(predicted)) == 0 or len(truth) < 3
+    constant = np.ptp(inner_lip_gap(predicted)) == 0 or len(truth) < 3
     lag = None
     if not constant:
         max_lag = max(1, min(30, len(truth) // 3))
@@ -309,9 +307,9 @@ def evaluate_mouth_shapes(
         clip_id=held_out.clip_id,
         rows=len(truth),
         times=np.asarray(paired.times, np.float64),
-        truth_opening=lstm.mouth_opening(truth),
+        truth_opening=inner_lip_gap(truth),
         scores={name: shape_scores(shapes, truth) for name, shapes in predictions.items()},
-        openings={name: lstm.mouth_opening(shapes) for name, shapes in predictions.items()},
+        openings={name: inner_lip_gap(shapes) for name, shapes in predictions.items()},
         ridge_alpha=alpha,
         pca_components=len(pca.components),
         retained_variance=float(pca.retained_variance),

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation import lips, report
+from evaluation.evaluate import STRIP_FRAMES, VideoMeasures, _existing, _frame_pass, measure_video, say
+from evaluation.sync import DEFAULT_MAX_LAG
 from services.audio.core import decode_audio, encode_wav
-from services.evaluation import lips, report
-from services.evaluation.evaluate import STRIP_FRAMES, VideoMeasures, _existing, _frame_pass, measure_video, say
-from services.evaluation.sync import DEFAULT_MAX_LAG
 from services.face.core import LandmarkDetector
 from services.runtime.errors import CallFailed, InvalidInput, NotFound, Unavailable
 

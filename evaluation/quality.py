@@ -1,6 +1,6 @@
 """Quality benchmark (prints, asserts nothing): the LSTM vs the mean shape and ridge regression on held-out speech.
 
-`python -m services.lipsync.quality` analyses obama_clip1.mp4 (training) and obama_clip2.mp4 (held out) with the
+`python -m evaluation.quality` analyses obama_clip1.mp4 (training) and obama_clip2.mp4 (held out) with the
 face and audio cores, builds the speaker dataset, trains the LSTM and prints, for the held-out clip, the landmark
 error normalised by the mouth width and the Pearson correlation of the mouth opening for three predictors: the
 LSTM (`predict_sequence` over each section), the training mean shape, and ridge regression from a +-200 ms
@@ -40,6 +40,7 @@ from services.face.core import analyze_video
 from services.face.dataset import ClipTracks, build_speaker_dataset, pair_clip
 from services.face.landmarks import LandmarkDetector
 from services.lipsync import model as lstm
+from services.runtime.canonical import inner_lip_gap
 
 BENCHMARK_SETTINGS = {"batch_size": 10, "learning_rate": 3e-3, "sequence_length": 50, "dropout": 0.5, "layers": 2}
 ALPHAS = tuple(10.0**k for k in range(-1, 7))
@@ -128,8 +129,8 @@ def choose_alpha(x_fit, y_fit, x_check, y_check) -> tuple[float, dict[float, flo
 
 def opening_lag(predicted: np.ndarray, truth: np.ndarray, max_lag: int = 30) -> int:
     """Rows (10 ms) by which the predicted mouth opening lags the true one (argmax of the cross-correlation)."""
-    p = lstm.mouth_opening(predicted)
-    t = lstm.mouth_opening(truth)
+    p = inner_lip_gap(predicted)
+    t = inner_lip_gap(truth)
     p, t = p - p.mean(), t - t.mean()
     lags = range(-max_lag, max_lag + 1)
     scores = [float(np.dot(p[max(0, k) : len(p) + min(0, k)], t[max(0, -k) : len(t) + min(0, -k)])) for k in lags]
@@ -142,7 +143,7 @@ def _fmt(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = lstm.TrainingSettings()
-    parser = argparse.ArgumentParser(prog="python -m services.lipsync.quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=SAMPLE_DATA / "speakers" / "obama")
     parser.add_argument("--train", default="obama_clip1.mp4", help="training video in --data-dir")
     parser.add_argument("--test", default="obama_clip2.mp4", help="held-out video in --data-dir")
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"ridge +-{half * 10} ms (alpha {alpha:g})", ridge_shapes),
     ):
         error, correlation = lstm.mouth_metrics(shapes, truth)
-        constant = np.ptp(lstm.mouth_opening(shapes)) == 0
+        constant = np.ptp(inner_lip_gap(shapes)) == 0
         lag = "n/a" if constant else str(opening_lag(shapes, truth))
         print(f"  {name:<34} {error:>28.4f} {'n/a' if constant else _fmt(correlation):>16} {lag:>12}")
     print(f"\ntotal {time.monotonic() - started:.1f} s (training {training_seconds:.1f} s)")

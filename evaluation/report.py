@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # before pyplot: no display, and safe in any thread
 
 import matplotlib.pyplot as plt
 
-from services.evaluation.sync import SyncResult
+from evaluation.sync import SyncResult
 from services.runtime.errors import InvalidInput, NotFound
 
 Figure = tuple[str, bytes]

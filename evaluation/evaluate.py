@@ -17,15 +17,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from evaluation import image, report
+from evaluation.quality import analyse_clip
+from evaluation.shape import ShapeEvaluation, SpeakerModel, evaluate_mouth_shapes
+from evaluation.sync import DEFAULT_MAX_LAG, SyncResult, audio_visual_sync
 from services.audio.core import DecodedAudio, decode_audio, detect_speech
-from services.evaluation import image, report
-from services.evaluation.shape import ShapeEvaluation, SpeakerModel, evaluate_mouth_shapes
-from services.evaluation.sync import DEFAULT_MAX_LAG, SyncResult, audio_visual_sync
 from services.face.core import LandmarkDetector, VideoAnalysis, analyze_video
-from services.face.video import iter_frames, probe_video
-from services.lipsync import model as lstm
-from services.lipsync.quality import analyse_clip
+from services.runtime.canonical import inner_lip_gap
 from services.runtime.errors import InvalidInput, NotFound
+from services.runtime.media import iter_frames, probe_video
 
 Progress = Callable[[int, int], None]
 STRIP_FRAMES = 6
@@ -65,7 +65,7 @@ def _existing(path: str | os.PathLike, what: str) -> Path:
 
 def mouth_opening(analysis: VideoAnalysis) -> np.ndarray:
     """float64 [F] inner-lip opening per frame in canonical template units (NaN where no face)."""
-    return lstm.mouth_opening(analysis.canonical_mouth)
+    return inner_lip_gap(analysis.canonical_mouth)
 
 
 def sync_of_analysis(
@@ -517,7 +517,7 @@ def render_job_report(job_id: str, *, environ: dict[str, str] | None = None) -> 
     import grpc
 
     from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
-    from services.evaluation.resynth import _connection, _rpc_error
+    from evaluation.resynth import _connection, _rpc_error
 
     connection = _connection(environ)
     try:

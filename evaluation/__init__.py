@@ -9,5 +9,5 @@ Python API (files in, frozen results out; `as_dict()` is the JSON report):
     evaluate.write_reports(result, json_path=, html_path=, timings=)
 Pure metrics: `sync` (envelope, cross-correlation), `image` (regions, sharpness, seam, flicker), `shape`
 (scores, baselines, `load_speaker_model`), `lips` (the lip meter: opening r / lag / amplitude, aligned lip
-landmarks, loudness floor, mean-shape baseline). Command line: `python -m services.evaluation` (cli.main).
+landmarks, loudness floor, mean-shape baseline). Command line: `python -m evaluation` (cli.main).
 """

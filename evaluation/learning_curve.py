@@ -1,6 +1,6 @@
 """Learning curve of the speaker model (prints, asserts nothing): held-out accuracy against minutes of training speech.
 
-`python -m services.lipsync.learning_curve --train V1 [V2 ...] --test HELDOUT [--free-speech AUDIO] --minutes 1 5 30`
+`python -m evaluation.learning_curve --train V1 [V2 ...] --test HELDOUT [--free-speech AUDIO] --minutes 1 5 30`
 trains the model as `a2v train` does (`trainer.fit_speaker`: sync-corrected dataset, data-size regime, ensemble,
 held-back ends, amplitude calibration) on the first M minutes of the training videos, for each M, and scores it on
 the held-out video against its real mouth: mouth-opening r at lag 0, the best lag, the amplitude ratio and the
@@ -27,12 +27,13 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from evaluation.lips import compare_openings
+from evaluation.quality import Ridge, analyse_clip, choose_alpha, rows_of, windowed
 from services.audio.core import decode_audio, extract_features, normalize_loudness
 from services.face.dataset import ClipTracks, build_speaker_dataset, estimate_sync_offset, pair_clip
 from services.lipsync import model as lstm
 from services.lipsync import trainer
 from services.lipsync.core import resample
-from services.lipsync.quality import Ridge, analyse_clip, choose_alpha, rows_of, windowed
 from services.runtime.canonical import mouth_opening_ratio
 
 
@@ -92,19 +93,15 @@ def first_seconds(clips: list[ClipTracks], seconds: float) -> list[ClipTracks]:
 
 
 def opening_scores(predicted: np.ndarray, truth: np.ndarray, max_lag: int = 15) -> dict:
-    """r at lag 0, best lag (frames, + = prediction behind), amplitude ratio and landmark error of [N, 20, 2] shapes."""
-    p, t = mouth_opening_ratio(predicted), mouth_opening_ratio(truth)
-    pc, tc = p - p.mean(), t - t.mean()
-    scores = {}
-    for k in range(-max_lag, max_lag + 1):
-        a = tc[max(0, -k) : len(tc) - max(0, k)]
-        b = pc[max(0, k) : len(pc) - max(0, -k)]
-        scores[k] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else math.nan
-    finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+    """r at lag 0, best lag (frames, + = prediction behind), amplitude ratio and landmark error of [N, 20, 2] shapes.
+
+    The openings are compared as `a2v eval resynth` compares them (`lips.compare_openings`).
+    """
+    compared = compare_openings(mouth_opening_ratio(predicted), mouth_opening_ratio(truth), fps=1.0, max_lag=max_lag)
     return {
-        "r": scores[0],
-        "best_lag": max(finite, key=finite.get) if finite else None,
-        "amplitude": float(p.std() / t.std()) if t.std() > 0 else math.nan,
+        "r": compared.r_lag0,
+        "best_lag": compared.best_lag_frames,
+        "amplitude": compared.amplitude_ratio,
         "landmark_error": lstm.landmark_error(predicted, truth),
     }
 
@@ -115,9 +112,7 @@ def predict_frames(model, features_norm: np.ndarray, clip: ClipTracks, delay: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.lipsync.learning_curve", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m evaluation.learning_curve", description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, nargs="+", required=True, help="training videos of the speaker")
     parser.add_argument("--test", type=Path, required=True, help="held-out video of the speaker (real footage)")
     parser.add_argument("--free-speech", type=Path, help="speech without footage (amplitude and lag only)")

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.evaluation.sync import DEFAULT_MAX_LAG, MIN_PAIRS, cross_correlation
+from evaluation.sync import DEFAULT_MAX_LAG, MIN_PAIRS, cross_correlation
+from services.runtime.canonical import MOUTH_CORNERS, mouth_opening_ratio
 from services.runtime.errors import InvalidInput
 
 MOUTH_POINTS = 20  # dlib 48-67
 FIRST_MOUTH_POINT = 48
-CORNERS = (0, 6)  # 48, 54
-INNER_PAIRS = ((13, 19), (14, 18), (15, 17))  # 61-67, 62-66, 63-65
+CORNERS = MOUTH_CORNERS  # 48, 54
 OUTER = slice(0, 12)  # 48-59
 INNER = slice(12, 20)  # 60-67
 LOUDNESS_RANGE_DB = 40.0
@@ -82,14 +82,8 @@ def normalise_mouths(mouths: np.ndarray) -> np.ndarray:
 
 def opening(mouths: np.ndarray) -> np.ndarray:
     """float64 [F]: mean inner-lip gap (61-67, 62-66, 63-65) / mouth width (48-54); NaN where undefined."""
-    m = _check_mouths(mouths, "mouths")
-    upper = [u for u, _ in INNER_PAIRS]
-    lower = [lo for _, lo in INNER_PAIRS]
-    gap = np.linalg.norm(m[:, upper] - m[:, lower], axis=-1).mean(axis=1)
-    width = np.linalg.norm(m[:, CORNERS[1]] - m[:, CORNERS[0]], axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = gap / width
-    return np.where(np.isfinite(ratio) & (width > 0), ratio, np.nan)
+    ratio = mouth_opening_ratio(_check_mouths(mouths, "mouths"))
+    return np.where(np.isfinite(ratio), ratio, np.nan)
 
 
 def resample(values: np.ndarray, times: np.ndarray, at: np.ndarray, *, tolerance: float = 1e-6) -> np.ndarray:

@@ -1,12 +1,12 @@
 """Command line of the quality evaluation (sync, output, shape, resynth): each writes a JSON and an HTML report.
 
-    python -m services.evaluation sync VIDEO [--audio AUDIO]
-    python -m services.evaluation output OUT.mp4 --target TARGET.mp4 [--audio AUDIO] [--timings T.json] [--job ID]
-    python -m services.evaluation shape --models-dir DIR --speaker NAME [--version N] --clip HELDOUT.mp4
+    python -m evaluation sync VIDEO [--audio AUDIO]
+    python -m evaluation output OUT.mp4 --target TARGET.mp4 [--audio AUDIO] [--timings T.json] [--job ID]
+    python -m evaluation shape --models-dir DIR --speaker NAME [--version N] --clip HELDOUT.mp4
         --train-video TRAIN.mp4 [--train-video ...]
-    python -m services.evaluation resynth --speaker NAME --clip HELDOUT.mp4 --target TARGET.mp4 [--retiming]
+    python -m evaluation resynth --speaker NAME --clip HELDOUT.mp4 --target TARGET.mp4 [--retiming]
         [--seconds S] [--out-video OUT.mp4]          (renders through the stack: `a2v up`)
-    python -m services.evaluation resynth --clip HELDOUT.mp4 --rendered OUT.mp4 [--job ID]
+    python -m evaluation resynth --clip HELDOUT.mp4 --rendered OUT.mp4 [--job ID]
 
 Reports go to --json / --html (default out/eval/<name>-<command>.json / .html); progress goes to stderr, a
 one-line summary to stdout. Exit status 0 on success, 1 with a one-line reason on bad input (missing file,
@@ -20,14 +20,14 @@ import os
 import sys
 from pathlib import Path
 
-from services.evaluation.sync import DEFAULT_MAX_LAG
+from evaluation.sync import DEFAULT_MAX_LAG
 from services.runtime.errors import A2VError, InvalidInput
 
 DEFAULT_OUT = Path("out/eval")
 
 
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog or "python -m services.evaluation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog or "python -m evaluation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def outputs(p: argparse.ArgumentParser) -> None:
@@ -99,8 +99,8 @@ def _default(name: str, command: str, suffix: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.evaluation import evaluate
-    from services.evaluation.report import load_stage_timings
+    from evaluation import evaluate
+    from evaluation.report import load_stage_timings
 
     progress = not args.quiet
     timings = load_stage_timings(args.timings) if args.timings else None
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{100 * job['passthrough_share']:.1f} % the target's own mouth"
             )
     elif args.command == "resynth":
-        from services.evaluation.resynth import evaluate_resynth
+        from evaluation.resynth import evaluate_resynth
 
         name = args.clip.stem
         if args.strip_frames < 0:
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         if args.models_dir is not None:
             if not args.speaker:
                 raise InvalidInput("--speaker is required with --models-dir")
-            from services.evaluation.shape import load_speaker_model
+            from evaluation.shape import load_speaker_model
 
             model = load_speaker_model(args.models_dir, args.speaker, args.version)
         elif not args.train_video:
