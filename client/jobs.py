@@ -18,10 +18,9 @@ from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from client.environment import stack_environment
-from orchestrator.pipeline import retry_delay
 from services.lipsync.versions import stored_speakers
 from services.runtime.blobstore import BlobStore
-from services.runtime.clients import create_channel, rpc_failure
+from services.runtime.clients import create_channel, retry_delay, rpc_failure
 from services.runtime.config import Config, ConfigError, Env, service_address
 from services.runtime.protos import object_ref
 

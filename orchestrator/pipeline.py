@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -28,7 +28,7 @@ from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
-from services.runtime.clients import create_channel, is_busy, rpc_failure
+from services.runtime.clients import create_channel, is_busy, retry_delay, rpc_failure
 from services.runtime.config import Env, service_address
 from services.runtime.errors import A2VError, CallFailed, Cancelled, FailedPrecondition, InvalidInput
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Stage = orchestrator_pb2.Stage
 Progress = Callable[[int, int, int, str], None]
 """progress(stage, done, total, unit)."""
+T = TypeVar("T")
 DEFAULT_CHUNK_FRAMES = 150
 DEFAULT_PARALLEL_CHUNKS = 2
 DEFAULT_MAX_ATTEMPTS = 3
@@ -232,11 +233,6 @@ class ChunkSlots:
                 self._ready.notify_all()
 
 
-def retry_delay(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
-    """Seconds to wait before attempt `attempt + 1`: exponential backoff with up to 25 % jitter."""
-    return min(cap, base * 2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
-
-
 def final_result(events: Iterable, stage: int, progress: Progress | None, stop: threading.Event | None = None):
     """Follow a stage's progress stream; return its result message."""
     for event in events:
@@ -324,6 +320,275 @@ class StageCaller:
             return result
 
 
+class RenderRun:
+    """One render job: its steps in order, each keeping what the later ones need.
+
+    analyse (probe; audio and face analysis at once) -> predict (lipsync) -> retime -> select_proxies (teeth)
+    -> render_chunks (texture, teeth and composite per chunk of frames) -> finalize (join and mux).
+    """
+
+    def __init__(
+        self,
+        clients: StageClients,
+        spec: orchestrator_pb2.RenderJobSpec,
+        report: Reporter,
+        stop: threading.Event | None,
+        retry: RetryPolicy,
+    ) -> None:
+        options = spec.options
+        self.clients, self.spec, self.options, self.report = clients, spec, options, report
+        self.retime_enabled = options.retiming if options.HasField("retiming") else True
+        self.use_teeth = options.teeth if options.HasField("teeth") else True
+        self.chunk = options.chunk_frames or DEFAULT_CHUNK_FRAMES
+        self.parallel = options.max_parallel_chunks or DEFAULT_PARALLEL_CHUNKS
+        if self.chunk < 1 or self.parallel < 1 or options.max_attempts < 0:
+            raise InvalidInput("chunk_frames, max_parallel_chunks and max_attempts must be >= 1 (0 = default)")
+        self.call = StageCaller(report, stop, options.max_attempts, retry)
+        self.proxies: teeth_pb2.TeethProxies | None = None
+
+    def run(self) -> orchestrator_pb2.RenderJobResult:
+        """Run every step; returns the job's result."""
+        self.analyse()
+        self.predict()
+        self.retime()
+        self.select_proxies()
+        renders = self.render_chunks()
+        finalized = self.finalize(renders)
+        return self.result(finalized, renders)
+
+    def _finished(self, stage: int, outputs: dict[str, common_pb2.ObjectRef]) -> None:
+        """A stage's bookkeeping once its work is done: its outputs, then its end."""
+        for name, ref in outputs.items():
+            self.report.output(stage, name, ref)
+        self.report.stage_finished(stage)
+
+    def _single_call(self, stage: int, invoke: Callable[[], T], output: Callable[[T], dict]) -> T:
+        """A stage that is one unary call: progress counted in calls, then its outputs and its end."""
+        self.report.progress(stage, 0, 1, "calls")
+        result = self.call(stage, invoke, streaming=False)
+        self.report.progress(stage, 1, 1, "calls")
+        self._finished(stage, output(result))
+        return result
+
+    def analyse(self) -> None:
+        """Probe the target for its frame rate, then extract the audio and analyse the target's faces at once."""
+        c, spec, options, call = self.clients, self.spec, self.options, self.call
+        info = call(
+            Stage.STAGE_FACE, lambda: c.face.Probe(face_pb2.ProbeRequest(video=spec.target_video)), streaming=False
+        ).info
+        self.rate = rate = info.frame_rate
+        with ThreadPoolExecutor(max_workers=2) as pool:  # audio and face analysis are independent
+            audio_future = pool.submit(
+                call,
+                Stage.STAGE_AUDIO,
+                lambda: c.audio.Extract(
+                    audio_pb2.ExtractRequest(audio=spec.audio, output_frame_rate=rate, options=options.audio)
+                ),
+                streaming=True,
+            )
+            face_future = pool.submit(
+                call,
+                Stage.STAGE_FACE,
+                lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=spec.target_video, options=options.face)),
+                streaming=True,
+            )
+            self.audio, self.analysis = audio_future.result(), face_future.result()
+        self._finished(Stage.STAGE_AUDIO, {"features": self.audio.features.object})
+        self._finished(Stage.STAGE_FACE, {"manifest": self.analysis.manifest})
+        self.frames = self.audio.output_frame_count
+        if self.frames <= 0:
+            raise InvalidInput("the audio gives no output frame")
+
+    def predict(self) -> None:
+        """The speaker model's mouth shape for every output frame."""
+        request = lipsync_pb2.PredictRequest(
+            model=self.spec.model,
+            features=self.audio.features,
+            output_frame_rate=self.rate,
+            output_frame_count=self.frames,
+            speech_activity=self.audio.speech_activity,
+            options=self.options.lipsync,
+        )
+        self.predicted = self._single_call(
+            Stage.STAGE_LIPSYNC,
+            lambda: self.clients.lipsync.Predict(request),
+            lambda r: {"mouth_shapes": r.mouth_shapes.object},
+        )
+
+    def retime(self) -> None:
+        """Which target frame each output frame shows."""
+        request = retiming_pb2.RetimeRequest(
+            speech_activity=self.audio.speech_activity,
+            target_analysis=self.analysis.manifest,
+            output_frame_count=self.frames,
+            enabled=self.retime_enabled,
+            options=self.options.retiming_options,
+        )
+        self.retimed = self._single_call(
+            Stage.STAGE_RETIMING,
+            lambda: self.clients.retiming.Retime(request),
+            lambda r: {"retiming_map": r.retiming_map.object},
+        )
+
+    def select_proxies(self) -> None:
+        """The teeth proxies of the target (none when teeth enhancement is off)."""
+        if not self.use_teeth:
+            return
+        options = self.options
+        selection = teeth_pb2.SelectProxiesRequest(
+            target_analysis=self.analysis.manifest, options=options.teeth_selection
+        )
+        if options.HasField("teeth_upper_frame"):
+            selection.upper_frame_override = options.teeth_upper_frame
+        if options.HasField("teeth_lower_frame"):
+            selection.lower_frame_override = options.teeth_lower_frame
+        self.proxies = self.call(
+            Stage.STAGE_TEETH, lambda: self.clients.teeth.SelectProxies(selection), streaming=False
+        ).proxies
+
+    def render_chunks(self) -> list[composite_pb2.RenderResult]:
+        """Texture, teeth and composite of every chunk of frames, `max_parallel_chunks` at once."""
+        frames, parallel = self.frames, self.parallel
+        self.ranges = [(a, min(a + self.chunk, frames)) for a in range(0, frames, self.chunk)]
+        self.chunk_stages = (
+            Stage.STAGE_TEXTURE,
+            *((Stage.STAGE_TEETH,) if self.use_teeth else ()),
+            Stage.STAGE_COMPOSITE,
+        )
+        self.done = dict.fromkeys(self.chunk_stages, 0)
+        self.lock = threading.Lock()
+        for stage in self.chunk_stages:
+            self.report.progress(stage, 0, frames, "frames")
+        self.slots = ChunkSlots(parallel)
+        # Textures (and teeth) of the chunks in one pool, their composites in another: a composite waits for its
+        # own and its neighbours' textures, which the other pool makes, so neither pool can block the other; the
+        # slots keep the stage calls in flight to max_parallel_chunks.
+        with ThreadPoolExecutor(max_workers=parallel) as texture_pool, ThreadPoolExecutor(max_workers=parallel) as pool:
+            self.texture_futures = [texture_pool.submit(self.texture_chunk, bounds) for bounds in self.ranges]
+            futures = [pool.submit(self.composite_chunk, index) for index in range(len(self.ranges))]
+            try:
+                renders = [future.result() for future in futures]
+            except BaseException:
+                for future in self.texture_futures + futures:  # one chunk failed for good: the rest are not started
+                    future.cancel()
+                raise
+        for stage in self.chunk_stages:
+            self.report.stage_finished(stage)
+        return renders
+
+    def chunk_done(self, stage: int, bounds: tuple[int, int]) -> None:
+        """Count a chunk's frames as done in a per-chunk stage."""
+        with self.lock:
+            self.done[stage] += bounds[1] - bounds[0]
+            self.report.progress(stage, self.done[stage], self.frames, "frames")
+
+    def texture_chunk(self, bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
+        """A chunk's textures, teeth enhanced, within one of the chunk slots."""
+        with self.slots.hold():
+            return self.texture_and_teeth(bounds)
+
+    def texture_and_teeth(self, bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
+        """Synthesize a chunk's mouth textures, then enhance their teeth (when enabled)."""
+        c, options, proxies = self.clients, self.options, self.proxies
+        frame_range = common_pb2.FrameRange(start=bounds[0], stop=bounds[1])
+        synthesized = self.call(
+            Stage.STAGE_TEXTURE,
+            lambda: c.texture.Synthesize(
+                texture_pb2.SynthesizeRequest(
+                    frames=frame_range,
+                    mouth_shapes=self.predicted.mouth_shapes,
+                    target_analysis=self.analysis.manifest,
+                    retiming_map=self.retimed.retiming_map,
+                    options=options.texture,
+                )
+            ),
+            streaming=True,
+            progress=False,
+        )
+        self.chunk_done(Stage.STAGE_TEXTURE, bounds)
+        textures = synthesized.textures
+        if proxies is not None:
+            enhanced = self.call(
+                Stage.STAGE_TEETH,
+                lambda: c.teeth.Enhance(
+                    teeth_pb2.EnhanceRequest(
+                        textures=textures,
+                        frames=frame_range,
+                        proxies=proxies,
+                        mouth_shapes=synthesized.mean_shapes,
+                        texture_valid=synthesized.texture_valid,
+                        options=options.teeth_enhance,
+                    )
+                ),
+                streaming=True,
+                progress=False,
+            )
+            self.chunk_done(Stage.STAGE_TEETH, bounds)
+            textures = enhanced.textures
+        return composite_pb2.TextureChunk(
+            frames=frame_range,
+            textures=textures,
+            mean_jaw_lines=synthesized.mean_jaw_lines,
+            texture_masks=synthesized.texture_masks,
+            pose_differences=synthesized.pose_differences,
+        )
+
+    def composite_chunk(self, index: int) -> composite_pb2.RenderResult:
+        """Render chunk `index` into a segment once its own and its neighbours' textures are there."""
+        # The neighbours' textures too: a chunk's fades to and from the target's own mouth look a few frames
+        # past its ends (composite.v1.RenderOptions.fade_frames), so they run across the seams.
+        neighbours = [j for j in (index - 1, index + 1) if 0 <= j < len(self.ranges)]
+        chunks = [self.texture_futures[index].result(), *(self.texture_futures[j].result() for j in neighbours)]
+        bounds = self.ranges[index]
+        request = composite_pb2.RenderRequest(
+            frames=common_pb2.FrameRange(start=bounds[0], stop=bounds[1]),
+            target_video=self.spec.target_video,
+            target_analysis=self.analysis.manifest,
+            textures=chunks,
+            retiming_map=self.retimed.retiming_map,
+            mouth_shapes=self.predicted.mouth_shapes,
+            options=self.options.composite,
+        )
+        with self.slots.hold(urgent=True):
+            rendered = self.call(
+                Stage.STAGE_COMPOSITE, lambda: self.clients.composite.Render(request), streaming=True, progress=False
+            )
+        self.report.output(Stage.STAGE_COMPOSITE, f"segment/{bounds[0]:06d}", rendered.segment)
+        self.chunk_done(Stage.STAGE_COMPOSITE, bounds)
+        return rendered
+
+    def finalize(self, renders: list[composite_pb2.RenderResult]) -> composite_pb2.FinalizeResult:
+        """Join the segments and mux the normalised audio into the output video."""
+        request = composite_pb2.FinalizeRequest(
+            segments=[composite_pb2.Segment(frames=r.frames, segment=r.segment) for r in renders],
+            audio=self.audio.normalized_audio,
+            output_key=self.options.output_key,
+            options=self.options.finalize,
+            frame_rate=self.rate,
+        )
+        finalized = self.call(Stage.STAGE_FINALIZE, lambda: self.clients.composite.Finalize(request), streaming=True)
+        self._finished(Stage.STAGE_FINALIZE, {"video": finalized.video})
+        return finalized
+
+    def result(
+        self, finalized: composite_pb2.FinalizeResult, renders: list[composite_pb2.RenderResult]
+    ) -> orchestrator_pb2.RenderJobResult:
+        """The job's result: the video's facts, what was applied, and the composite's confidence."""
+        proxies = self.proxies
+        return orchestrator_pb2.RenderJobResult(
+            video=finalized.video,
+            duration_seconds=finalized.duration_seconds,
+            frame_count=finalized.frame_count,
+            width=finalized.width,
+            height=finalized.height,
+            frame_rate=finalized.frame_rate,
+            model_version=self.predicted.model.version,
+            retimed=self.retimed.enabled,
+            teeth_enhanced=bool(proxies is not None and proxies.has_visible_teeth),
+            **confidence_report(renders),
+        )
+
+
 class Pipeline:
     """Runs render and training jobs against the stage services."""
 
@@ -351,223 +616,8 @@ class Pipeline:
         reporter: Reporter | None = None,
         stop: threading.Event | None = None,
     ) -> orchestrator_pb2.RenderJobResult:
-        """Audio + target video + speaker model -> the lip-synced mp4."""
-        c, options = self.clients, spec.options
-        report = reporter or Reporter()
-        retime = options.retiming if options.HasField("retiming") else True
-        use_teeth = options.teeth if options.HasField("teeth") else True
-        chunk = options.chunk_frames or DEFAULT_CHUNK_FRAMES
-        parallel = options.max_parallel_chunks or DEFAULT_PARALLEL_CHUNKS
-        if chunk < 1 or parallel < 1 or options.max_attempts < 0:
-            raise InvalidInput("chunk_frames, max_parallel_chunks and max_attempts must be >= 1 (0 = default)")
-        call = StageCaller(report, stop, options.max_attempts, self.retry)
-
-        info = call(
-            Stage.STAGE_FACE, lambda: c.face.Probe(face_pb2.ProbeRequest(video=spec.target_video)), streaming=False
-        ).info
-        rate = info.frame_rate
-        with ThreadPoolExecutor(max_workers=2) as pool:  # audio and face analysis are independent
-            audio_future = pool.submit(
-                call,
-                Stage.STAGE_AUDIO,
-                lambda: c.audio.Extract(
-                    audio_pb2.ExtractRequest(audio=spec.audio, output_frame_rate=rate, options=options.audio)
-                ),
-                streaming=True,
-            )
-            face_future = pool.submit(
-                call,
-                Stage.STAGE_FACE,
-                lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=spec.target_video, options=options.face)),
-                streaming=True,
-            )
-            audio, analysis = audio_future.result(), face_future.result()
-        report.output(Stage.STAGE_AUDIO, "features", audio.features.object)
-        report.stage_finished(Stage.STAGE_AUDIO)
-        report.output(Stage.STAGE_FACE, "manifest", analysis.manifest)
-        report.stage_finished(Stage.STAGE_FACE)
-        frames = audio.output_frame_count
-        if frames <= 0:
-            raise InvalidInput("the audio gives no output frame")
-
-        report.progress(Stage.STAGE_LIPSYNC, 0, 1, "calls")
-        predicted = call(
-            Stage.STAGE_LIPSYNC,
-            lambda: c.lipsync.Predict(
-                lipsync_pb2.PredictRequest(
-                    model=spec.model,
-                    features=audio.features,
-                    output_frame_rate=rate,
-                    output_frame_count=frames,
-                    speech_activity=audio.speech_activity,
-                    options=options.lipsync,
-                )
-            ),
-            streaming=False,
-        )
-        report.progress(Stage.STAGE_LIPSYNC, 1, 1, "calls")
-        report.output(Stage.STAGE_LIPSYNC, "mouth_shapes", predicted.mouth_shapes.object)
-        report.stage_finished(Stage.STAGE_LIPSYNC)
-        report.progress(Stage.STAGE_RETIMING, 0, 1, "calls")
-        retimed = call(
-            Stage.STAGE_RETIMING,
-            lambda: c.retiming.Retime(
-                retiming_pb2.RetimeRequest(
-                    speech_activity=audio.speech_activity,
-                    target_analysis=analysis.manifest,
-                    output_frame_count=frames,
-                    enabled=retime,
-                    options=options.retiming_options,
-                )
-            ),
-            streaming=False,
-        )
-        report.progress(Stage.STAGE_RETIMING, 1, 1, "calls")
-        report.output(Stage.STAGE_RETIMING, "retiming_map", retimed.retiming_map.object)
-        report.stage_finished(Stage.STAGE_RETIMING)
-        proxies = None
-        if use_teeth:
-            selection = teeth_pb2.SelectProxiesRequest(
-                target_analysis=analysis.manifest, options=options.teeth_selection
-            )
-            if options.HasField("teeth_upper_frame"):
-                selection.upper_frame_override = options.teeth_upper_frame
-            if options.HasField("teeth_lower_frame"):
-                selection.lower_frame_override = options.teeth_lower_frame
-            proxies = call(Stage.STAGE_TEETH, lambda: c.teeth.SelectProxies(selection), streaming=False).proxies
-
-        ranges = [(a, min(a + chunk, frames)) for a in range(0, frames, chunk)]
-        chunk_stages = (Stage.STAGE_TEXTURE, *((Stage.STAGE_TEETH,) if use_teeth else ()), Stage.STAGE_COMPOSITE)
-        done = dict.fromkeys(chunk_stages, 0)
-        lock = threading.Lock()
-
-        def chunk_done(stage: int, bounds: tuple[int, int]) -> None:
-            with lock:
-                done[stage] += bounds[1] - bounds[0]
-                report.progress(stage, done[stage], frames, "frames")
-
-        for stage in chunk_stages:
-            report.progress(stage, 0, frames, "frames")
-
-        slots = ChunkSlots(parallel)
-
-        def texture_chunk(bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
-            with slots.hold():
-                return texture_and_teeth(bounds)
-
-        def texture_and_teeth(bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
-            frame_range = common_pb2.FrameRange(start=bounds[0], stop=bounds[1])
-            synthesized = call(
-                Stage.STAGE_TEXTURE,
-                lambda: c.texture.Synthesize(
-                    texture_pb2.SynthesizeRequest(
-                        frames=frame_range,
-                        mouth_shapes=predicted.mouth_shapes,
-                        target_analysis=analysis.manifest,
-                        retiming_map=retimed.retiming_map,
-                        options=options.texture,
-                    )
-                ),
-                streaming=True,
-                progress=False,
-            )
-            chunk_done(Stage.STAGE_TEXTURE, bounds)
-            textures = synthesized.textures
-            if proxies is not None:
-                enhanced = call(
-                    Stage.STAGE_TEETH,
-                    lambda: c.teeth.Enhance(
-                        teeth_pb2.EnhanceRequest(
-                            textures=textures,
-                            frames=frame_range,
-                            proxies=proxies,
-                            mouth_shapes=synthesized.mean_shapes,
-                            texture_valid=synthesized.texture_valid,
-                            options=options.teeth_enhance,
-                        )
-                    ),
-                    streaming=True,
-                    progress=False,
-                )
-                chunk_done(Stage.STAGE_TEETH, bounds)
-                textures = enhanced.textures
-            return composite_pb2.TextureChunk(
-                frames=frame_range,
-                textures=textures,
-                mean_jaw_lines=synthesized.mean_jaw_lines,
-                texture_masks=synthesized.texture_masks,
-                pose_differences=synthesized.pose_differences,
-            )
-
-        def composite_chunk(index: int) -> composite_pb2.RenderResult:
-            # The neighbours' textures too: a chunk's fades to and from the target's own mouth look a few frames
-            # past its ends (composite.v1.RenderOptions.fade_frames), so they run across the seams.
-            neighbours = [j for j in (index - 1, index + 1) if 0 <= j < len(ranges)]
-            chunks = [texture_futures[index].result(), *(texture_futures[j].result() for j in neighbours)]
-            bounds = ranges[index]
-            with slots.hold(urgent=True):
-                rendered = call(
-                    Stage.STAGE_COMPOSITE,
-                    lambda: c.composite.Render(
-                        composite_pb2.RenderRequest(
-                            frames=common_pb2.FrameRange(start=bounds[0], stop=bounds[1]),
-                            target_video=spec.target_video,
-                            target_analysis=analysis.manifest,
-                            textures=chunks,
-                            retiming_map=retimed.retiming_map,
-                            mouth_shapes=predicted.mouth_shapes,
-                            options=options.composite,
-                        )
-                    ),
-                    streaming=True,
-                    progress=False,
-                )
-            report.output(Stage.STAGE_COMPOSITE, f"segment/{bounds[0]:06d}", rendered.segment)
-            chunk_done(Stage.STAGE_COMPOSITE, bounds)
-            return rendered
-
-        # Textures (and teeth) of the chunks in one pool, their composites in another: a composite waits for its
-        # own and its neighbours' textures, which the other pool makes, so neither pool can block the other; the
-        # slots keep the stage calls in flight to max_parallel_chunks.
-        with ThreadPoolExecutor(max_workers=parallel) as texture_pool, ThreadPoolExecutor(max_workers=parallel) as pool:
-            texture_futures = [texture_pool.submit(texture_chunk, bounds) for bounds in ranges]
-            futures = [pool.submit(composite_chunk, index) for index in range(len(ranges))]
-            try:
-                renders = [future.result() for future in futures]
-            except BaseException:
-                for future in texture_futures + futures:  # one chunk failed for good: the rest are not started
-                    future.cancel()
-                raise
-        segments = [composite_pb2.Segment(frames=r.frames, segment=r.segment) for r in renders]
-        for stage in chunk_stages:
-            report.stage_finished(stage)
-        finalized = call(
-            Stage.STAGE_FINALIZE,
-            lambda: c.composite.Finalize(
-                composite_pb2.FinalizeRequest(
-                    segments=segments,
-                    audio=audio.normalized_audio,
-                    output_key=options.output_key,
-                    options=options.finalize,
-                    frame_rate=rate,
-                )
-            ),
-            streaming=True,
-        )
-        report.output(Stage.STAGE_FINALIZE, "video", finalized.video)
-        report.stage_finished(Stage.STAGE_FINALIZE)
-        return orchestrator_pb2.RenderJobResult(
-            video=finalized.video,
-            duration_seconds=finalized.duration_seconds,
-            frame_count=finalized.frame_count,
-            width=finalized.width,
-            height=finalized.height,
-            frame_rate=finalized.frame_rate,
-            model_version=predicted.model.version,
-            retimed=retimed.enabled,
-            teeth_enhanced=bool(proxies is not None and proxies.has_visible_teeth),
-            **confidence_report(renders),
-        )
+        """Audio + target video + speaker model -> the lip-synced mp4 (the steps of `RenderRun`)."""
+        return RenderRun(self.clients, spec, reporter or Reporter(), stop, self.retry).run()
 
     # -- training --------------------------------------------------------------------------------
 

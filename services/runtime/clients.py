@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Sequence
 
@@ -155,3 +156,8 @@ def wait_for_serving(
                 return
             time.sleep(poll_seconds)
     raise Unavailable(f"{service or 'server'} at {address} not SERVING after {timeout_seconds:.0f}s (last: {status})")
+
+
+def retry_delay(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
+    """Seconds to wait before attempt `attempt + 1`: exponential backoff with up to 25 % jitter."""
+    return min(cap, base * 2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
