@@ -8,7 +8,7 @@ from pathlib import Path
 
 import av
 
-from services.face.video import iter_frames
+from services.runtime.media import iter_frames
 
 
 def head(path: Path, frames: int) -> tuple[bytes, Fraction]:

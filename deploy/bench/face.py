@@ -18,8 +18,8 @@ import numpy as np
 from deploy.bench.clips import head
 from deploy.samples import SAMPLE_DATA
 from services.face.core import LandmarkDetector, analyze_video
-from services.face.video import iter_frames
 from services.runtime.frames import encode_frames
+from services.runtime.media import iter_frames
 
 CLIPS = (
     ("256x256", "speakers/obama/obama_clip1.mp4"),
