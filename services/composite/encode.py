@@ -437,27 +437,11 @@ def finalize(
             with open(path, "rb") as handle:
                 shutil.copyfileobj(handle, out_path)
             return info
-    if not (8 <= int(audio_bitrate_kbps) <= 512):
-        raise InvalidInput(f"audio bit rate must be in [8, 512] kbit/s, got {audio_bitrate_kbps}")
-    if audio_sample_rate_hz and not (8000 <= int(audio_sample_rate_hz) <= 96000):
-        raise InvalidInput(f"audio sample rate must be 0 or in [8000, 96000] Hz, got {audio_sample_rate_hz}")
+    _check_audio_options(audio_bitrate_kbps, audio_sample_rate_hz)
     _check_encoder_options(crf, preset)
     samples, sample_rate, layout, audio_duration = _decode_audio(audio, int(audio_sample_rate_hz))
-
     sources: list[MediaSource] = list(segments)
-    metas: list[_SegmentMeta] = []
-    for i, source in enumerate(sources):
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"finalize cancelled after checking {i} segments")
-        meta = _probe_segment(source, i)
-        first = metas[0] if metas else meta
-        if (meta.width, meta.height) != (first.width, first.height):
-            raise InvalidInput(f"segment {i} is {meta.width}x{meta.height}, segment 0 is {first.width}x{first.height}")
-        if meta.rate is not None and meta.frames > 1 and abs(meta.rate - rate) > rate / 1000:
-            raise InvalidInput(f"segment {i} runs at {float(meta.rate):.4f} fps, not {float(rate):.4f}")
-        if meta.extradata != first.extradata:
-            raise InvalidInput(f"segment {i} was encoded with other H.264 settings than segment 0")
-        metas.append(meta)
+    metas = _probe_segments(sources, rate, should_stop)
 
     total = sum(m.frames for m in metas)
     wanted = max(int(round(audio_duration * rate)), 1)
@@ -474,42 +458,9 @@ def finalize(
         finally:
             template_container.close()
         _, audio_packets = _encode_audio(out, samples, sample_rate, layout, audio_bitrate_kbps)
-        audio_packets = [p for p in audio_packets if p.dts is not None]
-        audio_times = [p.dts * Fraction(p.time_base) for p in audio_packets]
-        next_audio = 0
-        video_tb = Fraction(1, rate.numerator)
-        frame_ticks = rate.denominator
-        # One decoding delay for the whole stream (x264 gives a one-frame segment none, longer ones 1-2 frames):
-        # each segment's decoding times move back so they follow each other; pts never change.
-        delay = max(round((m.first_pts - m.first_dts) * m.time_base / video_tb) for m in metas)
-        offset = 0
-        last_dts = None
-        for i, (source, meta) in enumerate(zip(sources, metas, strict=True)):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"finalize cancelled after joining {i} segments")
-            with open_container(source, what=f"segment {i}") as container:
-                for packet in _read_packets(container, i):
-                    pts = round((packet.pts - meta.first_pts) * meta.time_base / video_tb) + offset * frame_ticks
-                    dts = (
-                        round((packet.dts - meta.first_dts) * meta.time_base / video_tb) + offset * frame_ticks - delay
-                    )
-                    if last_dts is not None and dts <= last_dts:
-                        raise InvalidInput(f"segment {i} does not join: decoding times overlap the previous segment")
-                    last_dts = dts
-                    # Audio first up to this video packet's decoding time: the file is interleaved as written.
-                    while next_audio < len(audio_packets) and audio_times[next_audio] < dts * video_tb:
-                        out.mux(audio_packets[next_audio])
-                        next_audio += 1
-                    packet.stream = video
-                    packet.time_base = video_tb
-                    packet.pts, packet.dts = pts, dts
-                    packet.duration = frame_ticks
-                    out.mux(packet)
-            offset += meta.frames
-            if progress is not None:
-                progress(i + 1, len(sources))
-        for packet in audio_packets[next_audio:]:
-            out.mux(packet)
+        _mux_interleaved(
+            out, video, sources, metas, audio_packets, rate=rate, progress=progress, should_stop=should_stop
+        )
     return FinalizeInfo(
         frame_count=total,
         width=metas[0].width,
@@ -521,6 +472,81 @@ def finalize(
         frames_added=added,
         frames_dropped=dropped,
     )
+
+
+def _check_audio_options(audio_bitrate_kbps: int, audio_sample_rate_hz: int) -> None:
+    if not (8 <= int(audio_bitrate_kbps) <= 512):
+        raise InvalidInput(f"audio bit rate must be in [8, 512] kbit/s, got {audio_bitrate_kbps}")
+    if audio_sample_rate_hz and not (8000 <= int(audio_sample_rate_hz) <= 96000):
+        raise InvalidInput(f"audio sample rate must be 0 or in [8000, 96000] Hz, got {audio_sample_rate_hz}")
+
+
+def _probe_segments(
+    sources: list[MediaSource], rate: Fraction, should_stop: Callable[[], bool] | None
+) -> list[_SegmentMeta]:
+    """Each segment's packet facts, checked to join: one size, the frame rate, the same H.264 settings."""
+    metas: list[_SegmentMeta] = []
+    for i, source in enumerate(sources):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"finalize cancelled after checking {i} segments")
+        meta = _probe_segment(source, i)
+        first = metas[0] if metas else meta
+        if (meta.width, meta.height) != (first.width, first.height):
+            raise InvalidInput(f"segment {i} is {meta.width}x{meta.height}, segment 0 is {first.width}x{first.height}")
+        if meta.rate is not None and meta.frames > 1 and abs(meta.rate - rate) > rate / 1000:
+            raise InvalidInput(f"segment {i} runs at {float(meta.rate):.4f} fps, not {float(rate):.4f}")
+        if meta.extradata != first.extradata:
+            raise InvalidInput(f"segment {i} was encoded with other H.264 settings than segment 0")
+        metas.append(meta)
+    return metas
+
+
+def _mux_interleaved(
+    out: av.container.OutputContainer,
+    video: av.video.stream.VideoStream,
+    sources: list[MediaSource],
+    metas: list[_SegmentMeta],
+    audio_packets: list[av.Packet],
+    *,
+    rate: Fraction,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    """Write the segments' packets one after the other (re-timed to follow each other), the audio interleaved."""
+    audio_packets = [p for p in audio_packets if p.dts is not None]
+    audio_times = [p.dts * Fraction(p.time_base) for p in audio_packets]
+    next_audio = 0
+    video_tb = Fraction(1, rate.numerator)
+    frame_ticks = rate.denominator
+    # One decoding delay for the whole stream (x264 gives a one-frame segment none, longer ones 1-2 frames):
+    # each segment's decoding times move back so they follow each other; pts never change.
+    delay = max(round((m.first_pts - m.first_dts) * m.time_base / video_tb) for m in metas)
+    offset = 0
+    last_dts = None
+    for i, (source, meta) in enumerate(zip(sources, metas, strict=True)):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"finalize cancelled after joining {i} segments")
+        with open_container(source, what=f"segment {i}") as container:
+            for packet in _read_packets(container, i):
+                pts = round((packet.pts - meta.first_pts) * meta.time_base / video_tb) + offset * frame_ticks
+                dts = round((packet.dts - meta.first_dts) * meta.time_base / video_tb) + offset * frame_ticks - delay
+                if last_dts is not None and dts <= last_dts:
+                    raise InvalidInput(f"segment {i} does not join: decoding times overlap the previous segment")
+                last_dts = dts
+                # Audio first up to this video packet's decoding time: the file is interleaved as written.
+                while next_audio < len(audio_packets) and audio_times[next_audio] < dts * video_tb:
+                    out.mux(audio_packets[next_audio])
+                    next_audio += 1
+                packet.stream = video
+                packet.time_base = video_tb
+                packet.pts, packet.dts = pts, dts
+                packet.duration = frame_ticks
+                out.mux(packet)
+        offset += meta.frames
+        if progress is not None:
+            progress(i + 1, len(sources))
+    for packet in audio_packets[next_audio:]:
+        out.mux(packet)
 
 
 def _fit_tail(
