@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from deploy.samples import SAMPLE_DATA
-from services.composite.artifacts import artifact_maps, artifact_score
-from services.composite.core import RenderOptions, render_segment
 from evaluation.evaluate import ARTIFACT_FLAG, measure_artifacts
 from evaluation.image import frame_artifacts
+from services.composite.artifacts import artifact_maps, artifact_score
+from services.composite.core import RenderOptions, render_segment
 from services.face.core import analyze_video
 from services.face.landmarks import LandmarkDetector
-from services.face.video import iter_frames
 from services.runtime.canonical import interocular_distance
 from services.runtime.errors import InvalidInput
+from services.runtime.media import iter_frames
 from tests.face.helpers import encode_clip
 
 CLIP = SAMPLE_DATA / "targets" / "hdtf_katiehill_512.mp4"

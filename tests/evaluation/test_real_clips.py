@@ -6,10 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from services.audio.core import decode_audio, encode_wav
 from evaluation.cli import main
 from evaluation.evaluate import evaluate_sync, mouth_opening, sync_of_analysis
 from evaluation.sync import shift_samples
+from services.audio.core import decode_audio, encode_wav
 from services.face.core import LandmarkDetector, analyze_video
 from tests.conftest import SHARED_DATA
 from tests.face.helpers import encode_clip
@@ -110,7 +110,7 @@ def test_the_output_command_scores_a_blurred_render_against_its_target(tmp_path,
     own audio; the target is the clip itself. Blur must show as lost sharpness, not as a lag."""
     import cv2
 
-    from services.face.video import iter_frames
+    from services.runtime.media import iter_frames
 
     blurred = tmp_path / "blurred.mp4"
     frames = [cv2.GaussianBlur(frame, (0, 0), 1.5) for _, _, frame in iter_frames(FEIFEI)]
@@ -141,8 +141,8 @@ def images_in(page: str) -> list[str]:
 
 def test_a_video_without_audio_is_refused_or_measured_without_sync(detector, tmp_path):
     from evaluation.evaluate import measure_video
-    from services.face.video import iter_frames
     from services.runtime.errors import InvalidInput
+    from services.runtime.media import iter_frames
 
     silent_video = tmp_path / "mute.mp4"
     silent_video.write_bytes(encode_clip([frame for _, _, frame in iter_frames(FEIFEI, stop=40)]))
