@@ -1,5 +1,7 @@
-"""Where the stack is: `deploy/.env` (the local stack's addresses and development credentials) overlaid with the
-process environment, as every client of the stack reads it."""
+"""Where the stack is, as every client of the stack reads it.
+
+`deploy/.env` (the local stack's addresses and development credentials) overlaid with the process environment.
+"""
 
 from __future__ import annotations
 

@@ -110,12 +110,15 @@ class Connection:
         return self.orchestrator.SubmitJob(pb.SubmitJobRequest(spec=spec)).job
 
     def job(self, job_id: str) -> pb.Job:
+        """The job as the orchestrator has it now."""
         return self.orchestrator.GetJob(pb.GetJobRequest(job_id=job_id)).job
 
     def cancel(self, job_id: str) -> pb.Job:
+        """Ask the orchestrator to cancel the job; the job as it is then."""
         return self.orchestrator.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="cancelled from a2v")).job
 
     def retry(self, job_id: str) -> pb.Job:
+        """Run a failed or cancelled job again, reusing what it had finished."""
         return self.orchestrator.RetryJob(pb.RetryJobRequest(job_id=job_id)).job
 
     def follow(self, job_id: str, *, out=sys.stdout) -> pb.Job:
@@ -124,13 +127,16 @@ class Connection:
         return self.job(job_id)
 
     def download(self, job: pb.Job, path: Path) -> Path:
+        """Download a finished render job's video to `path`."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.store.get_file(job.result.key, path, bucket=job.result.bucket or None)
         return path
 
     def speakers(self) -> list[lipsync_pb2.DescribeModelResponse]:
-        """Every speaker with a stored model, its versions and their serving state (the lipsync stage asks TF
-        Serving), by name."""
+        """Every speaker with a stored model, its versions and their serving state, by name.
+
+        The lipsync stage asks TF Serving for the serving state.
+        """
         try:
             address = service_address("lipsync", self.environ)
         except ConfigError as exc:
@@ -151,6 +157,7 @@ class Connection:
 
 
 def eta_text(seconds: float) -> str:
+    """An ETA for a progress line ("" when unknown)."""
     if seconds < 0:
         return ""
     return f"ETA {seconds:.0f} s" if seconds < 120 else f"ETA {seconds / 60:.1f} min"
@@ -212,8 +219,10 @@ def watch_events(
 
 
 class ProgressPrinter:
-    """Each stage's progress on its own updating line (bar, counts, ETA); a log file gets each stage's start and
-    end, not every update."""
+    """Each stage's progress on its own updating line (bar, counts, ETA).
+
+    A log file (not a terminal) gets each stage's start and end, not every update.
+    """
 
     def __init__(self, out=sys.stdout) -> None:
         self.out = out
@@ -221,6 +230,7 @@ class ProgressPrinter:
         self.last_stage = ""
 
     def show(self, event: pb.JobEvent) -> None:
+        """Show one event of the job's stream."""
         kind = event.WhichOneof("event")
         if kind == "snapshot" and event.snapshot.state == pb.JOB_STATE_QUEUED:
             print(queue_text(event.snapshot), file=self.out, flush=True)
@@ -237,6 +247,7 @@ class ProgressPrinter:
             self.end_line()
 
     def line(self, progress: common_pb2.Progress, fraction: float, eta_seconds: float) -> None:
+        """Update the stage's progress line (a new line when the stage changes)."""
         stage = progress.stage.removeprefix("STAGE_").lower()
         if stage != self.last_stage and self.last_stage:
             print(file=self.out)
@@ -250,6 +261,7 @@ class ProgressPrinter:
         print(f"\r{line:<90}", end="", flush=True, file=self.out)
 
     def end_line(self) -> None:
+        """End the current progress line."""
         if self.last_stage:
             print(file=self.out, flush=True)
             self.last_stage = ""
@@ -297,7 +309,8 @@ def job_outcome(job: pb.Job) -> str:
 def interrupted(connection: Connection, job_id: str, *, stdin=None, out=None) -> int:
     """Ctrl-C while following a job: at a terminal, ask whether to cancel it; otherwise say how to get back to it.
 
-    The job runs in the orchestrator, not here, so leaving the command leaves it running unless asked."""
+    The job runs in the orchestrator, not here, so leaving the command leaves it running unless asked.
+    """
     stdin, out = stdin or sys.stdin, out or sys.stderr
     print(file=out)
     if stdin.isatty():

@@ -439,8 +439,11 @@ def factor_score(value: float, limit: float) -> float:
 
 
 def frame_confidence(factors: dict[str, float], limits: dict[str, float]) -> tuple[float, str]:
-    """A frame's confidence: the least score of its factors (`factor_score` against `limits`), and that factor's
-    name ("" when every factor scores 1)."""
+    """A frame's confidence and the factor that sets it.
+
+    The confidence is the least score of its factors (`factor_score` against `limits`); the name is that factor's
+    ("" when every factor scores 1).
+    """
     confidence, reason = 1.0, ""
     for name, value in factors.items():
         score = factor_score(value, limits[name])
@@ -682,7 +685,7 @@ def _render(
                 yield finish(done)
 
 
-def render_segment(
+def render_segment(  # noqa: D417 (the arrays are `render_frames` arguments, named in one entry)
     target: VideoSource,
     frame_map: np.ndarray,
     landmarks: np.ndarray,

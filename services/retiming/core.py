@@ -285,7 +285,7 @@ def _validate_inputs(
 
 
 def blink_frames(eye_openness: np.ndarray, face_valid: np.ndarray, threshold: float) -> np.ndarray:
-    """bool [M]: openness below `threshold` where a face was found, single-frame gaps between blinks filled."""
+    """Blinks, bool [M]: openness below `threshold` where a face was found, single-frame gaps between blinks filled."""
     blink = (np.asarray(eye_openness) < threshold) & np.asarray(face_valid, bool)
     if blink.size >= 3:
         blink[1:-1] |= blink[:-2] & blink[2:]
@@ -293,7 +293,10 @@ def blink_frames(eye_openness: np.ndarray, face_valid: np.ndarray, threshold: fl
 
 
 def onset_window(speech: np.ndarray, delay_frames: int) -> np.ndarray:
-    """bool [N]: frames onset .. onset + delay_frames after each speech onset (speech at i, silence at i - 1)."""
+    """Speech onsets, bool [N]: frames onset .. onset + delay_frames after each speech onset.
+
+    An onset is a frame i with speech where frame i - 1 is silent.
+    """
     speech = np.asarray(speech, bool)
     n = speech.size
     onsets = np.flatnonzero(speech[1:] & ~speech[:-1]) + 1

@@ -80,6 +80,7 @@ class BoundedCache:
         self.misses = 0
 
     def get(self, key: str, load: Callable[[], object], size: Callable[[object], int]) -> object:
+        """The item under `key`, made with `load()` and kept (its `size` counted) while the cache has room."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

@@ -105,6 +105,7 @@ class BlobStore:
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BlobStore:
+        """A store over the S3 endpoint and bucket of `config`."""
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5.0, read=120.0),
             maxsize=16,
@@ -152,8 +153,10 @@ class BlobStore:
         bucket: str | None = None,
         if_absent: bool | None = None,
     ) -> BlobRef:
-        """Store `data` at `key`; with `if_absent` (default: for derived keys) an existing object is kept and
-        its reference returned."""
+        """Store `data` at `key`.
+
+        With `if_absent` (default: for derived keys) an existing object is kept and its reference returned.
+        """
         bucket = bucket or self.bucket
         validate_key(key)
         self._check_size(len(data), bucket, key)
@@ -186,8 +189,10 @@ class BlobStore:
         bucket: str | None = None,
         if_absent: bool | None = None,
     ) -> BlobRef:
-        """Upload a local file; large files go up in `part_size_bytes` parts (multipart). `if_absent` as in
-        `put_bytes`."""
+        """Upload a local file; large files go up in `part_size_bytes` parts (multipart).
+
+        `if_absent` as in `put_bytes`.
+        """
         bucket = bucket or self.bucket
         validate_key(key)
         size = os.path.getsize(path)
@@ -292,9 +297,12 @@ class BlobStore:
         content_type: str = "application/json",
         bucket: str | None = None,
     ) -> str | None:
-        """Write `key` only if it is still the version `etag` names (If-Match), or, with `etag=None`, only if it
-        does not exist (If-None-Match: *). Returns the new ETag, or None when another writer got there first:
-        the store decides atomically, so of two writers naming the same version exactly one wins."""
+        """Write `key` only if it is still the version `etag` names (compare-and-swap).
+
+        With `etag` it is If-Match; with `etag=None`, only if it does not exist (If-None-Match: *). Returns the
+        new ETag, or None when another writer got there first: the store decides atomically, so of two writers
+        naming the same version exactly one wins.
+        """
         bucket = bucket or self.bucket
         validate_key(key)
         headers = genheaders({SHA256_META: sha256_bytes(data)}, None, None, None, False)
@@ -312,6 +320,7 @@ class BlobStore:
     # -- reads ---------------------------------------------------------------------------------
 
     def stat(self, key: str, *, bucket: str | None = None, missing_ok: bool = False) -> BlobRef | None:
+        """An object's reference (size, hash, type) without reading it; None when missing and `missing_ok`."""
         bucket = bucket or self.bucket
         validate_key(key)
         try:
@@ -325,6 +334,7 @@ class BlobStore:
         return BlobRef(bucket, key, user.pop(SHA256_META, ""), info.content_type or "", int(info.size or 0), user)
 
     def exists(self, key: str, *, bucket: str | None = None) -> bool:
+        """Whether an object is stored at `key`."""
         return self.stat(key, bucket=bucket, missing_ok=True) is not None
 
     def get_bytes(
@@ -377,6 +387,7 @@ class BlobStore:
     def get_array(
         self, key: str, *, bucket: str | None = None, expected_sha256: str = "", max_bytes: int | None = None
     ) -> tuple[np.ndarray, ArrayInfo]:
+        """An array stored by `put_array` and its facts, read with the checks of `get_bytes`."""
         data = self.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256, max_bytes=max_bytes)
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -396,6 +407,7 @@ class BlobStore:
     def get_arrays(
         self, key: str, *, bucket: str | None = None, expected_sha256: str = "", max_bytes: int | None = None
     ) -> dict[str, np.ndarray]:
+        """The named arrays of an .npz archive, read with the checks of `get_bytes`."""
         data = self.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256, max_bytes=max_bytes)
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
@@ -404,11 +416,13 @@ class BlobStore:
             raise InvalidInput(f"object {key!r} is not a .npz archive: {exc}") from exc
 
     def delete(self, key: str, *, bucket: str | None = None) -> None:
+        """Remove the object at `key`."""
         bucket = bucket or self.bucket
         with self._translate(bucket, validate_key(key)):
             self.client.remove_object(bucket, key)
 
     def list_keys(self, prefix: str, *, bucket: str | None = None) -> Iterator[str]:
+        """The keys under `prefix`, recursively."""
         bucket = bucket or self.bucket
         with self._translate(bucket, prefix):
             for item in self.client.list_objects(bucket, prefix=prefix, recursive=True):
@@ -423,9 +437,9 @@ class BlobStore:
     def _put_once(
         self, bucket: str, key: str, data: BinaryIO, size: int, content_type: str, user: Mapping[str, str]
     ) -> BlobRef | None:
-        """PUT `size` bytes of `data` only if `key` is free (If-None-Match: *); None once written, else the
-        reference of the object already there (the first writer's).
+        """PUT `size` bytes of `data` only if `key` is free (If-None-Match: *).
 
+        Returns None once written, else the reference of the object already there (the first writer's).
         The minio SDK has no conditional writes, so this uses its request layer (`_put_object`,
         `_create_multipart_upload`, `_upload_part`, `_execute`) with the SDK's own signing, as its
         `put_object` does; objects over one part go up as a multipart upload whose completion is conditional.
@@ -475,8 +489,11 @@ class BlobStore:
 
     @staticmethod
     def _rewritten(bucket: str, key: str, actual: str, recorded: str, expected: str) -> bool:
-        """Whether an intact object differs from the version the reader expected: another writer replaced it
-        between the reader learning its hash and reading it. Worth one more read, after a moment."""
+        """Whether an intact object differs from the version the reader expected.
+
+        Another writer replaced it between the reader learning its hash and reading it: worth one more read,
+        after a moment.
+        """
         if expected and actual == recorded and actual != expected:
             log.warning("%s/%s changed since its hash was recorded; reading it again", bucket, key)
             time.sleep(REREAD_DELAY_SECONDS)
@@ -509,8 +526,10 @@ class BlobStore:
     def _translate(
         self, bucket: str, key: str, *, passthrough: set[str] | frozenset[str] = frozenset()
     ) -> Iterator[None]:
-        """Turn SDK and network errors into the runtime's error types, naming the object (S3 errors whose code
-        is in `passthrough` stay as they are)."""
+        """Turn SDK and network errors into the runtime's error types, naming the object.
+
+        S3 errors whose code is in `passthrough` stay as they are.
+        """
         where = f"{bucket}/{key}" if key else bucket
         try:
             yield
@@ -538,8 +557,10 @@ class BlobStore:
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """A compressed .npz of `arrays` (what `np.savez_compressed` writes) with fixed member dates, so equal arrays
-    give equal bytes; `np.load` reads it."""
+    """A compressed .npz of `arrays` (what `np.savez_compressed` writes) with fixed member dates.
+
+    Equal arrays give equal bytes; `np.load` reads it.
+    """
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, array in arrays.items():

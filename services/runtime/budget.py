@@ -11,12 +11,16 @@ from services.runtime.errors import TooLarge
 
 
 def mib(amount: int) -> str:
+    """An amount of bytes in MiB, for messages."""
     return f"{amount / MIB:,.0f} MiB"
 
 
 class Busy(TooLarge):
-    """The replica has room for the work, but not while its other calls hold it: RESOURCE_EXHAUSTED that the
-    orchestrator tries again later (the detail starts like the server's own refusal, `clients.is_busy`)."""
+    """The replica has room for the work, but not while its other calls hold it.
+
+    RESOURCE_EXHAUSTED that the orchestrator tries again later (the detail starts like the server's own refusal,
+    `clients.is_busy`).
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(f"server busy: {message}")
@@ -38,6 +42,7 @@ class Budget:
 
     @contextmanager
     def reserve(self, amount: int, purpose: str) -> Iterator[None]:
+        """Hold `amount` bytes while the block runs; TooLarge when it never fits, Busy when it does not fit now."""
         amount = max(0, int(amount))
         if amount > self.total:
             raise TooLarge(

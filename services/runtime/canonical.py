@@ -639,8 +639,11 @@ def rotation_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
 
 
 def camera_matrix(frame_size: tuple[int, int]) -> np.ndarray:
-    """Pinhole camera float64 [3, 3] for a frame (width, height): focal length = the longer side (a ~53 degree
-    field of view, typical of phones and webcams), principal point at the centre."""
+    """Pinhole camera float64 [3, 3] for a frame (width, height).
+
+    Focal length = the longer side (a ~53 degree field of view, typical of phones and webcams), principal point
+    at the centre.
+    """
     w, h = (float(v) for v in frame_size)
     f = max(w, h)
     return np.array([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]])
@@ -709,8 +712,10 @@ def head_pose(
 
 
 def landmark_jitter(raw: np.ndarray, smoothed: np.ndarray) -> np.ndarray:
-    """How unsure the landmark tracker is per frame: distance of the raw rigid points (nose, eyes) from their
-    smoothed track, median over the points, in inter-ocular units.
+    """How unsure the landmark tracker is per frame.
+
+    The distance of the raw rigid points (nose, eyes) from their smoothed track, median over the points, in
+    inter-ocular units.
 
     Args:
         raw: float [F, 68, 2] the tracker's landmarks, frame pixels.

@@ -126,8 +126,10 @@ BUSY_DETAILS = ("server busy:", "Concurrent RPC limit exceeded")
 
 
 def is_busy(code: grpc.StatusCode, detail: str) -> bool:
-    """Whether a failure is a server at its bound of concurrent calls (worth trying again later), rather than a
-    request over a limit (RESOURCE_EXHAUSTED too, but final)."""
+    """Whether a failure is a server at its bound of concurrent calls (worth trying again later).
+
+    The alternative is a request over a limit (RESOURCE_EXHAUSTED too, but final).
+    """
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (detail or "").startswith(BUSY_DETAILS)
 
 

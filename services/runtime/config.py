@@ -40,12 +40,14 @@ class Env:
         return value.strip()
 
     def get_str(self, name: str, default: object = REQUIRED) -> str:
+        """A string variable (stripped); blank counts as unset."""
         raw = self._raw(name, default)
         return raw if raw is not None else ("" if default is REQUIRED else default)  # type: ignore[return-value]
 
     def get_int(
         self, name: str, default: object = REQUIRED, *, minimum: int | None = None, maximum: int | None = None
     ) -> int:
+        """An integer variable within [minimum, maximum]."""
         raw = self._raw(name, default)
         if raw is None:
             return 0 if default is REQUIRED else default  # type: ignore[return-value]
@@ -59,6 +61,7 @@ class Env:
     def get_float(
         self, name: str, default: object = REQUIRED, *, minimum: float | None = None, maximum: float | None = None
     ) -> float:
+        """A number variable within [minimum, maximum]."""
         raw = self._raw(name, default)
         if raw is None:
             return 0.0 if default is REQUIRED else default  # type: ignore[return-value]
@@ -70,6 +73,7 @@ class Env:
         return self._check_range(name, value, minimum, maximum)
 
     def get_bool(self, name: str, default: object = REQUIRED) -> bool:
+        """A boolean variable: 1/true/yes/on or 0/false/no/off."""
         raw = self._environ.get(name)
         if raw is None:
             if default is REQUIRED:
@@ -128,6 +132,7 @@ class ServerConfig:
 
     @classmethod
     def read(cls, env: Env, service: str) -> ServerConfig:
+        """Read the server's A2V_ variables (listen address, workers, limits, keepalive)."""
         return cls(
             service=service,
             listen=env.get_str("A2V_LISTEN", cls.listen),
@@ -170,6 +175,7 @@ class StoreConfig:
 
     @classmethod
     def read(cls, env: Env) -> StoreConfig:
+        """Read the object store's A2V_S3_ variables."""
         return cls(
             endpoint=env.get_str("A2V_S3_ENDPOINT", "127.0.0.1:8333"),
             access_key=env.get_str("A2V_S3_ACCESS_KEY"),
@@ -236,8 +242,10 @@ class InputLimits:
 
     @classmethod
     def read(cls, env: Env, stage: str) -> InputLimits:
-        """Read A2V_<STAGE>_MAX_SECONDS (default 1800 s), A2V_<STAGE>_MAX_INPUT_BYTES (0 or unset = no own limit)
-        and the replica's `Resources`."""
+        """Read a stage's limits and the replica's `Resources`.
+
+        A2V_<STAGE>_MAX_SECONDS (default 1800 s), A2V_<STAGE>_MAX_INPUT_BYTES (0 or unset = no own limit).
+        """
         prefix = f"A2V_{stage.upper()}"
         return cls(
             max_seconds=env.get_float(f"{prefix}_MAX_SECONDS", cls.max_seconds, minimum=1.0, maximum=24 * 3600.0),

@@ -22,10 +22,12 @@ _DERIVED = re.compile(r"^[A-Za-z0-9._=+-]+/[0-9a-f]{32}/|/[0-9a-f]{64}[^/]*$")
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """The SHA-256 of `data`, hex."""
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file, hex, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
@@ -95,9 +97,11 @@ def derive_prefix(
 
 
 def is_derived_key(key: str) -> bool:
-    """Whether `key` names its content: a stage output (`derive_key`, `derive_prefix`) or a content-addressed blob
-    (`content_key`). Such a key always stands for the same content, so its first complete write is kept
-    (BlobStore writes it once)."""
+    """Whether `key` names its content.
+
+    A stage output (`derive_key`, `derive_prefix`) or a content-addressed blob (`content_key`) always stands for
+    the same content, so its first complete write is kept (BlobStore writes it once).
+    """
     return bool(_DERIVED.search(key))
 
 

@@ -41,6 +41,7 @@ class ProgressTracker:
         self._last_sent = float("-inf")
 
     def make(self, done: int, total: int, message: str = "") -> common_pb2.Progress:
+        """A Progress message with the ETA extrapolated from the time so far."""
         elapsed = time.monotonic() - self.started
         eta = elapsed * (total - done) / done if done > 0 and total > 0 else -1.0
         stamp = Timestamp()
@@ -50,6 +51,7 @@ class ProgressTracker:
         )
 
     def due(self, done: int, total: int) -> bool:
+        """Whether a progress event should go out now (the last one always does)."""
         now = time.monotonic()
         if done == total or now - self._last_sent >= self.min_interval_seconds:
             self._last_sent = now

@@ -16,12 +16,14 @@ M = TypeVar("M", bound=Message)
 
 
 def object_ref(blob: BlobRef) -> common_pb2.ObjectRef:
+    """The ObjectRef message of a stored blob."""
     return common_pb2.ObjectRef(
         bucket=blob.bucket, key=blob.key, sha256=blob.sha256, content_type=blob.content_type, size_bytes=blob.size_bytes
     )
 
 
 def array_ref(blob: BlobRef, info: ArrayInfo) -> common_pb2.ArrayRef:
+    """The ArrayRef message of a stored array: its blob and its shape, dtype and frame rate."""
     meta = common_pb2.ArrayMeta(
         shape=list(info.shape),
         dtype=info.dtype,
@@ -52,14 +54,18 @@ def frame_rate(rate: common_pb2.FrameRate, *, what: str = "frame rate") -> Fract
 
 
 def frame_rate_message(rate: Fraction | None) -> common_pb2.FrameRate:
+    """The FrameRate message of an exact rate (empty for None)."""
     if rate is None:
         return common_pb2.FrameRate()
     return common_pb2.FrameRate(numerator=rate.numerator, denominator=rate.denominator)
 
 
 def store_result(store: BlobStore, key: str, message: Message) -> BlobRef:
-    """Write a stage's result message as JSON. Written after every output it names, so its presence
-    means the stage finished: a crash mid-way never leaves something that looks complete."""
+    """Write a stage's result message as JSON.
+
+    Written after every output it names, so its presence means the stage finished: a crash mid-way never leaves
+    something that looks complete.
+    """
     text = json_format.MessageToJson(message, preserving_proto_field_name=True, sort_keys=True)
     return store.put_bytes(key, text.encode(), content_type="application/json")
 

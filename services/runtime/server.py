@@ -42,6 +42,7 @@ class CallSlots(grpc.ServerInterceptor):
         self.running = threading.Semaphore(min(running, admitted))
 
     def intercept_service(self, continuation, handler_call_details):
+        """The handler, wrapped to refuse calls beyond the bound (health and reflection are never bounded)."""
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNBOUNDED_PREFIXES):
             return handler
@@ -123,9 +124,11 @@ class Server:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        """Start listening."""
         self.grpc_server.start()
 
     def set_serving(self, name: str, serving: bool = True) -> None:
+        """Set a service's health status (SERVING or NOT_SERVING)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set(name, status)
 
@@ -146,6 +149,7 @@ class Server:
         return done
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops or `timeout` passes; True when it timed out."""
         return self.grpc_server.wait_for_termination(timeout)
 
 

@@ -224,8 +224,11 @@ def _upper_half(inner: np.ndarray, mid: np.ndarray) -> np.ndarray:
 
 
 def split_lines(shapes: np.ndarray, *, geometry: CanonicalGeometry = DEFAULT_GEOMETRY) -> np.ndarray:
-    """Line between upper and lower teeth: float64 [..., 5, 2] crop pixels (60, mid(61, 67), mid(62, 66),
-    mid(63, 65), 64) of canonical mouth shapes float [..., 20, 2]; its centre row is [..., 2, 1]."""
+    """Line between upper and lower teeth: float64 [..., 5, 2] crop pixels.
+
+    The points are (60, mid(61, 67), mid(62, 66), mid(63, 65), 64) of canonical mouth shapes float [..., 20, 2];
+    its centre row is [..., 2, 1].
+    """
     return _inner_lip(_mouth_px(shapes, geometry))[1]
 
 
@@ -241,8 +244,10 @@ def _fill(polygons: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def inner_mouth_masks(shapes: np.ndarray, *, geometry: CanonicalGeometry = DEFAULT_GEOMETRY) -> np.ndarray:
-    """uint8 [n, H, W] masks (0 / 1) of the inner-mouth polygon (60-67) of canonical shapes float [n, 20, 2];
-    all zero where a shape is not finite. `enhance` changes no pixel outside this mask."""
+    """Masks uint8 [n, H, W] (0 / 1) of the inner-mouth polygon (60-67) of canonical shapes float [n, 20, 2].
+
+    All zero where a shape is not finite. `enhance` changes no pixel outside this mask.
+    """
     inner, _ = _inner_lip(_mouth_px(shapes, geometry))
     return _fill(inner, geometry.crop_shape)
 
@@ -510,6 +515,7 @@ def _region_weight(
         crop: uint8 [h, w, 3] BGR (a crop or a region of one).
         inner: float64 [8, 2] inner-lip polygon in the same pixel frame.
         upper_poly: float64 [8, 2] upper-half polygon in the same pixel frame.
+        params: The enhancement settings (region erosion, the brightness and saturation that count as teeth).
     """
     h, w = crop.shape[:2]
     mask = _fill(inner[None], (h, w))[0]
