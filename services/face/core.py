@@ -93,8 +93,9 @@ class VideoAnalysis:
             unsure one above ~0.05); NaN where no face.
         head_motion: float32 [F] head speed, inter-ocular units per frame (for re-timing).
         eye_openness: float32 [F] mean eye polygon area / inter-ocular distance^2 (blinks < ~0.025).
-        crops: uint8 [F, h, w, 3] BGR canonical lower-face crops (h, w = geometry.crop_shape).
-        crop_masks: uint8 [F, h, w] 1 where the crop pixel was rendered from inside the frame.
+        crops: uint8 [F, h, w, 3] BGR canonical lower-face crops (h, w = geometry.crop_shape); None when they
+            went to `analyze_video`'s crop_sink instead.
+        crop_masks: uint8 [F, h, w] 1 where the crop pixel was rendered from inside the frame; None likewise.
         mean_shape: float32 [68, 2] this video's mean face shape in canonical units (`canonical_template`).
         smoothing_cutoff_hz: Cut-off of the landmark smoothing used (0 = none).
     """
@@ -114,8 +115,8 @@ class VideoAnalysis:
     landmark_jitter: np.ndarray
     head_motion: np.ndarray
     eye_openness: np.ndarray
-    crops: np.ndarray
-    crop_masks: np.ndarray
+    crops: np.ndarray | None
+    crop_masks: np.ndarray | None
     mean_shape: np.ndarray
     smoothing_cutoff_hz: float
 
@@ -170,8 +171,15 @@ def _decide_vfr(timestamps: np.ndarray, fps: float) -> bool:
 class _Pipeline:
     """Streaming state of one analysis: tracks, smooths with a K-frame delay, warps finished frames."""
 
-    def __init__(self, geometry: CanonicalGeometry, kernel: np.ndarray, interpolation: int) -> None:
+    def __init__(
+        self,
+        geometry: CanonicalGeometry,
+        kernel: np.ndarray,
+        interpolation: int,
+        sink: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> None:
         self.geometry = geometry
+        self.sink = sink
         self.kernel = kernel
         self.half = (len(kernel) - 1) // 2
         self.interpolation = interpolation
@@ -211,15 +219,17 @@ class _Pipeline:
     def _finish(self, i: int, frame: np.ndarray) -> None:
         if not self.valid[i]:
             self.smoothed.append(self._nan)
-            self.crops.append(self._empty_crop)
-            self.masks.append(self._empty_mask)
-            return
-        landmarks = self._smoothed_at(i)
-        self.smoothed.append(landmarks)
-        warp = LowerFaceWarp(landmarks.astype(np.float32), self.geometry)
-        crop, mask = warp.to_crop(frame, interpolation=self.interpolation)
-        self.crops.append(crop)
-        self.masks.append(mask)
+            crop, mask = self._empty_crop, self._empty_mask
+        else:
+            landmarks = self._smoothed_at(i)
+            self.smoothed.append(landmarks)
+            warp = LowerFaceWarp(landmarks.astype(np.float32), self.geometry)
+            crop, mask = warp.to_crop(frame, interpolation=self.interpolation)
+        if self.sink is not None:
+            self.sink(crop, mask)
+        else:
+            self.crops.append(crop)
+            self.masks.append(mask)
 
 
 def analyze_video(
@@ -237,6 +247,7 @@ def analyze_video(
     progress: Callable[[int, int], None] | None = None,
     progress_every: int = 25,
     should_stop: Callable[[], bool] | None = None,
+    crop_sink: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> VideoAnalysis:
     """Analyse every frame of a video: landmarks, canonical shapes, lower-face crops, pose, motion, blinks.
 
@@ -261,6 +272,9 @@ def analyze_video(
             total is the header's estimate (0 = unknown) until decoding finishes.
         progress_every: Frames between progress calls, >= 1.
         should_stop: Polled before each frame; when it returns True the analysis raises Cancelled.
+        crop_sink: Called as crop_sink(crop, mask) for each frame in order instead of keeping the crops (the
+            result's crops and crop_masks are then None): a long video's crops can go to disk as they are made
+            (minutes of crops are gigabytes).
 
     Returns:
         The VideoAnalysis.
@@ -282,7 +296,7 @@ def analyze_video(
     if info.duration_seconds > max_duration_seconds:
         raise TooLarge(f"video lasts {info.duration_seconds:.1f} s, above the limit of {max_duration_seconds:.0f} s")
     kernel = smoothing_kernel(info.fps, smoothing_cutoff_hz)
-    pipeline = _Pipeline(geometry, kernel, interpolation)
+    pipeline = _Pipeline(geometry, kernel, interpolation, crop_sink)
     tracker = detector.tracker()
     timestamps: list[float] = []
     scores: list[float] = []
@@ -330,8 +344,8 @@ def analyze_video(
         landmark_jitter=landmark_jitter(np.stack(pipeline.raw), smoothed),
         head_motion=head_motion(smoothed, valid),
         eye_openness=eye_openness(smoothed, valid),
-        crops=np.stack(pipeline.crops),
-        crop_masks=np.stack(pipeline.masks),
+        crops=None if crop_sink is not None else np.stack(pipeline.crops),
+        crop_masks=None if crop_sink is not None else np.stack(pipeline.masks),
         mean_shape=canonical_template(smoothed, valid, reference=geometry.template),
         smoothing_cutoff_hz=float(smoothing_cutoff_hz),
     )

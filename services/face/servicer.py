@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +16,14 @@ import numpy as np
 from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from services.face import dataset as dataset_core
-from services.face.core import VideoAnalysis, analyze_video
+from services.face.core import VideoAnalysis, analyze_video, smoothing_kernel
 from services.face.landmarks import LandmarkDetector
-from services.runtime.analysis import load_array, load_manifest, store_frames
-from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
+from services.runtime.analysis import load_array, load_manifest
+from services.runtime.blobstore import ArrayInfo, BlobRef, BlobStore, wait_for_store
 from services.runtime.budget import MIB, Budget
 from services.runtime.config import Config, Env, InputLimits
 from services.runtime.errors import InvalidInput, TooLarge
+from services.runtime.frames import FRAMES_CONTENT_TYPE, FramesWriter
 from services.runtime.keys import derive_prefix, sha256_file, validate_key, validate_speaker
 from services.runtime.media import VideoInfo, probe_video
 from services.runtime.progress import stream_events
@@ -35,9 +36,12 @@ ANALYSIS_FORMAT_VERSION = 2  # 2: head pose by solvePnP, landmark jitter
 DATASET_FORMAT_VERSION = 1
 BASELINE_MEMORY_BYTES = 512 * MIB
 """What a face replica holds besides analyses: the interpreter, OpenCV, dlib and its landmark models, decoders."""
-CROP_MEMORY_FACTOR = 2.4
-"""Peak bytes per crop byte while analysing: the crops and masks are kept per frame, stacked at the end (a second
-copy) and PNG-encoded (about a third more)."""
+DECODE_QUEUE_FRAMES = 12
+"""Decoded frames an analysis holds besides the smoothing delay (half the smoothing kernel, 8 at 30 fps): the
+decoder's queue and the working copies of the frame. The crops go to disk as they are made, so the memory an
+analysis reserves does not grow with the video's length."""
+CROP_ARCHIVE_SHARE = 0.6
+"""Disk bytes per raw crop byte of the PNG archives (crops 30-45 % of raw on the shared clips, masks ~1 %)."""
 SCRATCH_SHARE = 0.9
 """Of the scratch folder, what downloads may fill (the rest: temporary files of the decoders and encoders)."""
 
@@ -172,13 +176,14 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         self.detectors = detectors or DetectorPool()
         self.max_seconds = limits.max_seconds
         resources = limits.resources
-        # Videos are downloaded to /tmp and crops are kept in memory until stored: both are bounded by the pod,
-        # so what cannot fit is refused (RESOURCE_EXHAUSTED) before any work, not killed halfway.
+        # Videos are downloaded to /tmp and crops are written there as PNG archives until stored; decoding holds a
+        # window of frames in memory. All are bounded by the pod, so what cannot fit is refused
+        # (RESOURCE_EXHAUSTED) before any work, not killed halfway.
         self.scratch = Budget(
             int(resources.scratch_bytes * SCRATCH_SHARE), what="scratch disk", variable="A2V_SCRATCH_BYTES"
         )
         self.memory = Budget(
-            resources.memory_bytes - BASELINE_MEMORY_BYTES, what="memory for crops", variable="A2V_MEMORY_BYTES"
+            resources.memory_bytes - BASELINE_MEMORY_BYTES, what="memory for decoding", variable="A2V_MEMORY_BYTES"
         )
         self.max_input_bytes = min(limits.max_input_bytes or self.scratch.total, self.scratch.total)
 
@@ -222,9 +227,19 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
 
         with (
             self._downloaded(source) as path,
-            self.memory.reserve(self._crop_bytes(path, settings), f"analysing {source.key}"),
+            self.memory.reserve(self._window_bytes(path, settings), f"analysing {source.key}"),
+            self.scratch.reserve(self._archive_bytes(path, settings), f"crops of {source.key}"),
+            tempfile.TemporaryDirectory(prefix="a2v-face-crops-") as folder,
+            open(Path(folder) / "crops.zip", "wb") as crop_file,
+            open(Path(folder) / "crop_masks.zip", "wb") as mask_file,
+            FramesWriter(crop_file) as crop_archive,
+            FramesWriter(mask_file) as mask_archive,
             self.detectors.borrow(settings) as detector,
         ):
+
+            def keep(crop: np.ndarray, mask: np.ndarray) -> None:
+                crop_archive.add(crop)
+                mask_archive.add(mask)
 
             def work(progress, should_stop) -> VideoAnalysis:
                 return analyze_video(
@@ -236,9 +251,17 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
                     max_duration_seconds=self.max_seconds,
                     progress=progress,
                     should_stop=should_stop,
+                    crop_sink=keep,
                 )
 
             def finish(value: VideoAnalysis) -> face_pb2.AnalyzeResult:
+                h, w = value.geometry.crop_shape
+                archives = {
+                    "crops": (Path(crop_file.name), crop_archive.finish(empty_shape=(h, w, 3))),
+                    "crop_masks": (Path(mask_file.name), mask_archive.finish(empty_shape=(h, w))),
+                }
+                crop_file.close()
+                mask_file.close()
                 source_ref = common_pb2.ObjectRef(
                     bucket=source.bucket,
                     key=source.key,
@@ -246,7 +269,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
                     content_type=stored.content_type,
                     size_bytes=stored.size_bytes,
                 )
-                analysis = self._store_analysis(prefix, value, settings, source_ref)
+                analysis = self._store_analysis(prefix, value, settings, source_ref, archives)
                 manifest = store_result(self.store, manifest_key, analysis)  # last: marks it complete
                 return face_pb2.AnalyzeResult(manifest=object_ref(manifest), analysis=analysis, cached=False)
 
@@ -255,15 +278,23 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             )
 
     def _store_analysis(
-        self, prefix: str, analysis: VideoAnalysis, settings: AnalyzeSettings, video: common_pb2.ObjectRef
+        self,
+        prefix: str,
+        analysis: VideoAnalysis,
+        settings: AnalyzeSettings,
+        video: common_pb2.ObjectRef,
+        archives: Mapping[str, tuple[Path, tuple[int, ...]]],
     ) -> face_pb2.VideoAnalysis:
+        """Store the analysis' arrays and its crop archives (`archives`: name -> (file, stack shape))."""
         fps = analysis.info.fps
 
         def put(name: str, array: np.ndarray, rate: float = fps) -> common_pb2.ArrayRef:
             return array_ref(*self.store.put_array(f"{prefix}/{name}.npy", np.ascontiguousarray(array), fps=rate))
 
-        def put_frames(name: str, frames: np.ndarray) -> common_pb2.ArrayRef:
-            return store_frames(self.store, f"{prefix}/{name}.frames.zip", frames, fps=fps)
+        def put_frames(name: str) -> common_pb2.ArrayRef:
+            path, shape = archives[name]
+            blob = self.store.put_file(f"{prefix}/{name}.frames.zip", path, content_type=FRAMES_CONTENT_TYPE)
+            return array_ref(blob, ArrayInfo(tuple(shape), "uint8", fps))
 
         geometry = analysis.geometry
         left, top, right, bottom = geometry.crop_region
@@ -289,8 +320,8 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
             landmark_jitter=put("landmark_jitter", analysis.landmark_jitter.astype(np.float32)),
             head_motion=put("head_motion", analysis.head_motion.astype(np.float32)),
             eye_openness=put("eye_openness", analysis.eye_openness.astype(np.float32)),
-            crops=put_frames("crops", analysis.crops),
-            crop_masks=put_frames("crop_masks", analysis.crop_masks),
+            crops=put_frames("crops"),
+            crop_masks=put_frames("crop_masks"),
             valid_frame_count=analysis.valid_frame_count,
         )
 
@@ -405,11 +436,18 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _crop_bytes(path: Path, settings: AnalyzeSettings) -> int:
-        """Peak memory of the crops of the video at `path` (from its header: refused before decoding)."""
+    def _window_bytes(path: Path, settings: AnalyzeSettings) -> int:
+        """Memory an analysis of the video at `path` holds at once (from its header: refused before decoding)."""
+        info = probe_video(path)
+        delay = len(smoothing_kernel(info.fps or 30.0, settings.smoothing_cutoff_hz)) // 2
+        return int((delay + DECODE_QUEUE_FRAMES) * info.width * info.height * 3)
+
+    @staticmethod
+    def _archive_bytes(path: Path, settings: AnalyzeSettings) -> int:
+        """Scratch disk the crop archives of the video at `path` take until stored (from its header)."""
         info = probe_video(path)
         frames = info.frame_count or round(info.duration_seconds * info.fps_num / max(1, info.fps_den))
-        return int(frames * settings.crop_width_px * settings.crop_height_px * 4 * CROP_MEMORY_FACTOR)
+        return int(frames * settings.crop_width_px * settings.crop_height_px * 4 * CROP_ARCHIVE_SHARE)
 
     @contextmanager
     def _downloaded(self, source: BlobRef) -> Iterator[Path]:

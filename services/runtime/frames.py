@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -27,11 +28,58 @@ def _member(name: str) -> zipfile.ZipInfo:
     return member
 
 
+class FramesWriter:
+    """Writes an `encode_frames` archive one image at a time into a binary file.
+
+    A producer of thousands of frames (a video's crops) holds one PNG at a time instead of the whole stack.
+
+    The header goes last, when the frame count is known; the bytes equal `encode_frames` of the same stack.
+    """
+
+    def __init__(self, file: BinaryIO, *, compression: int = 6) -> None:
+        if not 0 <= compression <= 9:
+            raise InvalidInput(f"compression must be in [0, 9], got {compression}")
+        self._archive = zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED)
+        self._params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+        self._shape: tuple[int, ...] | None = None
+        self.count = 0
+
+    def add(self, image: np.ndarray) -> None:
+        """Append one uint8 [h, w] or [h, w, C] image (C in 1, 3, 4); every image has the first one's shape."""
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            raise InvalidInput(f"frames must be uint8 [h, w] or [h, w, 3], got {arr.dtype} {arr.shape}")
+        if self._shape is None:
+            self._shape = arr.shape
+        elif arr.shape != self._shape:
+            raise InvalidInput(f"frame {self.count} has shape {arr.shape}, the archive's frames {self._shape}")
+        ok, png = cv2.imencode(".png", arr, self._params)
+        if not ok:
+            raise InvalidInput(f"frame {self.count} of shape {arr.shape} cannot be PNG-encoded")
+        self._archive.writestr(_member(f"{self.count:06d}.png"), png.tobytes())
+        self.count += 1
+
+    def __enter__(self) -> FramesWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._archive.fp is not None:  # not finished (the producer failed): close without a header
+            self._archive.close()
+
+    def finish(self, *, empty_shape: tuple[int, ...] = (0, 0)) -> tuple[int, ...]:
+        """Write the header and close the archive; the stack's shape [F, h, w(, C)] (`empty_shape` if none)."""
+        shape = (self.count, *(self._shape if self._shape is not None else empty_shape))
+        header = {"format": FRAMES_FORMAT, "shape": list(shape), "dtype": "uint8"}
+        self._archive.writestr(_member("header.json"), json.dumps(header))
+        self._archive.close()
+        return shape
+
+
 def encode_frames(crops: np.ndarray, *, compression: int = 6) -> bytes:
     """Losslessly compress a stack of images: one PNG per frame in an uncompressed zip.
 
-    The zip holds `header.json` ({"format": "a2v-frames-png/1", "shape": [...], "dtype": "uint8"}) and
-    `000000.png`, `000001.png`, ... so any frame can be read alone; the same frames give the same bytes.
+    The zip holds `000000.png`, `000001.png`, ... so any frame can be read alone, then `header.json`
+    ({"format": "a2v-frames-png/1", "shape": [...], "dtype": "uint8"}); the same frames give the same bytes.
     Measured on the shared clips (150 x 180 crops): 30 % of the raw size from 256x256 video, 34 % from 1080p,
     45 % from 512x512; masks ~1 %.
 
@@ -48,18 +96,11 @@ def encode_frames(crops: np.ndarray, *, compression: int = 6) -> bytes:
     arr = np.asarray(crops)
     if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3, 4)):
         raise InvalidInput(f"crops must be uint8 [F, h, w] or [F, h, w, 3], got {arr.dtype} {arr.shape}")
-    if not 0 <= compression <= 9:
-        raise InvalidInput(f"compression must be in [0, 9], got {compression}")
     buffer = io.BytesIO()
-    header = {"format": FRAMES_FORMAT, "shape": list(arr.shape), "dtype": "uint8"}
-    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(_member("header.json"), json.dumps(header))
-        for i, image in enumerate(arr):
-            ok, png = cv2.imencode(".png", image, params)
-            if not ok:
-                raise InvalidInput(f"frame {i} of shape {image.shape} cannot be PNG-encoded")
-            archive.writestr(_member(f"{i:06d}.png"), png.tobytes())
+    writer = FramesWriter(buffer, compression=compression)
+    for image in arr:
+        writer.add(image)
+    writer.finish(empty_shape=arr.shape[1:])
     return buffer.getvalue()
 
 

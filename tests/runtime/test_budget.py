@@ -9,7 +9,8 @@ import pytest
 from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.face.v1 import face_pb2, face_pb2_grpc
 from services.audio.servicer import AudioServicer
-from services.face.servicer import FaceServicer
+from services.face.servicer import BASELINE_MEMORY_BYTES, FaceServicer
+from services.runtime.analysis import load_frames
 from services.runtime.budget import MIB, Budget, Busy
 from services.runtime.clients import create_channel, is_busy
 from services.runtime.config import InputLimits, Resources
@@ -36,26 +37,40 @@ def test_a_budget_refuses_what_never_fits_and_what_does_not_fit_now():
 
 
 @pytest.mark.integration
-def test_face_refuses_a_video_whose_crops_exceed_the_pods_memory_before_decoding_it(store, key_prefix, run_server):
+def test_face_memory_does_not_grow_with_the_video_and_what_cannot_fit_is_refused_before_decoding(
+    store, key_prefix, run_server
+):
     video = object_ref(store.put_file(f"{key_prefix}/long.mp4", LONG_CLIP, content_type="video/mp4"))
 
     def analyse(resources: Resources) -> list:
         servicer = FaceServicer(store, InputLimits(resources=resources))
         port = run_server([binding_for(face_pb2, face_pb2_grpc, "FaceService", servicer)])
-        stub = face_pb2_grpc.FaceServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=60))
-        return stub.Analyze(face_pb2.AnalyzeRequest(video=video))
+        stub = face_pb2_grpc.FaceServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=300))
+        return stub.Analyze(face_pb2.AnalyzeRequest(video=video, force_recompute=True))
 
-    # A 768 MiB pod: 1779 frames of 150x180 crops (about 440 MiB at their peak) do not fit beside the rest.
+    # A pod with no room beside the interpreter and models for a few decoded frames: refused before the first.
     events = []
     with pytest.raises(grpc.RpcError) as refused:
-        events.extend(analyse(Resources(memory_bytes=768 * MIB)))
+        events.extend(analyse(Resources(memory_bytes=BASELINE_MEMORY_BYTES + 1 * MIB)))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "A2V_MEMORY_BYTES" in refused.value.details() and "memory for crops" in refused.value.details()
-    assert events == []  # refused before the first frame
+    assert "A2V_MEMORY_BYTES" in refused.value.details() and "memory for decoding" in refused.value.details()
+    assert events == []
+    # A scratch folder that holds the video but not its crop archives: refused before decoding too.
+    with pytest.raises(grpc.RpcError) as no_disk:
+        list(analyse(Resources(scratch_bytes=8 * MIB)))
+    assert no_disk.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "crops of" in no_disk.value.details()
     # A scratch folder smaller than the video: refused before the download.
     with pytest.raises(grpc.RpcError) as too_big:
         list(analyse(Resources(scratch_bytes=2 * MIB)))
     assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "A2V_SCRATCH_BYTES" in too_big.value.details()
+    # The crops stream to disk as they are made: 64 MiB beside the baseline analyse all 1779 frames, whose crops
+    # and masks take 192 MB in memory (the old in-memory analysis needed 440 MiB and refused a 768 MiB pod).
+    result = list(analyse(Resources(memory_bytes=BASELINE_MEMORY_BYTES + 64 * MIB)))[-1].result
+    crops = result.analysis.crops
+    assert list(crops.meta.shape) == [1779, 180, 150, 3]
+    assert list(result.analysis.crop_masks.meta.shape) == [1779, 180, 150]
+    last = load_frames(store, crops, indices=[0, 1778])
+    assert last.shape == (2, 180, 150, 3) and last.any()
 
 
 @pytest.mark.integration
