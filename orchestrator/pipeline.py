@@ -1,4 +1,4 @@
-"""The job itself: the stages of PIPELINE.md called in order over gRPC, independent work concurrently.
+"""The job itself: the stages of docs/DESIGN.md called in order over gRPC, independent work concurrently.
 
 Both the orchestrator service and the command line drive jobs through `Pipeline`. Every stage output has a
 deterministic key, so running a job again (or resuming one) reuses whatever the stages already finished.

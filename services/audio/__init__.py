@@ -1,1 +1,1 @@
-"""The `audio` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `audio` stage service (see docs/DESIGN.md)."""

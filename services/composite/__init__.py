@@ -1,1 +1,1 @@
-"""The `composite` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `composite` stage service (see docs/DESIGN.md)."""

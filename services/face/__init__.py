@@ -1,1 +1,1 @@
-"""The `face` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `face` stage service (see docs/DESIGN.md)."""

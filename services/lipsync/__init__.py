@@ -1,1 +1,1 @@
-"""The `lipsync` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `lipsync` stage service (see docs/DESIGN.md)."""

@@ -1,1 +1,1 @@
-"""The `retiming` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `retiming` stage service (see docs/DESIGN.md)."""

@@ -1,6 +1,6 @@
 """Pure core of the `retiming` stage: which target frame to show at each output frame (dynamic programming).
 
-The model (the seed's Stage I with its bugs fixed; SEED-SPEC.md §11):
+The model (the seed's Stage I with its bugs fixed; docs/DESIGN.md, "retiming"):
 
 Timeline. The target's M frames are laid out on an *extended timeline* of L = max(M, N) positions so that
 N output frames always fit, whatever the moves: `LoopMode.LOOP` repeats 0..M-1, 0..M-1, ... (a cut at each
@@ -24,7 +24,7 @@ Cost of a path (all weights are `RetimeOptions`; V_j = head_motion[j], B_j = bli
 
 A speech onset is an output frame i >= 1 with speech at i and silence at i - 1; the reward applies to
 frames onset .. onset + onset_delay_frames (the seed rewarded only frame onset + 2, a single frame, which
-SEED-SPEC §15.9 lists as a weakness; this window includes that frame). Blinks: frames whose eye openness
+the seed's own notes list as a weakness; this window includes that frame). Blinks: frames whose eye openness
 is below `blink_threshold` (only where a face was found), with single-frame gaps between blink frames
 filled (the seed's 3-element closing); a blink frame counts `blink_weight` extra motion when held, so a
 blink is passed at normal speed rather than frozen with closed eyes. Blinks do not count as head motion in

@@ -1,1 +1,1 @@
-"""The `teeth` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `teeth` stage service (see docs/DESIGN.md)."""

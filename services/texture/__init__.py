@@ -1,1 +1,1 @@
-"""The `texture` stage service (see ../shared/design/PIPELINE.md)."""
+"""The `texture` stage service (see docs/DESIGN.md)."""

@@ -805,7 +805,7 @@ def test_only_the_images_that_need_it_carry_tensorflow(image):
         assert {"tensorflow", "tensorflow-serving-api"} <= pins
         text = image.dockerfile.read_text()
         assert "sed -n 's/^tensorflow==//p' requirements-tf.txt" in text, "versions come from requirements-tf.txt"
-        # Only the lipsync client carries tensorflow-serving-api (STYLE.md).
+        # Only the lipsync client carries tensorflow-serving-api (docs/DESIGN.md, "Who may import whom").
         assert ("tensorflow-serving-api" in text) == (image.name == "lipsync")
 
 
