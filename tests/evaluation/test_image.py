@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from services.composite.render import feather_mask
 from evaluation import image
+from services.composite.render import feather_mask
 from services.runtime.canonical import CANONICAL_TEMPLATE
 from services.runtime.errors import InvalidInput
 
