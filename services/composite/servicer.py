@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from audio2video.composite.v1 import composite_pb2, composite_pb2_grpc
 from services.composite import core, encode
 from services.runtime.analysis import load_array, load_frames, load_geometry, load_manifest
 from services.runtime.blobstore import BlobStore
+from services.runtime.canonical import CanonicalGeometry
 from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
 from services.runtime.keys import derive_prefix, validate_key
@@ -88,6 +90,50 @@ def lowest_confidence(summary: core.RenderSummary, start: int) -> list[composite
     ]
 
 
+@dataclass(frozen=True)
+class TargetAnalysis:
+    """The target's per-frame arrays that compositing reads (from the face stage's manifest)."""
+
+    landmarks: np.ndarray
+    face_valid: np.ndarray
+    timestamps: np.ndarray
+    geometry: CanonicalGeometry
+    head_pose: np.ndarray | None
+    landmark_jitter: np.ndarray | None
+
+
+def render_prefix(request: composite_pb2.RenderRequest, options: core.RenderOptions, fps: Fraction) -> str:
+    """The derived key prefix of a Render call: the hashes of every input, the frames, the rate and the options."""
+    inputs = [request.target_video.sha256, request.retiming_map.object.sha256, request.mouth_shapes.object.sha256]
+    for chunk in request.textures:
+        inputs += [chunk.textures.object.sha256, chunk.texture_masks.object.sha256]
+        inputs += [chunk.mean_jaw_lines.object.sha256, chunk.pose_differences.object.sha256]
+    return derive_prefix(
+        "composite",
+        inputs=[sha for sha in inputs if sha],
+        version=RESULT_FORMAT_VERSION,
+        params={
+            "frames": [request.frames.start, request.frames.stop],
+            "fps": str(fps),
+            "manifest": request.target_analysis.key,
+            "options": repr(options),
+        },
+    )
+
+
+def fade_context(request: composite_pb2.RenderRequest, options: core.RenderOptions, *, limit: int) -> tuple[int, int]:
+    """The frames [lo, hi) a chunk renders with its context: the fades look up to fade_frames frames past the
+    chunk, as far as the texture chunks given reach (and `limit`, the frames the map and shapes cover)."""
+    start, stop = request.frames.start, request.frames.stop
+    covered = {f for chunk in request.textures for f in range(chunk.frames.start, chunk.frames.stop)}
+    lo, hi = start, stop
+    while lo > max(0, start - options.fade_frames) and lo - 1 in covered:
+        lo -= 1
+    while hi < min(limit, stop + options.fade_frames) and hi in covered:
+        hi += 1
+    return lo, hi
+
+
 class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
     """Render and Finalize over the object store."""
 
@@ -107,21 +153,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         fps = frame_rate(request.output_frame_rate, what="output_frame_rate") or frame_rate(
             manifest.info.frame_rate, what="target frame rate"
         )
-        inputs = [request.target_video.sha256, request.retiming_map.object.sha256, request.mouth_shapes.object.sha256]
-        for chunk in request.textures:
-            inputs += [chunk.textures.object.sha256, chunk.texture_masks.object.sha256]
-            inputs += [chunk.mean_jaw_lines.object.sha256, chunk.pose_differences.object.sha256]
-        prefix = request.output_prefix.rstrip("/") or derive_prefix(
-            "composite",
-            inputs=[sha for sha in inputs if sha],
-            version=RESULT_FORMAT_VERSION,
-            params={
-                "frames": [start, stop],
-                "fps": str(fps),
-                "manifest": request.target_analysis.key,
-                "options": repr(options),
-            },
-        )
+        prefix = request.output_prefix.rstrip("/") or render_prefix(request, options, fps)
         result_key = validate_key(f"{prefix}/result.json")
         cached = load_result(self.store, result_key, composite_pb2.RenderResult)
         if cached is not None:
@@ -137,24 +169,9 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         shapes, _ = load_array(self.store, request.mouth_shapes, what="mouth shapes")
         if shapes.ndim != 3 or len(shapes) < stop:
             raise InvalidInput(f"mouth shapes of shape {shapes.shape} do not cover output frames [{start}, {stop})")
-        # The fades look up to fade_frames frames past the chunk, as far as the texture chunks given reach.
-        covered = {f for chunk in request.textures for f in range(chunk.frames.start, chunk.frames.stop)}
-        lo, hi = start, stop
-        while lo > max(0, start - options.fade_frames) and lo - 1 in covered:
-            lo -= 1
-        while hi < min(len(frame_map), len(shapes), stop + options.fade_frames) and hi in covered:
-            hi += 1
+        lo, hi = fade_context(request, options, limit=min(len(frame_map), len(shapes)))
         textures, jaws, masks, differences = self._textures(request, lo, hi)
-        landmarks, _ = load_array(self.store, manifest.landmarks, what="landmarks")
-        poses = jitter = None
-        if manifest.format_version >= 2:  # earlier analyses' head poses came from a 2-D heuristic
-            if manifest.head_pose.object.key:
-                poses = load_array(self.store, manifest.head_pose, what="head pose")[0]
-            if manifest.landmark_jitter.object.key:
-                jitter = load_array(self.store, manifest.landmark_jitter, what="landmark jitter")[0]
-        valid, _ = load_array(self.store, manifest.face_valid, what="face validity")
-        timestamps, _ = load_array(self.store, manifest.timestamps_seconds, what="timestamps")
-        geometry = load_geometry(self.store, manifest)
+        target = self._target_analysis(manifest)
         video = blob_ref(request.target_video, default_bucket=self.store.bucket, what="target video")
 
         with tempfile.TemporaryDirectory(prefix="a2v-composite-") as folder:
@@ -165,8 +182,8 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                 return core.render_segment(
                     str(target_path),
                     frame_map[lo:hi].astype(np.int64),
-                    landmarks,
-                    valid.astype(bool),
+                    target.landmarks,
+                    target.face_valid.astype(bool),
                     textures,
                     shapes[lo:hi],
                     str(segment_path),
@@ -176,48 +193,74 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                     texture_valid=textures.reshape(len(textures), -1).any(axis=1),
                     texture_masks=masks,
                     mean_jaw_lines=jaws,
-                    timestamps=timestamps,
-                    geometry=geometry,
+                    timestamps=target.timestamps,
+                    geometry=target.geometry,
                     options=options,
                     start_frame=start,
                     progress=progress,
                     should_stop=should_stop,
-                    head_pose=poses,
-                    landmark_jitter=jitter,
+                    head_pose=target.head_pose,
+                    landmark_jitter=target.landmark_jitter,
                     pose_differences=differences,
                     context=(start - lo, hi - stop),
                 )
 
-            def finish(summary: core.RenderSummary):
-                segment = self.store.put_file(f"{prefix}/segment.mp4", segment_path, content_type="video/mp4")
-                result = composite_pb2.RenderResult(
-                    frames=request.frames,
-                    segment=object_ref(segment),
-                    frames_written=summary.frames_written,
-                    frames_composited=summary.frames_composited,
-                    frames_passthrough=summary.frames_passthrough,
-                    width=summary.width,
-                    height=summary.height,
-                    frame_rate=frame_rate_message(Fraction(fps)),
-                    frames_synthesized=summary.frames_synthesized,
-                    frames_faded=summary.frames_faded,
-                    frames_low_confidence=summary.frames_low_confidence,
-                    lowest_confidence=lowest_confidence(summary, start),
-                )
-                if summary.confidence is not None:
-                    rate = float(fps)
-                    result.confidence.CopyFrom(
-                        array_ref(*self.store.put_array(f"{prefix}/confidence.npy", summary.confidence, fps=rate))
-                    )
-                    result.blend.CopyFrom(
-                        array_ref(*self.store.put_array(f"{prefix}/blend.npy", summary.blend, fps=rate))
-                    )
-                store_result(self.store, result_key, result)
-                return result
+            def finish(summary: core.RenderSummary) -> composite_pb2.RenderResult:
+                return self._store_segment(request, prefix, segment_path, summary, fps)
 
             yield from stream_events(
                 context, work, event=composite_pb2.RenderEvent, finish=finish, stage="composite", unit="frames"
             )
+
+    def _target_analysis(self, manifest) -> TargetAnalysis:
+        """The per-frame arrays of the target that compositing reads, from its analysis (face.v1.VideoAnalysis)."""
+        poses = jitter = None
+        if manifest.format_version >= 2:  # earlier analyses' head poses came from a 2-D heuristic
+            if manifest.head_pose.object.key:
+                poses = load_array(self.store, manifest.head_pose, what="head pose")[0]
+            if manifest.landmark_jitter.object.key:
+                jitter = load_array(self.store, manifest.landmark_jitter, what="landmark jitter")[0]
+        return TargetAnalysis(
+            landmarks=load_array(self.store, manifest.landmarks, what="landmarks")[0],
+            face_valid=load_array(self.store, manifest.face_valid, what="face validity")[0],
+            timestamps=load_array(self.store, manifest.timestamps_seconds, what="timestamps")[0],
+            geometry=load_geometry(self.store, manifest),
+            head_pose=poses,
+            landmark_jitter=jitter,
+        )
+
+    def _store_segment(
+        self,
+        request: composite_pb2.RenderRequest,
+        prefix: str,
+        segment_path: Path,
+        summary: core.RenderSummary,
+        fps: Fraction,
+    ) -> composite_pb2.RenderResult:
+        """Store a rendered segment, its confidence and blend arrays, and (last) the result that names them."""
+        segment = self.store.put_file(f"{prefix}/segment.mp4", segment_path, content_type="video/mp4")
+        result = composite_pb2.RenderResult(
+            frames=request.frames,
+            segment=object_ref(segment),
+            frames_written=summary.frames_written,
+            frames_composited=summary.frames_composited,
+            frames_passthrough=summary.frames_passthrough,
+            width=summary.width,
+            height=summary.height,
+            frame_rate=frame_rate_message(Fraction(fps)),
+            frames_synthesized=summary.frames_synthesized,
+            frames_faded=summary.frames_faded,
+            frames_low_confidence=summary.frames_low_confidence,
+            lowest_confidence=lowest_confidence(summary, request.frames.start),
+        )
+        if summary.confidence is not None:
+            rate = float(fps)
+            result.confidence.CopyFrom(
+                array_ref(*self.store.put_array(f"{prefix}/confidence.npy", summary.confidence, fps=rate))
+            )
+            result.blend.CopyFrom(array_ref(*self.store.put_array(f"{prefix}/blend.npy", summary.blend, fps=rate)))
+        store_result(self.store, validate_key(f"{prefix}/result.json"), result)
+        return result
 
     def _textures(self, request: composite_pb2.RenderRequest, start: int, stop: int):
         """Rows [start, stop) gathered from the texture chunks: (textures, mean jaw lines, texture masks, pose
