@@ -101,7 +101,7 @@ def load_speaker_model(models_dir: str | os.PathLike, speaker: str, version: int
     except (OSError, KeyError, ValueError) as exc:
         raise InvalidInput(f"model {speaker} version {version} in {folder} is malformed: {exc}") from exc
     # The SavedModel is loaded (and TensorFlow imported) by the module that trains and exports it, once here.
-    network = lstm._runner(folder)
+    network = lstm.runner(folder)
     return SpeakerModel(speaker, version, network, pca, mean, std, card)
 
 

@@ -10,7 +10,7 @@ The estimator (chosen on the real clips of ../shared/data: obama, feifeili, kris
    of two frame periods centred on the middle of the frame's interval [t_i, t_i + 1/fps) (the convention of
    `audio.core.detect_speech`); levels more than `dynamic_range_db` below the loud level are clamped, so room
    noise during pauses adds no variance.
-2. Video: the inner-lip opening per frame (any series; the callers use `lipsync.model.mouth_opening`).
+2. Video: the inner-lip opening per frame (any series; the callers use `runtime.canonical.inner_lip_gap`).
 3. Both series are band-passed 1-8 Hz (zero-phase Butterworth, no time shift): below 1 Hz phrase-level
    drifts broaden the peak, above 8 Hz there is only landmark jitter. On the sample clips this raised the
    peak correlation from ~0.3 to ~0.5 and narrowed the peak to a few frames.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from services.lipsync.core import MOUTH_POINTS, shapes_from_coefficients
-from services.runtime.canonical import INNER_LIP_PAIRS, MOUTH_CORNERS, mouth_opening_ratio
+from services.runtime.canonical import MOUTH_CORNERS, inner_lip_gap, mouth_opening_ratio
 from services.runtime.errors import Cancelled, InvalidInput
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (lazily, below)
@@ -93,7 +93,7 @@ class TrainingSettings:
 # Training defaults by the amount of training speech (seconds -> overrides of TrainingSettings), so `a2v train`
 # needs no hyper-parameter from a user. Up to a few minutes (what a user usually has, 20 s to 2 min) an epoch
 # holds only tens of windows: small batches (several steps per epoch), short windows, a higher learning rate,
-# and heavy dropout on a 2-layer model (chosen on the held-back end of obama_clip1; services/lipsync/quality.py).
+# and heavy dropout on a 2-layer model (chosen on the held-back end of obama_clip1; evaluation/quality.py).
 # With tens of minutes (the paper's regime) the paper's batch and window apply with a wider 2-layer model.
 DATA_SIZE_REGIMES: tuple[tuple[str, float, dict[str, Any]], ...] = (
     (
@@ -594,7 +594,7 @@ def export_saved_model(model, path: str | os.PathLike, *, n_features: int = FEAT
     return path
 
 
-def _runner(model_or_signature) -> Callable[[np.ndarray], np.ndarray]:
+def runner(model_or_signature) -> Callable[[np.ndarray], np.ndarray]:
     """float32 [1, t, F] -> float32 [1, t, K] for a Keras model, a loaded signature, a SavedModel path or a callable."""
     if isinstance(model_or_signature, str | os.PathLike):
         tf = _tf()
@@ -646,7 +646,7 @@ def predict_sequence(model_or_signature, features_norm: np.ndarray, *, delay: in
     if delay < 0:
         raise InvalidInput(f"delay must be >= 0, got {delay}")
     padded = np.concatenate([features_norm, np.zeros((delay, features_norm.shape[1]), np.float32)])
-    output = _runner(model_or_signature)(padded[None])
+    output = runner(model_or_signature)(padded[None])
     if output.ndim != 3 or output.shape[:2] != (1, len(padded)):
         raise InvalidInput(f"model returned shape {output.shape} for input of shape {(1, *padded.shape)}")
     return np.ascontiguousarray(output[0, delay:], np.float32)
@@ -660,14 +660,6 @@ def mouth_width(shapes: np.ndarray) -> np.ndarray:
     """float64 [N]: distance between the mouth corners (dlib 48 and 54) of float [N, 20, 2] shapes."""
     shapes = np.asarray(shapes, np.float64)
     return np.linalg.norm(shapes[:, MOUTH_CORNERS[0]] - shapes[:, MOUTH_CORNERS[1]], axis=-1)
-
-
-def mouth_opening(shapes: np.ndarray) -> np.ndarray:
-    """float64 [N]: mean distance of the inner-lip pairs 61-67, 62-66, 63-65 of float [N, 20, 2] shapes."""
-    shapes = np.asarray(shapes, np.float64)
-    upper = [u for u, _ in INNER_LIP_PAIRS]
-    lower = [lo for _, lo in INNER_LIP_PAIRS]
-    return np.linalg.norm(shapes[:, upper] - shapes[:, lower], axis=-1).mean(axis=1)
 
 
 def landmark_error(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -695,7 +687,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def mouth_metrics(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(landmark_error, mouth_open_correlation) of predicted vs true float [N, 20, 2] shapes."""
-    return landmark_error(predicted, truth), pearson(mouth_opening(predicted), mouth_opening(truth))
+    return landmark_error(predicted, truth), pearson(inner_lip_gap(predicted), inner_lip_gap(truth))
 
 
 # ----------------------------------------------------------------------------------------------------------

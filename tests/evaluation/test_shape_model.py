@@ -10,6 +10,7 @@ from evaluation.cli import main
 from evaluation.shape import evaluate_mouth_shapes, load_speaker_model, model_versions
 from services.face.dataset import fit_mouth_pca
 from services.lipsync import model as lstm
+from services.runtime.canonical import inner_lip_gap
 from tests.conftest import SHARED_DATA
 from tests.evaluation.test_shape import clip
 
@@ -49,7 +50,7 @@ def test_a_loaded_model_predicts_as_the_network_it_was_exported_from(models_dir)
     assert set(result.scores) == {"model", "mean_shape", "ridge"}
     features = ((held.features - model.feature_mean) / model.feature_std).astype(np.float32)
     expected = model.pca.reconstruct(lstm.predict_sequence(network, features[: result.rows], delay=DELAY))
-    np.testing.assert_allclose(result.openings["model"], lstm.mouth_opening(expected), atol=1e-4)
+    np.testing.assert_allclose(result.openings["model"], inner_lip_gap(expected), atol=1e-4)
     assert np.isfinite(result.scores["model"].landmark_error)
 
 
