@@ -759,7 +759,7 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fill(length: int, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """bool [length], True on [starts[i], stops[i]) for every i (vectorised)."""
+    """Bool [length], True on [starts[i], stops[i]) for every i (vectorised)."""
     steps = np.zeros(length + 1, np.int32)
     np.add.at(steps, starts, 1)
     np.add.at(steps, stops, -1)

@@ -23,8 +23,11 @@ ModelRun = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Chunk:
-    """One model call: input rows [input_start, input_stop) (rows past the end are zero padding) give the
-    outputs for feature rows [keep_start, keep_stop)."""
+    """One model call of `plan_chunks`.
+
+    Input rows [input_start, input_stop) (rows past the end are zero padding) give the outputs for feature
+    rows [keep_start, keep_stop).
+    """
 
     input_start: int
     input_stop: int
@@ -72,6 +75,8 @@ def predict_rows(
         features: float32 [T, 28], normalised.
         run_model: see `ModelRun`.
         delay: the model's delay in rows.
+        chunk_rows: Most input rows per model call (`plan_chunks`).
+        overlap_rows: Context of each call (`plan_chunks`: half of it before the rows it keeps, LSTM warm-up).
 
     Returns:
         float32 [T, K].
@@ -116,7 +121,7 @@ def resample(values: np.ndarray, *, start_seconds: float, rate: float, times: np
 
 
 def shapes_from_coefficients(coefficients: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """float [N, K] PCA coefficients -> float32 [N, 20, 2] mouth landmarks (x48, y48, ..., x67, y67)."""
+    """Float [N, K] PCA coefficients -> float32 [N, 20, 2] mouth landmarks (x48, y48, ..., x67, y67)."""
     coefficients = np.asarray(coefficients, np.float64)
     if coefficients.ndim != 2 or coefficients.shape[1] != components.shape[0]:
         raise InvalidInput(f"coefficients {coefficients.shape} do not match {components.shape[0]} PCA components")
@@ -195,7 +200,8 @@ def normalise_amplitude(
 
     Args:
         coefficients: float [N, K] PCA coefficients (about the training mean, so 0 is the mean mouth).
-        mean, components: the PCA (float [40], float [K, 40]).
+        mean: the PCA mean shape, float [40].
+        components: the PCA components, float [K, 40].
         reference_std: the speaker's real opening spread (> 0), from the model card.
         speech: bool [N] frames that count; None = all.
         max_gain: >= 1.
