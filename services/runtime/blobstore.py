@@ -34,6 +34,7 @@ from services.runtime.errors import (
     Unavailable,
 )
 from services.runtime.keys import ZIP_EPOCH, content_key, is_derived_key, sha256_bytes, sha256_file, validate_key
+from services.runtime.telemetry import record_store_bytes
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class BlobStore:
                     metadata=user,
                     part_size=self.part_size_bytes,
                 )
+        record_store_bytes("written", len(data))
         return BlobRef(bucket, key, sha, content_type, len(data), dict(metadata or {}))
 
     def put_file(
@@ -209,6 +211,7 @@ class BlobStore:
                 self.client.fput_object(
                     bucket, key, str(path), content_type=content_type, metadata=user, part_size=self.part_size_bytes
                 )
+        record_store_bytes("written", size)
         return BlobRef(bucket, key, sha, content_type, size, dict(metadata or {}))
 
     def put_content_addressed(
@@ -281,7 +284,9 @@ class BlobStore:
             with self._translate(bucket, key):
                 response = self.client.get_object(bucket, key)
                 try:
-                    return response.read(), response.headers.get("ETag", "").strip('"')
+                    data = response.read()
+                    record_store_bytes("read", len(data))
+                    return data, response.headers.get("ETag", "").strip('"')
                 finally:
                     response.close()
                     response.release_conn()
@@ -315,6 +320,7 @@ class BlobStore:
             if exc.code in _EXISTS_CODES | _CONFLICT_CODES or (etag and exc.code == "NoSuchKey"):
                 return None
             raise NotFound(f"bucket not found: {bucket} ({exc.code})") from exc
+        record_store_bytes("written", len(data))
         return (result.etag or "").strip('"')
 
     # -- reads ---------------------------------------------------------------------------------
@@ -356,6 +362,7 @@ class BlobStore:
                 finally:
                     response.close()
                     response.release_conn()
+            record_store_bytes("read", len(data))
             actual = sha256_bytes(data)
             if reread or not self._rewritten(bucket, key, actual, recorded, expected_sha256):
                 break
@@ -374,6 +381,7 @@ class BlobStore:
                 ref = self.stat(key, bucket=bucket)
                 with self._translate(bucket, key):
                     self.client.fget_object(bucket, key, temp_name)
+                record_store_bytes("read", os.path.getsize(temp_name))
                 actual = sha256_file(temp_name)
                 if reread or not self._rewritten(bucket, key, actual, ref.sha256, expected_sha256):
                     break

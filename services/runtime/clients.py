@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.errors import Unavailable
+from services.runtime.telemetry import ClientCorrelation
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -101,7 +102,8 @@ def create_channel(
     `address` is any gRPC target: "127.0.0.1:50051", "dns:///texture-headless:50051" (a Kubernetes
     headless Service: every pod's address, balanced round-robin) or "ipv4:127.0.0.1:1,127.0.0.1:2"
     (several local replicas). Every call has `timeout_seconds` as its deadline except those of
-    `open_ended_methods` ("package.Service/Method"), which have none unless the call passes one.
+    `open_ended_methods` ("package.Service/Method"), which have none unless the call passes one. Calls carry
+    the running job's id, request id and trace context (`telemetry.ClientCorrelation`).
     """
     options = channel_options(
         service_names,
@@ -111,7 +113,7 @@ def create_channel(
         keepalive_seconds=keepalive_seconds,
         open_ended_methods=open_ended_methods,
     )
-    return grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), ClientCorrelation())
 
 
 def rpc_failure(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

@@ -129,6 +129,8 @@ class ServerConfig:
     # Clients ping silent calls every 30 s (services.runtime.clients.KEEPALIVE_SECONDS); pings closer
     # together than this count as abuse and a few of them close the connection ("too many pings").
     min_ping_interval_seconds: float = 10.0
+    # Prometheus metrics over HTTP on this port, on the listen address's host (0 = none; services.runtime.telemetry).
+    metrics_port: int = 0
 
     @classmethod
     def read(cls, env: Env, service: str) -> ServerConfig:
@@ -157,6 +159,28 @@ class ServerConfig:
             min_ping_interval_seconds=env.get_float(
                 "A2V_MIN_PING_INTERVAL_SECONDS", cls.min_ping_interval_seconds, minimum=0.1, maximum=3600.0
             ),
+            metrics_port=env.get_int("A2V_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+        )
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Where spans go: an OTLP/gRPC collector endpoint (empty: tracing off, the default locally).
+
+    Attributes:
+        otlp_endpoint: "host:port" or "http://host:port" of an OpenTelemetry Collector's OTLP gRPC receiver.
+        sample_ratio: Share of traces recorded, 0-1 (parent-based: a job's calls follow its decision).
+    """
+
+    otlp_endpoint: str = ""
+    sample_ratio: float = 1.0
+
+    @classmethod
+    def read(cls, env: Env) -> TracingConfig:
+        """A2V_OTLP_ENDPOINT (else OTEL_EXPORTER_OTLP_ENDPOINT) and A2V_TRACE_SAMPLE_RATIO (default 1)."""
+        return cls(
+            otlp_endpoint=env.get_str("A2V_OTLP_ENDPOINT", "") or env.get_str("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            sample_ratio=env.get_float("A2V_TRACE_SAMPLE_RATIO", cls.sample_ratio, minimum=0.0, maximum=1.0),
         )
 
 
@@ -268,12 +292,14 @@ class Config(Generic[S]):
         rpc_timeout_seconds: Deadline of the calls it makes to other services.
         settings: The stage's own settings (a frozen dataclass its servicer takes), read by the reader given to
             `from_env`; None when none was given.
+        tracing: Where its spans go (off unless an OTLP endpoint is set).
     """
 
     server: ServerConfig
     store: StoreConfig
     rpc_timeout_seconds: float = 60.0
     settings: S = None  # type: ignore[assignment]
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @classmethod
     def from_env(
@@ -304,6 +330,7 @@ class Config(Generic[S]):
                 "A2V_RPC_TIMEOUT_SECONDS", cls.rpc_timeout_seconds, minimum=0.1, maximum=86400.0
             ),
             settings=settings(env) if settings is not None else None,  # type: ignore[arg-type]
+            tracing=TracingConfig.read(env),
         )
         env.check()
         parse_address(config.server.listen)

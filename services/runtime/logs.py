@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from services.runtime.telemetry import CorrelationFilter
+
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -35,9 +37,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
-    """Send every logger's records to stdout as JSON lines, tagged with `service`."""
+    """Send every logger's records to stdout as JSON lines, tagged with `service` and the running call's ids."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(CorrelationFilter())  # job_id, request_id and trace_id of the call being handled
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -91,7 +92,8 @@ def stream_progress(
         except BaseException as exc:  # re-raised in the RPC thread
             events.put(("error", exc))
 
-    worker = threading.Thread(target=run, name=f"{stage}-work", daemon=True)
+    # In the call's context: the core's log lines carry the call's job and request ids, its spans join the trace.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), name=f"{stage}-work", daemon=True)
     worker.start()
     try:
         while True:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, ConfigError, Env, ServerConfig, parse_address
 from services.runtime.logs import configure_logging
+from services.runtime.telemetry import configure_tracing, server_interceptors, shutdown_tracing, start_metrics_server
 
 log = logging.getLogger(__name__)
 BUSY_DETAIL = "server busy: every call slot is taken; try again"
@@ -161,6 +162,7 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     Calls to the services beyond `max_concurrent_rpcs` are refused with RESOURCE_EXHAUSTED rather than
     queued without bound, and `max_workers` of them run at once (`CallSlots`); health checks are outside
     that bound and have threads of their own. Messages over `max_message_bytes` are refused by gRPC itself.
+    Every call is measured (`telemetry.ServerTelemetry`) and, when the process traces, gets a span.
     """
     host, port = parse_address(config.listen)
     options = [
@@ -177,7 +179,8 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     slots = CallSlots(config.max_workers, config.max_concurrent_rpcs)
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=slots.limit + RESERVED_WORKERS, thread_name_prefix=config.service),
-        interceptors=[slots],
+        # Outermost first: the trace span and the metrics see every call, refusals for being busy included.
+        interceptors=[*server_interceptors(), slots],
         options=options,
     )
     health_servicer = health.HealthServicer(
@@ -202,9 +205,11 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
 def serve(config: Config, bindings: Sequence[ServiceBinding]) -> int:
     """Run a service until SIGTERM/SIGINT, then drain gracefully; returns the process exit code."""
     configure_logging(config.server.service, config.server.log_level)
+    configure_tracing(config.server.service, config.tracing)
     server, port = create_server(config.server, bindings)
     server.start()
-    log.info("listening", extra={"port": port, "listen": config.server.listen})
+    metrics_port = start_metrics_server(parse_address(config.server.listen)[0], config.server.metrics_port)
+    log.info("listening", extra={"port": port, "listen": config.server.listen, "metrics_port": metrics_port})
 
     stopping = threading.Event()
 
@@ -223,6 +228,7 @@ def serve(config: Config, bindings: Sequence[ServiceBinding]) -> int:
         server.stop(0).wait()
         return 1
     server.wait_for_termination()
+    shutdown_tracing()
     log.info("stopped")
     return 0
 
