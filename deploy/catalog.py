@@ -86,7 +86,14 @@ _WARMS_NUMBA = {"audio"}
 
 # What each image installs from requirements.txt: what its code imports (tests/deploy/test_manifests.py checks
 # that nothing is missing), and no more. TensorFlow comes on top for the lipsync and trainer images.
-_GRPC_AND_STORE = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "minio", "numpy")
+_TELEMETRY = (
+    "prometheus-client",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-grpc",
+    "opentelemetry-instrumentation-grpc",
+)
+_GRPC_AND_STORE = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "minio", "numpy", *_TELEMETRY)
 _IMAGE_PROCESSING = ("scipy", "opencv-python-headless")
 REQUIREMENTS = {
     "audio": (*_GRPC_AND_STORE, "scipy", "av"),
