@@ -482,30 +482,10 @@ def composite_frame(
     feather = max(feather, 1.0)
     levels = settings.pyramid_levels
 
-    # Hard mask in patch coordinates: lower-face polygon inside the face's silhouette and inside the valid (eroded)
-    # texture footprint.
-    origin = np.array([patch.x0, patch.y0])
-    polygon = lower_face_polygon(warp, jaw_points) - origin
-    hard = np.zeros((ph, pw), np.uint8)
-    cv2.fillPoly(hard, [np.round(polygon * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-    face = np.zeros((ph, pw), np.uint8)
-    cv2.fillPoly(face, [np.round((face_outline(pts, jaw_points) - origin) * 16).astype(np.int32)], 1, shift=4)
-    margin_px = int(round(JAW_EDGE_MARGIN / abs(warp.similarity[0])))
-    inside = face
-    if margin_px > 0:
-        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1, 2 * margin_px + 1))
-        inside = cv2.erode(face, disk, borderType=cv2.BORDER_REPLICATE)
-    hard &= inside
-    hard &= cv2.erode(patch.mask, np.ones((3, 3), np.uint8), borderValue=0)
+    hard, face = _lower_face_mask(patch, warp, pts, jaw_points)
     if not hard.any():
         return CompositeResult(frame, False)
-
-    # Work box: the mask's bounding box plus the pyramid's reach, inside the patch.
-    rows = np.flatnonzero(hard.any(axis=1))
-    cols = np.flatnonzero(hard.any(axis=0))
-    pad = int(2 ** (levels + 1)) + 2
-    bx0, by0 = max(cols[0] - pad, 0), max(rows[0] - pad, 0)
-    bx1, by1 = min(cols[-1] + pad + 1, pw), min(rows[-1] + pad + 1, ph)
+    bx0, by0, bx1, by1 = _work_box(hard, levels)
     hard_b = hard[by0:by1, bx0:bx1]
     face_b = face[by0:by1, bx0:bx1]
     valid_b = patch.mask[by0:by1, bx0:bx1].astype(bool)
@@ -515,26 +495,12 @@ def composite_frame(
     target_b = base[fy0:fy1, fx0:fx1]
 
     soft = feather_mask(hard_b, feather) * np.float32(strength)
-    # Colour statistics in a ring inside the mask edge: skin near the seam, without the lips of either mouth
-    # (the target's and the texture's), whose colours must not be pulled towards skin.
-    ring_width = max(2.0 * feather, 4.0)
-    dist = cv2.distanceTransform(hard_b, cv2.DIST_L2, 3)
-    skin = np.ones_like(hard_b)
     mouths = [pts[48:60]]
     if synth_mouth is not None and np.isfinite(synth_mouth).all():
         a, t = warp.similarity
         mouths.append(apply_similarity(1 / a, -t / a, np.asarray(synth_mouth, dtype=np.float64)[:12]))
     offset = np.array([fx0, fy0])
-    lip_margin = int(round(feather / 2))
-    for mouth in mouths:
-        cv2.fillPoly(skin, [np.round((mouth - offset) * 16).astype(np.int32)], 0, lineType=cv2.LINE_8, shift=4)
-    if lip_margin > 0:
-        skin = cv2.erode(skin, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * lip_margin + 1,) * 2))
-    ring = (hard_b > 0) & (dist <= ring_width) & (skin > 0)
-    if ring.sum() < 64:
-        ring = (hard_b > 0) & (skin > 0)
-    if ring.sum() < 64:
-        ring = hard_b > 0
+    ring = _skin_ring(hard_b, feather, [mouth - offset for mouth in mouths])
     matched = match_colors(tex_b, target_b, ring, settings.color_match)
 
     # The overlay is the texture only near the mask (low pyramid levels would otherwise pull in texture content
@@ -557,6 +523,62 @@ def composite_frame(
         colour, edges = _measure_blend(result_b, target_b, soft, face_b, mouths, offset, pts)
     out[fy0:fy1, fx0:fx1] = result_b
     return CompositeResult(out, True, shift, (int(fx0), int(fy0), int(fx1), int(fy1)), soft, colour, edges)
+
+
+def _lower_face_mask(
+    patch: FramePatch, warp: LowerFaceWarp, pts: np.ndarray, jaw_points: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The blend's hard mask and the face's silhouette, uint8 [ph, pw] (0 / 1) in patch coordinates.
+
+    The mask is the lower-face polygon inside the silhouette (kept JAW_EDGE_MARGIN inside it) and inside the valid
+    (eroded) texture footprint.
+    """
+    ph, pw = patch.mask.shape
+    origin = np.array([patch.x0, patch.y0])
+    polygon = lower_face_polygon(warp, jaw_points) - origin
+    hard = np.zeros((ph, pw), np.uint8)
+    cv2.fillPoly(hard, [np.round(polygon * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    face = np.zeros((ph, pw), np.uint8)
+    cv2.fillPoly(face, [np.round((face_outline(pts, jaw_points) - origin) * 16).astype(np.int32)], 1, shift=4)
+    margin_px = int(round(JAW_EDGE_MARGIN / abs(warp.similarity[0])))
+    inside = face
+    if margin_px > 0:
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1, 2 * margin_px + 1))
+        inside = cv2.erode(face, disk, borderType=cv2.BORDER_REPLICATE)
+    hard &= inside
+    hard &= cv2.erode(patch.mask, np.ones((3, 3), np.uint8), borderValue=0)
+    return hard, face
+
+
+def _work_box(hard: np.ndarray, levels: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the mask's bounding box plus the pyramid's reach, inside the patch."""
+    ph, pw = hard.shape
+    rows = np.flatnonzero(hard.any(axis=1))
+    cols = np.flatnonzero(hard.any(axis=0))
+    pad = int(2 ** (levels + 1)) + 2
+    return max(cols[0] - pad, 0), max(rows[0] - pad, 0), min(cols[-1] + pad + 1, pw), min(rows[-1] + pad + 1, ph)
+
+
+def _skin_ring(hard: np.ndarray, feather: float, mouths: list[np.ndarray]) -> np.ndarray:
+    """Where the colour statistics come from, bool like `hard`: a ring inside the mask edge.
+
+    Skin near the seam, without the lips of either mouth (the target's and the texture's, polygons in the same
+    coordinates as `hard`), whose colours must not be pulled towards skin; wider when the ring is too small.
+    """
+    ring_width = max(2.0 * feather, 4.0)
+    dist = cv2.distanceTransform(hard, cv2.DIST_L2, 3)
+    skin = np.ones_like(hard)
+    lip_margin = int(round(feather / 2))
+    for mouth in mouths:
+        cv2.fillPoly(skin, [np.round(mouth * 16).astype(np.int32)], 0, lineType=cv2.LINE_8, shift=4)
+    if lip_margin > 0:
+        skin = cv2.erode(skin, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * lip_margin + 1,) * 2))
+    ring = (hard > 0) & (dist <= ring_width) & (skin > 0)
+    if ring.sum() < 64:
+        ring = (hard > 0) & (skin > 0)
+    if ring.sum() < 64:
+        ring = hard > 0
+    return ring
 
 
 def _measure_blend(
