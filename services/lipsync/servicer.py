@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from services.lipsync import core
 from services.lipsync.serving import ServingClient
 from services.lipsync.versions import extra_key, stored_versions, version_message
-from services.runtime.blobstore import BlobStore, wait_for_store
+from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
 from services.runtime.config import Config, Env
 from services.runtime.errors import FailedPrecondition, InvalidInput, NotFound
 from services.runtime.keys import derive_prefix, validate_key, validate_speaker
@@ -141,21 +142,7 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         if request.output_frame_count < 0:
             raise InvalidInput(f"output_frame_count must be >= 0, got {request.output_frame_count}")
         version = self._resolve_version(request.model)
-        features_sha = source.sha256 or self.store.stat(source.key, bucket=source.bucket).sha256
-        activity_sha = request.speech_activity.object.sha256 if request.HasField("speech_activity") else ""
-        prefix = request.output_prefix.rstrip("/") or derive_prefix(
-            "lipsync",
-            inputs=[features_sha] + ([activity_sha] if activity_sha else []),
-            version=RESULT_FORMAT_VERSION,
-            params=dataclasses.asdict(settings)
-            | {
-                "speaker": request.model.speaker,
-                "model_version": version,
-                "fps": str(fps),
-                "frames": request.output_frame_count,
-                "start": request.start_seconds,
-            },
-        )
+        prefix = request.output_prefix.rstrip("/") or self._prefix(request, source, settings, version, fps)
         result_key = validate_key(f"{prefix}/result.json")
         cached = load_result(self.store, result_key, lipsync_pb2.PredictResponse)
         if cached is not None:
@@ -207,21 +194,10 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             shapes = core.blend_silence(shapes, weights, model.rest_shape)
         shapes = core.smooth_track(shapes, settings.smoothing_sigma_frames)
 
-        fps_float = float(fps)
         response = lipsync_pb2.PredictResponse(
-            mouth_shapes=array_ref(
-                *self.store.put_array(
-                    f"{prefix}/mouth_shapes.npy", shapes, fps=fps_float, start_seconds=request.start_seconds
-                )
-            ),
-            coefficients=array_ref(
-                *self.store.put_array(
-                    f"{prefix}/coefficients.npy", coefficients, fps=fps_float, start_seconds=request.start_seconds
-                )
-            ),
-            feature_coefficients=array_ref(
-                *self.store.put_array(f"{prefix}/feature_coefficients.npy", rows, fps=rate, start_seconds=start)
-            ),
+            mouth_shapes=self._put(f"{prefix}/mouth_shapes.npy", shapes, fps, request.start_seconds),
+            coefficients=self._put(f"{prefix}/coefficients.npy", coefficients, fps, request.start_seconds),
+            feature_coefficients=self._put(f"{prefix}/feature_coefficients.npy", rows, rate, start),
             model=self._version_message(model.speaker, version, model.card, states={}),
             output_frame_rate=frame_rate_message(fps),
             output_frame_count=count,
@@ -236,6 +212,35 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             extra={"request_id": request.request_id},
         )
         return response
+
+    def _prefix(
+        self,
+        request: lipsync_pb2.PredictRequest,
+        features: BlobRef,
+        settings: PredictSettings,
+        version: int,
+        fps: Fraction,
+    ) -> str:
+        """The derived key prefix of a Predict call: its inputs' hashes, the model version and the settings."""
+        features_sha = features.sha256 or self.store.stat(features.key, bucket=features.bucket).sha256
+        activity_sha = request.speech_activity.object.sha256 if request.HasField("speech_activity") else ""
+        return derive_prefix(
+            "lipsync",
+            inputs=[features_sha] + ([activity_sha] if activity_sha else []),
+            version=RESULT_FORMAT_VERSION,
+            params=dataclasses.asdict(settings)
+            | {
+                "speaker": request.model.speaker,
+                "model_version": version,
+                "fps": str(fps),
+                "frames": request.output_frame_count,
+                "start": request.start_seconds,
+            },
+        )
+
+    def _put(self, key: str, values: np.ndarray, fps: float | Fraction, start_seconds: float):
+        """Store an array per frame (its rate and start time in its metadata); its ArrayRef."""
+        return array_ref(*self.store.put_array(key, values, fps=float(fps), start_seconds=start_seconds))
 
     def _activity(self, request: lipsync_pb2.PredictRequest):
         ref = blob_ref(request.speech_activity.object, default_bucket=self.store.bucket, what="speech activity")
