@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
 from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator import metrics
 from orchestrator.leases import Leases
-from orchestrator.pipeline import Pipeline, Reporter, StageFailed, retry_delay, stage_name
+from orchestrator.pipeline import Pipeline, Reporter, StageFailed, job_span, retry_delay, stage_name
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Env
 from services.runtime.errors import (
@@ -39,6 +41,7 @@ from services.runtime.errors import (
 )
 from services.runtime.keys import validate_key
 from services.runtime.protos import load_result, store_result
+from services.runtime.telemetry import correlation
 
 log = logging.getLogger(__name__)
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
@@ -550,6 +553,32 @@ class JobManager:
             self.runs.pop(old, None)
 
     def _run(self, run: JobRun) -> None:
+        """Run a job as one trace ("job render" / "job train", its stage calls and chunks inside), with its id in
+        every log line and call; then count it (jobs ended, wall time, a render's real-time factor)."""
+        job = run.job
+        kind = "render" if job.kind == pb.JOB_KIND_RENDER else "train"
+        speaker = job.render.model.speaker if job.kind == pb.JOB_KIND_RENDER else job.train.speaker
+        started = time.monotonic()
+        with (
+            correlation(job.id, job.id),
+            job_span(f"job {kind}", kind=kind, speaker=speaker, retries=job.retries) as span,
+        ):
+            self._run_job(run)
+            state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            span.set_attribute("a2v.state", state)
+            if job.state == pb.JOB_STATE_FAILED:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, job.failure_reason))
+        seconds = time.monotonic() - started
+        metrics.JOBS_FINISHED.labels(kind, state).inc()
+        metrics.JOB_SECONDS.labels(kind, state).observe(seconds)
+        if (
+            job.state == pb.JOB_STATE_SUCCEEDED
+            and job.kind == pb.JOB_KIND_RENDER
+            and job.render_result.duration_seconds
+        ):
+            metrics.REAL_TIME_FACTOR.observe(seconds / job.render_result.duration_seconds)
+
+    def _run_job(self, run: JobRun) -> None:
         job = run.job
         if run.stop.is_set():  # cancelled while queued
             self._set_state(run, pb.JOB_STATE_CANCELLED, "cancelled before it started")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
 from audio2video.common.v1 import common_pb2
@@ -27,12 +29,15 @@ from audio2video.orchestrator.v1 import orchestrator_pb2
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
+from orchestrator import metrics
 from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
 from services.runtime.clients import create_channel, is_busy, retry_delay, rpc_failure
 from services.runtime.config import Env, service_address
 from services.runtime.errors import A2VError, CallFailed, Cancelled, FailedPrecondition, InvalidInput
+from services.runtime.telemetry import JOB_ID_ATTRIBUTE, current_job_id, submit_in_context
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 Stage = orchestrator_pb2.Stage
 Progress = Callable[[int, int, int, str], None]
 """progress(stage, done, total, unit)."""
@@ -251,6 +256,25 @@ def stage_name(stage: int) -> str:
     return Stage.Name(stage).removeprefix("STAGE_").lower()
 
 
+def request_id(stage: int, part: str = "") -> str:
+    """The request id a job's call to `stage` carries ("<job id>/<stage>[/<part>]"; logs of every service join on
+    it); empty outside a job."""
+    job_id = current_job_id()
+    if not job_id:
+        return ""
+    return f"{job_id}/{stage_name(stage)}" + (f"/{part}" if part else "")
+
+
+@contextmanager
+def job_span(name: str, **attributes) -> Iterator[trace.Span]:
+    """A span of the running job (its trace), with the job's id and `attributes` ("a2v." + name)."""
+    attributes = {f"a2v.{key}": value for key, value in attributes.items()}
+    if job_id := current_job_id():
+        attributes[JOB_ID_ATTRIBUTE] = job_id
+    with tracer.start_as_current_span(name, attributes=attributes) as span:
+        yield span
+
+
 class StageCaller:
     """Makes a job's stage calls: progress, timing, and retries (`RetryPolicy`) on another replica.
 
@@ -291,11 +315,16 @@ class StageCaller:
                 raise Cancelled("the job was cancelled")
             started = time.monotonic()
             try:
-                if streaming:
-                    forward = self.reporter.progress if progress is True else progress or None
-                    result = final_result(invoke(), stage, forward, self.stop)
-                else:
-                    result = invoke()
+                with job_span(f"stage {stage_name(stage)}", stage=stage_name(stage), attempt=attempt) as span:
+                    try:
+                        if streaming:
+                            forward = self.reporter.progress if progress is True else progress or None
+                            result = final_result(invoke(), stage, forward, self.stop)
+                        else:
+                            result = invoke()
+                    except grpc.RpcError as exc:
+                        span.set_status(Status(StatusCode.ERROR, f"{rpc_failure(exc)[0].name}"))
+                        raise
             except grpc.RpcError as exc:
                 code, detail = rpc_failure(exc)
                 if code == grpc.StatusCode.CANCELLED and self.stop is not None and self.stop.is_set():
@@ -303,8 +332,10 @@ class StageCaller:
                 error = f"{code.name}: {detail}"
                 first_failure = first_failure or time.monotonic()
                 if not self._retryable(code, detail, attempt, first_failure):
+                    metrics.STAGE_FAILURES.labels(stage_name(stage), code.name).inc()
                     tries = f" after {attempt} attempts" if attempt > 1 else ""
                     raise StageFailed(stage, code.name, f"stage {stage_name(stage)} failed{tries}: {error}") from exc
+                metrics.STAGE_RETRIES.labels(stage_name(stage)).inc()
                 self.reporter.retrying(stage, attempt, error)
                 log.warning("stage %s attempt %d failed (%s); retrying", stage_name(stage), attempt, error)
                 if self.stop is not None:
@@ -314,9 +345,12 @@ class StageCaller:
                     time.sleep(retry_delay(attempt))
                 continue
             cacheable = "cached" in result.DESCRIPTOR.fields_by_name  # Probe-like reads have nothing to reuse
-            self.reporter.call_finished(
-                stage, time.monotonic() - started, cached=bool(result.cached) if cacheable else None
+            cached = bool(result.cached) if cacheable else None
+            seconds = time.monotonic() - started
+            metrics.STAGE_CALL_SECONDS.labels(stage_name(stage), "" if cached is None else str(cached).lower()).observe(
+                seconds
             )
+            self.reporter.call_finished(stage, seconds, cached=cached)
             return result
 
 
@@ -374,22 +408,37 @@ class RenderRun:
         """Probe the target for its frame rate, then extract the audio and analyse the target's faces at once."""
         c, spec, options, call = self.clients, self.spec, self.options, self.call
         info = call(
-            Stage.STAGE_FACE, lambda: c.face.Probe(face_pb2.ProbeRequest(video=spec.target_video)), streaming=False
+            Stage.STAGE_FACE,
+            lambda: c.face.Probe(
+                face_pb2.ProbeRequest(video=spec.target_video, request_id=request_id(Stage.STAGE_FACE, "probe"))
+            ),
+            streaming=False,
         ).info
         self.rate = rate = info.frame_rate
         with ThreadPoolExecutor(max_workers=2) as pool:  # audio and face analysis are independent
-            audio_future = pool.submit(
+            audio_future = submit_in_context(
+                pool,
                 call,
                 Stage.STAGE_AUDIO,
                 lambda: c.audio.Extract(
-                    audio_pb2.ExtractRequest(audio=spec.audio, output_frame_rate=rate, options=options.audio)
+                    audio_pb2.ExtractRequest(
+                        audio=spec.audio,
+                        output_frame_rate=rate,
+                        options=options.audio,
+                        request_id=request_id(Stage.STAGE_AUDIO),
+                    )
                 ),
                 streaming=True,
             )
-            face_future = pool.submit(
+            face_future = submit_in_context(
+                pool,
                 call,
                 Stage.STAGE_FACE,
-                lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=spec.target_video, options=options.face)),
+                lambda: c.face.Analyze(
+                    face_pb2.AnalyzeRequest(
+                        video=spec.target_video, options=options.face, request_id=request_id(Stage.STAGE_FACE)
+                    )
+                ),
                 streaming=True,
             )
             self.audio, self.analysis = audio_future.result(), face_future.result()
@@ -408,6 +457,7 @@ class RenderRun:
             output_frame_count=self.frames,
             speech_activity=self.audio.speech_activity,
             options=self.options.lipsync,
+            request_id=request_id(Stage.STAGE_LIPSYNC),
         )
         self.predicted = self._single_call(
             Stage.STAGE_LIPSYNC,
@@ -423,6 +473,7 @@ class RenderRun:
             output_frame_count=self.frames,
             enabled=self.retime_enabled,
             options=self.options.retiming_options,
+            request_id=request_id(Stage.STAGE_RETIMING),
         )
         self.retimed = self._single_call(
             Stage.STAGE_RETIMING,
@@ -436,7 +487,9 @@ class RenderRun:
             return
         options = self.options
         selection = teeth_pb2.SelectProxiesRequest(
-            target_analysis=self.analysis.manifest, options=options.teeth_selection
+            target_analysis=self.analysis.manifest,
+            options=options.teeth_selection,
+            request_id=request_id(Stage.STAGE_TEETH, "proxies"),
         )
         if options.HasField("teeth_upper_frame"):
             selection.upper_frame_override = options.teeth_upper_frame
@@ -464,8 +517,10 @@ class RenderRun:
         # own and its neighbours' textures, which the other pool makes, so neither pool can block the other; the
         # slots keep the stage calls in flight to max_parallel_chunks.
         with ThreadPoolExecutor(max_workers=parallel) as texture_pool, ThreadPoolExecutor(max_workers=parallel) as pool:
-            self.texture_futures = [texture_pool.submit(self.texture_chunk, bounds) for bounds in self.ranges]
-            futures = [pool.submit(self.composite_chunk, index) for index in range(len(self.ranges))]
+            self.texture_futures = [
+                submit_in_context(texture_pool, self.texture_chunk, bounds) for bounds in self.ranges
+            ]
+            futures = [submit_in_context(pool, self.composite_chunk, index) for index in range(len(self.ranges))]
             try:
                 renders = [future.result() for future in futures]
             except BaseException:
@@ -484,13 +539,17 @@ class RenderRun:
 
     def texture_chunk(self, bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
         """A chunk's textures, teeth enhanced, within one of the chunk slots."""
-        with self.slots.hold():
+        with (
+            self.slots.hold(),
+            job_span(f"chunk {bounds[0]}-{bounds[1]} texture", frames_start=bounds[0], frames_stop=bounds[1]),
+        ):
             return self.texture_and_teeth(bounds)
 
     def texture_and_teeth(self, bounds: tuple[int, int]) -> composite_pb2.TextureChunk:
         """Synthesize a chunk's mouth textures, then enhance their teeth (when enabled)."""
         c, options, proxies = self.clients, self.options, self.proxies
         frame_range = common_pb2.FrameRange(start=bounds[0], stop=bounds[1])
+        part = f"{bounds[0]:06d}-{bounds[1]:06d}"
         synthesized = self.call(
             Stage.STAGE_TEXTURE,
             lambda: c.texture.Synthesize(
@@ -500,6 +559,8 @@ class RenderRun:
                     target_analysis=self.analysis.manifest,
                     retiming_map=self.retimed.retiming_map,
                     options=options.texture,
+                    job_id=current_job_id(),
+                    request_id=request_id(Stage.STAGE_TEXTURE, part),
                 )
             ),
             streaming=True,
@@ -518,6 +579,7 @@ class RenderRun:
                         mouth_shapes=synthesized.mean_shapes,
                         texture_valid=synthesized.texture_valid,
                         options=options.teeth_enhance,
+                        request_id=request_id(Stage.STAGE_TEETH, part),
                     )
                 ),
                 streaming=True,
@@ -548,8 +610,12 @@ class RenderRun:
             retiming_map=self.retimed.retiming_map,
             mouth_shapes=self.predicted.mouth_shapes,
             options=self.options.composite,
+            request_id=request_id(Stage.STAGE_COMPOSITE, f"{bounds[0]:06d}-{bounds[1]:06d}"),
         )
-        with self.slots.hold(urgent=True):
+        with (
+            self.slots.hold(urgent=True),
+            job_span(f"chunk {bounds[0]}-{bounds[1]} composite", frames_start=bounds[0], frames_stop=bounds[1]),
+        ):
             rendered = self.call(
                 Stage.STAGE_COMPOSITE, lambda: self.clients.composite.Render(request), streaming=True, progress=False
             )
@@ -565,6 +631,7 @@ class RenderRun:
             output_key=self.options.output_key,
             options=self.options.finalize,
             frame_rate=self.rate,
+            request_id=request_id(Stage.STAGE_FINALIZE),
         )
         finalized = self.call(Stage.STAGE_FINALIZE, lambda: self.clients.composite.Finalize(request), streaming=True)
         self._finished(Stage.STAGE_FINALIZE, {"video": finalized.video})
@@ -640,7 +707,11 @@ class Pipeline:
         # The videos' lengths first, so audio and face report seconds and frames of all videos from the start.
         infos = [
             call(
-                Stage.STAGE_FACE, lambda v=video: c.face.Probe(face_pb2.ProbeRequest(video=v.video)), streaming=False
+                Stage.STAGE_FACE,
+                lambda v=video: c.face.Probe(
+                    face_pb2.ProbeRequest(video=v.video, request_id=request_id(Stage.STAGE_FACE, "probe"))
+                ),
+                streaming=False,
             ).info
             for video in spec.videos
         ]
@@ -651,14 +722,24 @@ class Pipeline:
         def analyse(index: int, video: orchestrator_pb2.TrainingVideo) -> face_pb2.SpeakerClip:
             extracted = call(
                 Stage.STAGE_AUDIO,
-                lambda: c.audio.Extract(audio_pb2.ExtractRequest(audio=video.video, options=options.audio)),
+                lambda: c.audio.Extract(
+                    audio_pb2.ExtractRequest(
+                        audio=video.video,
+                        options=options.audio,
+                        request_id=request_id(Stage.STAGE_AUDIO, video.clip_id),
+                    )
+                ),
                 streaming=True,
                 progress=audio_progress.part(index),
             )
             audio_progress.finished(index)
             analysed = call(
                 Stage.STAGE_FACE,
-                lambda: c.face.Analyze(face_pb2.AnalyzeRequest(video=video.video, options=options.face)),
+                lambda: c.face.Analyze(
+                    face_pb2.AnalyzeRequest(
+                        video=video.video, options=options.face, request_id=request_id(Stage.STAGE_FACE, video.clip_id)
+                    )
+                ),
                 streaming=True,
                 progress=face_progress.part(index),
             )
@@ -678,6 +759,7 @@ class Pipeline:
                     clips=clips,
                     validation=spec.validation if spec.HasField("validation") else DEFAULT_VALIDATION,
                     options=options.dataset,
+                    request_id=request_id(Stage.STAGE_DATASET),
                 )
             ),
             streaming=True,
@@ -701,7 +783,9 @@ class Pipeline:
         succeeds: the model is stored, and TF Serving may take it later)."""
         report.progress(Stage.STAGE_EXPORT, 0, 1, "versions")
         started = time.monotonic()
-        request = lipsync_pb2.DescribeModelRequest(speaker=speaker, version=version)
+        request = lipsync_pb2.DescribeModelRequest(
+            speaker=speaker, version=version, request_id=request_id(Stage.STAGE_EXPORT)
+        )
         while True:
             try:
                 described = self.clients.lipsync.DescribeModel(request, timeout=30).versions[0]

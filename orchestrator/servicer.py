@@ -7,6 +7,7 @@ import socket
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from orchestrator import metrics
 from orchestrator.jobs import JobLimits, JobManager
 from orchestrator.leases import Leases
 from orchestrator.pipeline import DEFAULT_SERVE_WAIT_SECONDS, Pipeline, RetryPolicy, StageClients
@@ -88,6 +89,7 @@ def bindings(config: Config) -> list[ServiceBinding]:
     )
     limits = JobLimits.from_env()
     jobs = JobManager(store, pipeline, limits, Leases(store, replica_id(config), limits.lease_seconds))
+    metrics.watch_manager(jobs)
 
     def load() -> None:
         wait_for_store(store)

@@ -87,6 +87,16 @@ def correlation(job_id: str = "", request_id: str = "") -> Iterator[None]:
             variable.reset(token)
 
 
+def current_job_id() -> str:
+    """The id of the job whose call (or run) this code is part of; empty when none."""
+    return _JOB_ID.get()
+
+
+def submit_in_context(pool, fn, /, *args, **kwargs):
+    """`pool.submit(fn, ...)` run in a copy of the caller's context: its job id, request id and trace span."""
+    return pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+
 def current_ids() -> dict[str, str]:
     """The job id, request id and trace id of the code running now (only those that are set)."""
     ids = {"job_id": _JOB_ID.get(), "request_id": _REQUEST_ID.get()}
