@@ -2,8 +2,10 @@
 
 kustomize (and `kubectl kustomize`) is in no registry we can rely on; where kubectl is installed, the
 tests compare this renderer's output with it, object by object. Supported: `resources` (files and
-folders with a kustomization), `namespace`, `labels` (metadata only), `images`, `replicas`, and
-`patches`, either strategic-merge (by kind and name, or a `target`) or JSON 6902 (with a `target`).
+folders with a kustomization), `components` (folders holding a `kind: Component`, whose resources are added and
+whose patches apply to everything so far, before the including kustomization's own patches), `namespace`,
+`labels` (metadata only), `images`, `replicas`, and `patches`, either strategic-merge (by kind and name, or a
+`target`) or JSON 6902 (with a `target`).
 Anything else in a kustomization, and any merge this module does not know how to do faithfully,
 raises NotImplementedError instead of rendering something kustomize would not.
 """
@@ -16,9 +18,21 @@ from typing import Any
 
 import yaml
 
-SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images", "replicas", "patches"}
+SUPPORTED_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "namespace",
+    "labels",
+    "images",
+    "replicas",
+    "patches",
+}
+COMPONENT_FIELDS = {"apiVersion", "kind", "resources", "patches"}
 CLUSTER_SCOPED = {
     "Namespace",
+    "APIService",
     "ClusterRole",
     "ClusterRoleBinding",
     "PersistentVolume",
@@ -64,6 +78,8 @@ def render(folder: Path) -> list[dict[str, Any]]:
     for entry in kustomization.get("resources", []):
         path = (folder / entry).resolve()
         objects += render(path) if path.is_dir() else load_documents(path)
+    for entry in kustomization.get("components", []):
+        objects = _add_component(objects, (folder / entry).resolve())
     _check_unique(objects, folder)
     for patch in kustomization.get("patches", []):
         _apply_patch(objects, patch, folder)
@@ -89,6 +105,24 @@ def render(folder: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{folder}: replicas for {replica['name']!r} match no workload")
         for obj in matches:
             obj["spec"]["replicas"] = replica["count"]
+    return objects
+
+
+def _add_component(objects: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """`objects` with a Component's resources added and its patches applied to them all (kustomize's order)."""
+    component = _read_kustomization(folder)
+    if component.get("kind") != "Component":
+        raise ValueError(f"{folder} is listed under components but is a {component.get('kind')}")
+    unknown = set(component) - COMPONENT_FIELDS
+    if unknown:
+        raise NotImplementedError(f"{folder}: component fields {sorted(unknown)} are not supported here")
+    objects = list(objects)
+    for entry in component.get("resources", []):
+        path = (folder / entry).resolve()
+        objects += render(path) if path.is_dir() else load_documents(path)
+    _check_unique(objects, folder)
+    for patch in component.get("patches", []):
+        _apply_patch(objects, patch, folder)
     return objects
 
 

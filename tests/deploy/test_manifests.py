@@ -40,6 +40,9 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 COMPOSE = REPO / "deploy" / "compose.yaml"
 COMPOSE_GPU = REPO / "deploy" / "compose.gpu.yaml"
 ENV = read_env_file()
+METRICS_PORT = 9464
+"""Every service's Prometheus port in the cluster (A2V_METRICS_PORT in a2v-config)."""
+API_CLIENTS = {"orchestrator", "prometheus", "prometheus-adapter"}
 PORTS = {c.name: parse_address(ENV[f"A2V_{c.name.upper()}_ADDR"])[1] for c in COMPONENTS}
 TRAINER_PORT = parse_address(ENV[catalog.TRAINER_ADDR_VARIABLE])[1]
 BY_NAME = {image.name: image for image in catalog.IMAGES}
@@ -323,7 +326,8 @@ def test_every_component_is_a_deployment_with_grpc_probes_naming_its_service(ove
     container = main_container(deployment)
     port = PORTS[component.name]
     assert split_image(container["image"])[0] == catalog.IMAGE_PREFIX + component.name
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port), ("metrics", METRICS_PORT)]
+    assert find(rendered(overlay), "ConfigMap", "a2v-config")["data"]["A2V_METRICS_PORT"] == str(METRICS_PORT)
     assert env_of(container)["A2V_LISTEN"]["value"] == f"0.0.0.0:{port}"
     # Readiness (and startup: model loading) ask for the named service; liveness for the server.
     for probe in ("startupProbe", "readinessProbe"):
@@ -344,8 +348,10 @@ def test_pods_meet_the_restricted_pod_security_profile(overlay):
             problems.append(f"{where}: pod seccompProfile")
         if pod.get("runAsNonRoot") is not True or pod.get("runAsUser") != catalog.APP_UID:
             problems.append(f"{where}: pod runAsNonRoot/runAsUser")
-        # Only the orchestrator talks to the API server (it creates trainer Jobs), under its own account.
-        token = obj["metadata"]["name"] == "orchestrator" and spec.get("serviceAccountName") == "orchestrator"
+        # Only the orchestrator (it creates trainer Jobs), Prometheus (it discovers the pods to scrape) and the
+        # Prometheus adapter (an aggregated API server) talk to the API server, each under its own account.
+        name = obj["metadata"]["name"]
+        token = name in API_CLIENTS and spec.get("serviceAccountName") == name
         if spec.get("automountServiceAccountToken") is not token:
             problems.append(f"{where}: automountServiceAccountToken")
         if any(spec.get(flag) for flag in ("hostNetwork", "hostPID", "hostIPC")):
@@ -468,8 +474,11 @@ def test_texture_is_headless_autoscaled_and_dialled_per_pod(overlay):
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "texture"}
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    # In-flight synthesis calls per pod (custom metric, through the Prometheus adapter) first, CPU second.
+    custom, cpu = hpa["spec"]["metrics"]
+    assert custom["type"] == "Pods" and custom["pods"]["metric"]["name"] == "a2v_texture_synthesis_in_flight"
+    assert custom["pods"]["target"]["type"] == "AverageValue"
+    assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -515,7 +524,13 @@ def test_tf_serving_gets_its_models_and_its_list_from_the_store_through_the_mode
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["models"]["mountPath"] == catalog.MODELS_MOUNT and mounts["models"]["readOnly"] is True
     assert "emptyDir" in volumes["models"]  # the pod's own copy: no volume shared with the trainer
-    assert not of_kind(objects, "PersistentVolumeClaim") and not of_kind(objects, "ConfigMap")[1:]
+    assert not of_kind(objects, "PersistentVolumeClaim")
+    assert not [c for c in of_kind(objects, "ConfigMap") if "models.config" in c.get("data", {})]  # the sync writes it
+    # TF Serving's own Prometheus metrics on its REST port.
+    monitoring = find(objects, "ConfigMap", "tfserving-monitoring")["data"]["monitoring.config"]
+    assert "enable: true" in monitoring and 'path: "/monitoring/prometheus/metrics"' in monitoring
+    assert "--monitoring_config_file=/etc/tfserving/monitoring.config" in container["args"]
+    assert mounts["monitoring"]["mountPath"] == "/etc/tfserving"
     # The model sync: once before TF Serving starts (init), then beside it, from the lipsync image.
     (init,) = spec["initContainers"]
     sync = next(c for c in spec["containers"] if c["name"] == "model-sync")
@@ -983,7 +998,11 @@ def test_warm_caches_fills_the_numba_cache(tmp_path):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_orchestrator_may_manage_trainer_jobs_in_its_namespace_and_nothing_else(overlay):
     objects = rendered(overlay)
-    assert of_kind(objects, "ClusterRole") == [] and of_kind(objects, "ClusterRoleBinding") == []
+    # Cluster-wide grants are the Prometheus adapter's alone (an aggregated API server), and read-only.
+    for binding in of_kind(objects, "ClusterRoleBinding"):
+        assert [(s["kind"], s["name"]) for s in binding["subjects"]] == [("ServiceAccount", "prometheus-adapter")]
+    for cluster_role in of_kind(objects, "ClusterRole"):
+        assert {v for rule in cluster_role["rules"] for v in rule["verbs"]} <= {"get", "list", "watch"}
     role = find(objects, "Role", "orchestrator-trainer-jobs")
     granted = {
         (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
