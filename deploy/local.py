@@ -28,6 +28,7 @@ from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.clients import health_status, wait_for_serving
 from services.runtime.config import Config, ConfigError, parse_address
 from services.runtime.errors import Unavailable
+from services.runtime.telemetry import read_call_counts
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_SECONDS = 20.0
@@ -71,6 +72,7 @@ class Process:
     grpc_service: str
     log: str
     marker: str = ""
+    metrics_port: int = 0
 
     def running(self) -> bool:
         """True while this very process runs (a reused pid of some other program does not count)."""
@@ -116,6 +118,12 @@ class LocalStack:
         replicas = int(self.env.get(f"A2V_{component.name.upper()}_REPLICAS", "1"))
         host, port = parse_address(base)
         return [f"{host}:{port + i * EXTRA_REPLICA_PORT_STEP}" for i in range(max(1, replicas))]
+
+    def _metrics_port(self, component: Component, name: str) -> int:
+        """The metrics port of replica `name` (A2V_<NAME>_METRICS_PORT, the next ones for extra replicas; 0: none)."""
+        base = int(self.env.get(f"A2V_{component.name.upper()}_METRICS_PORT") or 0)
+        replica = int(name.rsplit("-", 1)[1]) - 1 if "-" in name else 0
+        return base + replica * EXTRA_REPLICA_PORT_STEP if base else 0
 
     def client_environment(self) -> dict[str, str]:
         """Addresses as clients (the orchestrator, the CLI) must dial them: replicas as one target."""
@@ -192,7 +200,12 @@ class LocalStack:
     def _check_ports_free(self) -> None:
         addresses = [self.env["A2V_S3_ENDPOINT"]]
         for component in STACK_COMPONENTS:
-            addresses += self._replica_addresses(component)
+            replicas = self._replica_addresses(component)
+            addresses += replicas
+            for index, address in enumerate(replicas):
+                name = component.name if index == 0 else f"{component.name}-{index + 1}"
+                if port := self._metrics_port(component, name):
+                    addresses.append(f"{parse_address(address)[0]}:{port}")
         busy = [a for a in addresses if not _port_free(*parse_address(a))]
         if busy:
             raise SystemExit(f"ports already in use: {', '.join(busy)} (another stack? set other ports in deploy/.env)")
@@ -238,12 +251,20 @@ class LocalStack:
             raise RuntimeError(f"copying the models from the store failed\n{_tail(log_path)}")
 
     def _start_service(self, component: Component, name: str, address: str, client_env: Mapping[str, str]) -> Process:
+        metrics_port = self._metrics_port(component, name)
         env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address, **self._serving_env()}
+        env["A2V_METRICS_PORT"] = str(metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = self.logs / f"{name}.log"
         process = _spawn([sys.executable, "-m", component.module], env, log_path)
         return Process(
-            name, process.pid, address, component.grpc_service, str(log_path), marker=f"-m {component.module}"
+            name,
+            process.pid,
+            address,
+            component.grpc_service,
+            str(log_path),
+            marker=f"-m {component.module}",
+            metrics_port=metrics_port,
         )
 
     def _await_all_serving(self, processes: list[Process]) -> None:
@@ -266,7 +287,9 @@ class LocalStack:
             print("stack is down")
             return 3
         healthy = True
-        print(f"{'component':<14} {'pid':>7}  {'address':<22} status")
+        print(
+            f"{'component':<14} {'pid':>7}  {'address':<22} {'status':<12} {'calls':>7} {'errors':>7} {'in flight':>9}"
+        )
         for process in processes:
             if not process.running():
                 state = "EXITED"
@@ -275,7 +298,7 @@ class LocalStack:
             else:
                 state = "RUNNING"
             healthy &= state in ("SERVING", "RUNNING")
-            print(f"{process.name:<14} {process.pid:>7}  {process.address:<22} {state}")
+            print(f"{process.name:<14} {process.pid:>7}  {process.address:<22} {state:<12} {_calls(process)}".rstrip())
         return 0 if healthy else 1
 
     def down(self, quiet: bool = False) -> int:
@@ -392,6 +415,17 @@ def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) != 0
+
+
+def _calls(process: Process) -> str:
+    """Calls served, failed and running now, from the process's metrics endpoint ("" when it has none)."""
+    if not process.metrics_port or not process.running():
+        return ""
+    try:
+        counts = read_call_counts(parse_address(process.address)[0], process.metrics_port)
+    except OSError:
+        return f"{'-':>7} {'-':>7} {'-':>9}  (metrics on port {process.metrics_port} unreachable)"
+    return f"{counts.requests:>7} {counts.errors:>7} {counts.in_flight:>9}"
 
 
 def _health(address: str, service: str) -> str:

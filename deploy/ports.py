@@ -48,7 +48,7 @@ def isolated_stack_env(root: Path, *, replicas: int = 1, environ: Mapping[str, s
 
     `deploy/.env` gives credentials and settings, `environ` (default: the process environment) overrides
     them, and every address, the object store's internal ports and the state folder are then replaced.
-    Texture replicas take ports `EXTRA_REPLICA_PORT_STEP` apart, all checked free.
+    Texture replicas take ports `EXTRA_REPLICA_PORT_STEP` apart, all checked free; so do the metrics ports.
     """
     base = {
         k: v for k, v in (os.environ if environ is None else environ).items() if not k.startswith(("MAKE", "MFLAGS"))
@@ -67,6 +67,10 @@ def isolated_stack_env(root: Path, *, replicas: int = 1, environ: Mapping[str, s
         count = max(1, replicas) if component.name == "texture" else 1
         port = free_port_block(count, step=EXTRA_REPLICA_PORT_STEP)
         env[f"A2V_{component.name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+        metrics = free_port_block(count, step=EXTRA_REPLICA_PORT_STEP)
+        while metrics == port:  # nothing listens on either yet: the OS may hand out the same one twice
+            metrics = free_port_block(count, step=EXTRA_REPLICA_PORT_STEP)
+        env[f"A2V_{component.name.upper()}_METRICS_PORT"] = str(metrics)
     ours = {f"A2V_{component.name.upper()}_ADDR" for component in STACK_COMPONENTS}
     for key in [k for k in env if k.startswith("A2V_") and k.endswith("_ADDR") and k not in ours]:
         env[key] = f"127.0.0.1:{free_port()}"  # addresses of services this stack does not start: none shared

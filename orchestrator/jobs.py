@@ -563,8 +563,10 @@ class JobManager:
             correlation(job.id, job.id),
             job_span(f"job {kind}", kind=kind, speaker=speaker, retries=job.retries) as span,
         ):
+            log.info("job %s (%s) started", job.id, kind)
             self._run_job(run)
             state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            log.info("job %s (%s) %s", job.id, kind, state)
             span.set_attribute("a2v.state", state)
             if job.state == pb.JOB_STATE_FAILED:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, job.failure_reason))

@@ -30,10 +30,11 @@ import grpc
 from services.lipsync.versions import stored_speakers, stored_versions, version_prefix
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.clients import create_channel, rpc_failure
-from services.runtime.config import Config, ConfigError, Env
+from services.runtime.config import Config, ConfigError, Env, parse_address
 from services.runtime.errors import A2VError
 from services.runtime.logs import configure_logging
 from services.runtime.server import create_server
+from services.runtime.telemetry import start_metrics_server
 
 log = logging.getLogger(__name__)
 SERVICE = "model-sync"
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     server, port = create_server(config.server, [])  # health only (A2V_LISTEN; locally A2V_MODELSYNC_ADDR)
     server.set_serving(HEALTH_NAME, False)  # until the first pass wrote the list
     server.start()
+    start_metrics_server(parse_address(config.server.listen)[0], config.server.metrics_port)
     stop, first_pass = threading.Event(), threading.Event()
     worker = threading.Thread(target=sync.run, args=(stop, first_pass), name="model-sync", daemon=True)
     worker.start()

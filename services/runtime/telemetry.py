@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import propagate, trace
@@ -359,3 +360,46 @@ class ClientCorrelation(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
     def intercept_unary_stream(self, continuation, client_call_details, request):
         """A server-streaming call with the correlation metadata added."""
         return continuation(self._details(client_call_details), request)
+
+
+# -- reading a service's metrics -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallCounts:
+    """What a service's metrics endpoint says about its calls (health and reflection are never counted).
+
+    Attributes:
+        requests: Calls ended, every status code.
+        errors: Calls ended with a status other than OK.
+        in_flight: Calls running now.
+        by_method: Calls ended per "Service/Method".
+    """
+
+    requests: int
+    errors: int
+    in_flight: int
+    by_method: Mapping[str, int]
+
+
+def read_call_counts(host: str, port: int, *, timeout_seconds: float = 2.0) -> CallCounts:
+    """Scrape http://host:port/metrics and add up the gRPC call metrics; raises OSError when unreachable."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{host}:{port}/metrics", timeout=timeout_seconds) as response:
+        text = response.read().decode()
+    requests = errors = in_flight = 0
+    by_method: dict[str, int] = collections.defaultdict(int)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "grpc_server_handled_total":
+                count = int(sample.value)
+                requests += count
+                errors += count if labels.get("grpc_code") != "OK" else 0
+                by_method[f"{labels.get('grpc_service', '')}/{labels.get('grpc_method', '')}"] += count
+            elif sample.name == "grpc_server_in_flight":
+                in_flight += int(sample.value)
+    return CallCounts(requests, errors, in_flight, dict(by_method))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from services.runtime.config import Config, ConfigError, StoreConfig
+from services.runtime.config import Config, ConfigError, StoreConfig, TracingConfig, read_settings
 from services.runtime.logs import configure_logging
 from services.runtime.server import serve
 from services.tfserving.servicer import SERVICE, TFServingConfig, bindings
@@ -33,7 +33,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     manager = config.manager()
     try:
         return serve(
-            Config(server=config.server, store=_NO_STORE),
+            Config(server=config.server, store=_NO_STORE, tracing=read_settings(TracingConfig.read, environ)),
             bindings(manager),
         )
     finally:

@@ -24,6 +24,7 @@ from deploy.local import stack_environment
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
 from tests.conftest import REPO, SHARED_DATA, make_stack_env, stop_stack, wait_until
+from tests.support.otlp import SpanReceiver
 
 SPEAKER = "e2e"
 SPEAKER_VIDEO = SHARED_DATA / "speakers" / "feifeili" / "feifeili_clip3.mp4"
@@ -43,8 +44,9 @@ def a2v(env, *args, timeout=600):
 class Stack:
     """The running stack: its environment, the orchestrator's stub, the store, the pids of its processes."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], spans: SpanReceiver | None = None) -> None:
         self.env = env
+        self.spans = spans  # what the stack's processes exported over OTLP
         self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(env["A2V_ORCHESTRATOR_ADDR"]))
         self.store = BlobStore.from_config(Config.from_env("test", stack_environment(env)).store)
 
@@ -90,10 +92,15 @@ def trained_stack(root: Path) -> Iterator[Stack]:
     """The local stack with two texture replicas and the `e2e` speaker trained through the job API; stopped after."""
     env = make_stack_env(root, replicas=2)
     env["A2V_JOB_LEASE_SECONDS"] = "6"  # a second orchestrator takes over a dead one's jobs within seconds
+    # Traces on, as a deployment with a collector has them: every process exports to a receiver in this process.
+    spans = SpanReceiver()
+    spans.start()
+    env["A2V_OTLP_ENDPOINT"] = spans.endpoint
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # milliseconds between exports (default 5 s)
     try:
         up = a2v(env, "up", timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
-        running = Stack(env)
+        running = Stack(env, spans)
         # Training through the job API, short (the quality run is `python -m evaluation.quality`).
         spec = pb.TrainJobSpec(
             speaker=SPEAKER,
@@ -117,3 +124,4 @@ def trained_stack(root: Path) -> Iterator[Stack]:
         yield running
     finally:
         stop_stack(env)
+        spans.stop()
