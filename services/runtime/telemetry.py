@@ -71,21 +71,25 @@ def record_store_bytes(direction: str, count: int) -> None:
 
 
 @contextmanager
-def correlation(job_id: str = "", request_id: str = "") -> Iterator[None]:
-    """Within the block, log lines and outgoing calls carry `job_id` and `request_id` (empty: left as they were).
+def correlation(job_id: str = "", request_id: str = "", *, replace: bool = False) -> Iterator[None]:
+    """Within the block, log lines and outgoing calls carry `job_id` and `request_id`.
 
-    Threads started inside do not inherit it: run them in a copied context (`contextvars.copy_context().run`).
+    Empty values leave the ids as they were, unless `replace` (a server's call: its own ids or none, never those
+    of an earlier call in the same thread). Threads started inside do not inherit them: run them in a copied
+    context (`submit_in_context`, `contextvars.copy_context().run`).
     """
     tokens = []
-    if job_id:
+    if job_id or replace:
         tokens.append((_JOB_ID, _JOB_ID.set(job_id)))
-    if request_id:
+    if request_id or replace:
         tokens.append((_REQUEST_ID, _REQUEST_ID.set(request_id)))
     try:
         yield
     finally:
         for variable, token in reversed(tokens):
-            variable.reset(token)
+            # A stream abandoned by its caller may be closed from another thread's context; ours is unaffected.
+            with contextlib.suppress(ValueError):
+                variable.reset(token)
 
 
 def current_job_id() -> str:
@@ -199,7 +203,7 @@ class ServerTelemetry(grpc.ServerInterceptor):
             job_id, request_id = self._begin(request, service, method, metadata)
             code = grpc.StatusCode.OK.name
             try:
-                with correlation(job_id, request_id):
+                with correlation(job_id, request_id, replace=True):
                     response = behaviour(request, context)
                 self._count_result(method, response)
                 code = _status(context, grpc.StatusCode.OK)
@@ -219,7 +223,7 @@ class ServerTelemetry(grpc.ServerInterceptor):
             code = grpc.StatusCode.OK.name
             done: dict[str, int] = collections.defaultdict(int)
             try:
-                with correlation(job_id, request_id):
+                with correlation(job_id, request_id, replace=True):
                     for event in behaviour(request, context):
                         self._count_event(method, event, done)
                         yield event
