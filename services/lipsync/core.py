@@ -191,7 +191,7 @@ def normalise_amplitude(
     *,
     reference_std: float,
     speech: np.ndarray | None = None,
-    max_gain: float = 1.3,
+    max_gain: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """Scale coefficients so the mouth opening over the speech frames spreads as much as the speaker's own.
 

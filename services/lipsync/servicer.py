@@ -67,10 +67,10 @@ class PredictSettings:
 
     chunk_seconds: float = 30.0
     overlap_seconds: float = 2.0
-    silence_enabled: bool = True
+    silence_enabled: bool = False
     ramp_seconds: float = 0.1
     smoothing_sigma_frames: float = 0.0
-    max_amplitude_gain: float = 1.3
+    max_amplitude_gain: float = 1.0
 
     @classmethod
     def from_proto(cls, options: lipsync_pb2.PredictOptions) -> PredictSettings:

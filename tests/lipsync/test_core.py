@@ -130,8 +130,12 @@ def test_amplitude_normalisation_brings_a_hesitant_mouth_up_to_the_speakers_spre
     )
     assert gain == pytest.approx(1.5, rel=1e-3)
     np.testing.assert_allclose(scaled, coefficients * 1.5, rtol=1e-5)
-    _, capped = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=9 * spread)
+    _, capped = core.normalise_amplitude(
+        coefficients, mean.reshape(40), components, reference_std=9 * spread, max_gain=1.3
+    )
     assert capped == 1.3
+    _, off_by_default = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=9 * spread)
+    assert off_by_default == 1.0
     _, never_damps = core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=spread / 2)
     assert never_damps == 1.0
     speech = np.zeros(300, bool)

@@ -131,24 +131,35 @@ def test_a_pulse_in_the_audio_opens_the_mouth_at_that_time(store, key_prefix, li
     assert again.cached and again.mouth_shapes == response.mouth_shapes
 
 
-def test_silence_closes_the_mouth(store, key_prefix, lipsync):
+def test_silence_closes_the_mouth_when_asked_and_the_model_keeps_it_by_default(store, key_prefix, lipsync):
     store_model_assets(store)
     features = pulse_features(store, f"{key_prefix}/f.npy")
     activity = np.zeros(120, np.uint8)
     activity[40:50] = 1
     activity_ref = array_ref(*store.put_array(f"{key_prefix}/activity.npy", activity, fps=30000 / 1001))
-    response = lipsync.Predict(
-        lipsync_pb2.PredictRequest(
-            model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
-            features=features,
-            output_frame_rate=NTSC,
-            speech_activity=activity_ref,
+
+    def openings(options: lipsync_pb2.PredictOptions) -> np.ndarray:
+        response = lipsync.Predict(
+            lipsync_pb2.PredictRequest(
+                model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
+                features=features,
+                output_frame_rate=NTSC,
+                speech_activity=activity_ref,
+                options=options,
+            )
         )
-    )
-    shapes, _ = store.get_array(response.mouth_shapes.object.key)
-    opening = np.linalg.norm(shapes[:, 14] - shapes[:, 18], axis=1)
-    assert opening[:30].max() < 1e-4 and opening[90:].max() < 1e-4  # closed in silence
-    assert opening[45] > 1e-3
+        shapes, _ = store.get_array(response.mouth_shapes.object.key)
+        return np.linalg.norm(shapes[:, 14] - shapes[:, 18], axis=1)
+
+    closing = openings(lipsync_pb2.PredictOptions(silence=lipsync_pb2.SilenceOptions(enabled=True)))
+    assert closing[:30].max() < 1e-4 and closing[90:].max() < 1e-4  # closed in silence
+    assert closing[45] > 1e-3
+    # Speech marked elsewhere: the pulse at 1.5 s (frame 45) falls in "silence".
+    activity[:] = 0
+    activity[80:90] = 1
+    activity_ref = array_ref(*store.put_array(f"{key_prefix}/activity2.npy", activity, fps=30000 / 1001))
+    assert openings(lipsync_pb2.PredictOptions(silence=lipsync_pb2.SilenceOptions(enabled=True)))[45] < 1e-4
+    assert openings(lipsync_pb2.PredictOptions())[45] == pytest.approx(closing[45], rel=0.01)  # the model's mouth
 
 
 def test_describe_model_reports_the_stored_version_and_its_serving_state(store, lipsync):
