@@ -6,6 +6,7 @@ the generated stubs and the shared runtime only (and `services.lipsync.versions`
 
 from __future__ import annotations
 
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ LIPSYNC_SERVICE = "audio2video.lipsync.v1.LipsyncService"
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 JOB_STATES = ("queued", "pending", "running", "succeeded", "failed", "cancelled")
 DEFAULT_RECONNECT_SECONDS = 600.0
+DEFAULT_UPLOAD_MAX_BYTES = 2 * 1024**3
 RECONNECT_CODES = {
     grpc.StatusCode.UNAVAILABLE,  # the orchestrator restarted or a connection broke
     grpc.StatusCode.CANCELLED,  # a server draining at shutdown cancels the streams it holds
@@ -50,14 +52,37 @@ class CommandError(Exception):
         self.status = status
 
 
-def upload(store: BlobStore, path: Path) -> common_pb2.ObjectRef:
-    """A local input into the object store, under its content hash (re-running stores nothing twice)."""
-    if not path.is_file():
-        raise CommandError(f"no such file: {path}", status=2)
+def upload_limit(environ: Mapping[str, str]) -> int:
+    """The largest local file `upload` sends: A2V_UPLOAD_MAX_BYTES, default 2 GiB."""
+    env = Env(environ)
+    limit = env.get_int("A2V_UPLOAD_MAX_BYTES", DEFAULT_UPLOAD_MAX_BYTES, minimum=1)
+    env.check()
+    return limit
+
+
+def upload(store: BlobStore, path: Path, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES) -> common_pb2.ObjectRef:
+    """A local input into the object store, under its content hash (re-running stores nothing twice).
+
+    Only a regular file (a link to one is followed) of at most `max_bytes`; it is hashed and sent in chunks,
+    never read whole into memory.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CommandError(f"no such file: {path}", status=2) from None
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}", status=2) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise CommandError(f"not a regular file: {path}", status=2)
+    if info.st_size > max_bytes:
+        raise CommandError(
+            f"{path} is {info.st_size} bytes, over the upload limit of {max_bytes} bytes (A2V_UPLOAD_MAX_BYTES)",
+            status=2,
+        )
     content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-    blob = store.put_content_addressed(
+    blob = store.put_file_content_addressed(
         "uploads",
-        path.read_bytes(),
+        path,
         suffix=path.suffix.lower(),
         content_type=content_type,
         metadata={"filename": path.name},
@@ -83,6 +108,7 @@ class Connection:
                 "A2V_WATCH_RECONNECT_SECONDS", DEFAULT_RECONNECT_SECONDS, minimum=0.0, maximum=7 * 86400.0
             )
             env.check()
+            self.upload_max_bytes = upload_limit(self.environ)
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
         self.timeout_seconds = config.rpc_timeout_seconds
@@ -94,7 +120,10 @@ class Connection:
         """Upload the speaker's videos and start a TrainSpeaker job."""
         spec = pb.TrainJobSpec(
             speaker=speaker,
-            videos=[pb.TrainingVideo(clip_id=v.stem, video=upload(self.store, v)) for v in videos],
+            videos=[
+                pb.TrainingVideo(clip_id=v.stem, video=upload(self.store, v, max_bytes=self.upload_max_bytes))
+                for v in videos
+            ],
             options=options,
         )
         return self.orchestrator.TrainSpeaker(pb.TrainSpeakerRequest(spec=spec)).job
@@ -102,8 +131,8 @@ class Connection:
     def render(self, speaker: str, audio: Path, video: Path, options: pb.JobOptions | None = None) -> pb.Job:
         """Upload the audio and the target video and start a render job."""
         spec = pb.RenderJobSpec(
-            audio=upload(self.store, audio),
-            target_video=upload(self.store, video),
+            audio=upload(self.store, audio, max_bytes=self.upload_max_bytes),
+            target_video=upload(self.store, video, max_bytes=self.upload_max_bytes),
             model=lipsync_pb2.ModelSpec(speaker=speaker),
             options=options,
         )

@@ -19,6 +19,7 @@ from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from client.environment import stack_environment
 from client.jobs import (
+    DEFAULT_UPLOAD_MAX_BYTES,
     INTERRUPTED,
     JOB_STATES,
     TERMINAL,
@@ -28,6 +29,7 @@ from client.jobs import (
     job_outcome,
     queue_text,
     upload,
+    upload_limit,
 )
 from deploy import local
 from services.runtime.blobstore import BlobStore
@@ -129,16 +131,19 @@ def describe_stages() -> str:
     return "\n".join(lines)
 
 
-def upload_references(value, store: BlobStore):
-    """Replace every {"key": "@PATH"} in a request's JSON by the uploaded file's key and bucket."""
+def upload_references(value, store: BlobStore, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES):
+    """Replace every {"key": "@PATH"} in a request's JSON by the uploaded file's key and bucket.
+
+    Each PATH must be a regular file of at most `max_bytes` (A2V_UPLOAD_MAX_BYTES); it is streamed, not read whole.
+    """
     if isinstance(value, dict):
         key = value.get("key")
         if isinstance(key, str) and key.startswith("@"):
-            ref = upload(store, Path(key[1:]).expanduser())
+            ref = upload(store, Path(key[1:]).expanduser(), max_bytes=max_bytes)
             return {**value, "key": ref.key, "bucket": ref.bucket}
-        return {name: upload_references(item, store) for name, item in value.items()}
+        return {name: upload_references(item, store, max_bytes=max_bytes) for name, item in value.items()}
     if isinstance(value, list):
-        return [upload_references(item, store) for item in value]
+        return [upload_references(item, store, max_bytes=max_bytes) for item in value]
     return value
 
 
@@ -161,9 +166,10 @@ def call_stage(
     if any(isinstance(v, str) and v.startswith("@") for v in _strings(request_value)):
         try:
             store = BlobStore.from_config(Config.from_env("a2v", environ).store)
+            max_bytes = upload_limit(environ)
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
-        request_value = upload_references(request_value, store)
+        request_value = upload_references(request_value, store, max_bytes=max_bytes)
     request_class = _message_class(descriptor.input_type)
     try:
         request = json_format.ParseDict(request_value, request_class())

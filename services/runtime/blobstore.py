@@ -230,6 +230,26 @@ class BlobStore:
             return existing
         return self.put_bytes(key, data, content_type=content_type, metadata=metadata)
 
+    def put_file_content_addressed(
+        self,
+        prefix: str,
+        path: str | Path,
+        *,
+        suffix: str = "",
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> BlobRef:
+        """`put_content_addressed` for a local file, streamed: hashed and uploaded in chunks, never read whole."""
+        sha = sha256_file(path)
+        key = content_key(prefix, sha, suffix)
+        existing = self.stat(key, missing_ok=True)
+        if existing is not None and existing.sha256 == sha:
+            return existing
+        ref = self.put_file(key, path, content_type=content_type, metadata=metadata)
+        if ref.sha256 != sha:
+            raise IntegrityError(f"{path} changed while it was uploaded to {key}")
+        return ref
+
     def put_array(
         self,
         key: str,
