@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.errors import Unavailable
+from services.runtime.security import ClientSecurity
 from services.runtime.telemetry import ClientCorrelation
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -96,8 +97,12 @@ def create_channel(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     keepalive_seconds: float = KEEPALIVE_SECONDS,
     open_ended_methods: Sequence[str] = (),
+    security: ClientSecurity | None = None,
 ) -> grpc.Channel:
-    """An insecure channel to `address` for calls to `service_names`.
+    """A channel to `address` for calls to `service_names`, plaintext or as `security` says.
+
+    `security` (`ClientSecurity.from_env`): TLS, mTLS, a bearer token. Clients of our own services pass it; those
+    of TF Serving stay plaintext.
 
     `address` is any gRPC target: "127.0.0.1:50051", "dns:///texture-headless:50051" (a Kubernetes
     headless Service: every pod's address, balanced round-robin) or "ipv4:127.0.0.1:1,127.0.0.1:2"
@@ -113,7 +118,8 @@ def create_channel(
         keepalive_seconds=keepalive_seconds,
         open_ended_methods=open_ended_methods,
     )
-    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), ClientCorrelation())
+    channel = (security or ClientSecurity()).channel(address, options)
+    return grpc.intercept_channel(channel, ClientCorrelation())
 
 
 def rpc_failure(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

@@ -110,6 +110,68 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS of a gRPC server or client, from PEM files (off by default: plaintext, as the local stack runs).
+
+    Attributes:
+        enabled: A2V_TLS.
+        cert_file: A2V_TLS_CERT, this process's certificate chain (a server's; a client's for mTLS).
+        key_file: A2V_TLS_KEY, its private key.
+        ca_file: A2V_TLS_CA, the CA bundle peers are checked against (a client: the servers'; empty = the system's
+            roots; a server with client_auth: the clients').
+        client_auth: A2V_TLS_CLIENT_AUTH, a server requires a client certificate signed by `ca_file` (mTLS).
+        server_name: A2V_TLS_SERVER_NAME, the name a client checks in the server's certificate, when it dials an
+            address that is not that name (an IP address).
+    """
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    client_auth: bool = False
+    server_name: str = ""
+
+    @classmethod
+    def read(cls, env: Env, *, server: bool) -> TlsConfig:
+        """Read the A2V_TLS_ variables; a server with TLS needs a certificate and key, mTLS a CA too."""
+        enabled = env.get_bool("A2V_TLS", False)
+        needed = REQUIRED if enabled and server else ""
+        config = cls(
+            enabled=enabled,
+            cert_file=env.get_str("A2V_TLS_CERT", needed),
+            key_file=env.get_str("A2V_TLS_KEY", needed),
+            ca_file=env.get_str("A2V_TLS_CA", ""),
+            client_auth=env.get_bool("A2V_TLS_CLIENT_AUTH", False),
+            server_name=env.get_str("A2V_TLS_SERVER_NAME", ""),
+        )
+        if enabled and server and config.client_auth and not config.ca_file:
+            env.get_str("A2V_TLS_CA")  # mTLS: the CA that signs the clients' certificates is required
+        return config
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Caller authentication of a gRPC server (services.runtime.security.TokenAuth).
+
+    Attributes:
+        tokens_file: A2V_AUTH_TOKENS_FILE, JSON naming each caller's token and scopes (empty: no check, the default
+            locally); read again when it changes.
+        reflection: A2V_REFLECTION, serve gRPC reflection (default on; off in the production overlay).
+    """
+
+    tokens_file: str = ""
+    reflection: bool = True
+
+    @classmethod
+    def read(cls, env: Env) -> AuthConfig:
+        """Read A2V_AUTH_TOKENS_FILE and A2V_REFLECTION."""
+        return cls(
+            tokens_file=env.get_str("A2V_AUTH_TOKENS_FILE", ""),
+            reflection=env.get_bool("A2V_REFLECTION", cls.reflection),
+        )
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """How a service listens and how much it takes on at once."""
 
@@ -131,6 +193,9 @@ class ServerConfig:
     min_ping_interval_seconds: float = 10.0
     # Prometheus metrics over HTTP on this port, on the listen address's host (0 = none; services.runtime.telemetry).
     metrics_port: int = 0
+    # TLS (and mTLS) of the server, and who may call what (off by default; services.runtime.security).
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @classmethod
     def read(cls, env: Env, service: str) -> ServerConfig:
@@ -160,6 +225,8 @@ class ServerConfig:
                 "A2V_MIN_PING_INTERVAL_SECONDS", cls.min_ping_interval_seconds, minimum=0.1, maximum=3600.0
             ),
             metrics_port=env.get_int("A2V_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            tls=TlsConfig.read(env, server=True),
+            auth=AuthConfig.read(env),
         )
 
 

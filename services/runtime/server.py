@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime import security
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, ConfigError, Env, ServerConfig, parse_address
 from services.runtime.logs import configure_logging
@@ -158,7 +159,9 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     """Build a server for `bindings` bound to `config.listen` (port 0 picks a free port).
 
     Health: the overall "" entry is SERVING from the start (the process is alive); each named
-    service is NOT_SERVING until `Server.load_and_mark_serving`. Reflection lists every service.
+    service is NOT_SERVING until `Server.load_and_mark_serving`. Reflection lists every service (unless
+    `config.auth.reflection` is off). With `config.tls` the port takes TLS only (mTLS with `client_auth`); with a
+    tokens file every call but health and reflection needs a bearer token of the right scope.
     Calls to the services beyond `max_concurrent_rpcs` are refused with RESOURCE_EXHAUSTED rather than
     queued without bound, and `max_workers` of them run at once (`CallSlots`); health checks are outside
     that bound and have threads of their own. Messages over `max_message_bytes` are refused by gRPC itself.
@@ -177,10 +180,12 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     if config.max_connection_age_grace_seconds is not None:
         options.append(("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)))
     slots = CallSlots(config.max_workers, config.max_concurrent_rpcs)
+    auth = security.server_interceptor(config.auth.tokens_file)
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=slots.limit + RESERVED_WORKERS, thread_name_prefix=config.service),
-        # Outermost first: the trace span and the metrics see every call, refusals for being busy included.
-        interceptors=[*server_interceptors(), slots],
+        # Outermost first: the trace span and the metrics see every call, refusals for being busy included; a
+        # caller refused by the token check (services.runtime.security) takes no call slot.
+        interceptors=[*server_interceptors(), *([auth] if auth else []), slots],
         options=options,
     )
     health_servicer = health.HealthServicer(
@@ -192,10 +197,15 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
         binding.add_to_server(binding.servicer, grpc_server)
         health_servicer.set(binding.name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [b.name for b in bindings] + [health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
-    )
-    bound_port = grpc_server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if config.auth.reflection:
+        reflection.enable_server_reflection(
+            [b.name for b in bindings] + [health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
+        )
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if config.tls.enabled:
+        bound_port = grpc_server.add_secure_port(target, security.server_credentials(config.tls))
+    else:
+        bound_port = grpc_server.add_insecure_port(target)
     if bound_port == 0:
         raise ConfigError(f"cannot listen on {config.listen} (address in use or not available)")
     server = Server(grpc_server, bound_port, health_servicer, bindings, config.grace_seconds, options)

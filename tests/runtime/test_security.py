@@ -1,0 +1,165 @@
+"""TLS, mTLS and bearer tokens with scopes, through real gRPC servers on loopback (services.runtime.security)."""
+
+import dataclasses
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
+from deploy.pki import make_local_pki, write_tokens_file
+from services.runtime import security
+from services.runtime.clients import create_channel
+from services.runtime.config import AuthConfig, Config, ConfigError, TlsConfig
+from services.runtime.security import ClientSecurity, required_scope
+from tests.runtime.test_server import RETIMING, ScriptedRetiming, start
+
+pytestmark = pytest.mark.integration
+SCOPES = {
+    "orchestrator": ["stage:*"],
+    "retimer": ["stage:retiming"],
+    "audio-only": ["stage:audio"],
+    "submitter": ["jobs"],
+    "operator": ["admin"],
+}
+
+
+@pytest.fixture()
+def serving():
+    """Started servers (as tests/runtime/test_server.py's), stopped after the test."""
+    servers = []
+
+    def make(servicer=None, **config):
+        server, port = start(servicer, **config)
+        server.load_and_mark_serving()
+        servers.append(server)
+        return server, port
+
+    yield make
+    for server in servers:
+        server.stop(0).wait()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_local_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture()
+def tokens(tmp_path):
+    path = tmp_path / "tokens.json"
+    return path, write_tokens_file(path, SCOPES)
+
+
+def server_tls(pki, *, client_auth=False) -> TlsConfig:
+    return TlsConfig(True, str(pki.cert_file), str(pki.key_file), str(pki.ca_file), client_auth)
+
+
+def client(port, *, tls: TlsConfig | None = None, token: str = ""):
+    secure = ClientSecurity(tls or TlsConfig(), token)
+    channel = create_channel(f"127.0.0.1:{port}", [RETIMING], timeout_seconds=5, security=secure)
+    return retiming_pb2_grpc.RetimingServiceStub(channel), channel
+
+
+def retime(port, **kwargs):
+    stub, channel = client(port, **kwargs)
+    with channel:
+        return stub.Retime(retiming_pb2.RetimeRequest(output_frame_count=1), timeout=5)
+
+
+def failure(port, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        retime(port, **kwargs)
+    return err.value.code(), err.value.details()
+
+
+def client_tls(pki, *, certificate=False, ca=True) -> TlsConfig:
+    return TlsConfig(
+        True,
+        str(pki.cert_file) if certificate else "",
+        str(pki.key_file) if certificate else "",
+        str(pki.ca_file) if ca else "",
+        server_name="localhost",
+    )
+
+
+def test_a_tls_server_refuses_plaintext_and_unknown_cas_and_serves_tls(serving, pki):
+    _, port = serving(ScriptedRetiming(tag=7), tls=server_tls(pki))
+    assert failure(port)[0] == grpc.StatusCode.UNAVAILABLE  # a plaintext client
+    assert failure(port, tls=client_tls(pki, ca=False))[0] == grpc.StatusCode.UNAVAILABLE  # system roots only
+    assert retime(port, tls=client_tls(pki)).output_frame_count == 7
+
+
+def test_mtls_refuses_a_client_without_a_certificate(serving, pki):
+    _, port = serving(ScriptedRetiming(tag=3), tls=server_tls(pki, client_auth=True))
+    assert failure(port, tls=client_tls(pki))[0] == grpc.StatusCode.UNAVAILABLE
+    assert retime(port, tls=client_tls(pki, certificate=True)).output_frame_count == 3
+
+
+def test_calls_need_a_known_token_with_the_methods_scope_and_health_stays_open(serving, tokens):
+    path, token = tokens
+    _, port = serving(ScriptedRetiming(tag=5), auth=AuthConfig(tokens_file=str(path)))
+    code, detail = failure(port)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in detail
+    code, detail = failure(port, token="x" * 40)
+    assert (code, detail) == (grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
+    for wrong in ("audio-only", "submitter"):
+        code, detail = failure(port, token=token[wrong])
+        assert code == grpc.StatusCode.PERMISSION_DENIED, wrong
+        assert f"caller {wrong!r} lacks the scope 'stage:retiming'" in detail
+    for right in ("retimer", "orchestrator", "operator"):
+        assert retime(port, token=token[right]).output_frame_count == 5, right
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=RETIMING), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tls_and_tokens_together(serving, pki, tokens):
+    path, token = tokens
+    _, port = serving(ScriptedRetiming(tag=9), tls=server_tls(pki, client_auth=True), auth=AuthConfig(str(path)))
+    tls = client_tls(pki, certificate=True)
+    assert failure(port, tls=tls)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert failure(port, tls=tls, token=token["audio-only"])[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert retime(port, tls=tls, token=token["retimer"]).output_frame_count == 9
+
+
+def test_reflection_can_be_switched_off(serving):
+    _, port = serving(auth=AuthConfig(reflection=False))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_changed_tokens_file_is_read_again(serving, tokens, monkeypatch):
+    monkeypatch.setattr(security, "RELOAD_CHECK_SECONDS", 0.0)
+    path, token = tokens
+    _, port = serving(auth=AuthConfig(tokens_file=str(path)))
+    assert retime(port, token=token["retimer"])
+    new = write_tokens_file(path, {"retimer": ["stage:retiming"]})  # every token replaced
+    assert failure(port, token=token["retimer"])[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert retime(port, token=new["retimer"])
+    path.write_text("not json")  # a broken file keeps the callers it replaced
+    assert retime(port, token=new["retimer"])
+
+
+def test_scopes_of_methods():
+    assert required_scope("/audio2video.orchestrator.v1.OrchestratorService/SubmitJob") == "jobs"
+    assert required_scope("/audio2video.texture.v1.TextureService/Synthesize") == "stage:texture"
+    assert required_scope("/audio2video.lipsync.v1.TrainerService/Train") == "stage:trainer"
+    assert required_scope("/tensorflow.serving.ModelService/HandleReloadConfigRequest") == "admin"
+
+
+def test_configuration_fails_fast_and_reads_the_client_side(tmp_path, pki):
+    base = {"A2V_S3_ACCESS_KEY": "a", "A2V_S3_SECRET_KEY": "b"}
+    with pytest.raises(ConfigError, match="A2V_TLS_CERT is required"):
+        Config.from_env("test", {**base, "A2V_TLS": "1"})
+    server = Config.from_env("test", {**base, **pki.environment(), "A2V_REFLECTION": "0"}).server
+    assert server.tls == dataclasses.replace(server_tls(pki, client_auth=True), server_name="localhost")
+    assert server.auth.reflection is False
+    (tmp_path / "token").write_text("secret-token-123456\n")
+    client_side = ClientSecurity.from_env({**pki.environment(), "A2V_AUTH_TOKEN_FILE": str(tmp_path / "token")})
+    assert client_side.token == "secret-token-123456" and client_side.tls.server_name == "localhost"
+    assert ClientSecurity.from_env({}) == ClientSecurity()
+    with pytest.raises(ConfigError, match="tokens file"):
+        security.parse_tokens('{"callers": [{"name": "x", "token": "short", "scopes": []}]}')
