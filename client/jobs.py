@@ -24,6 +24,7 @@ from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, retry_delay, rpc_failure
 from services.runtime.config import Config, ConfigError, Env, service_address
 from services.runtime.protos import object_ref
+from services.runtime.security import ClientSecurity
 
 CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
 SERVICE = "audio2video.orchestrator.v1.OrchestratorService"
@@ -109,11 +110,18 @@ class Connection:
             )
             env.check()
             self.upload_max_bytes = upload_limit(self.environ)
+            self.security = ClientSecurity.from_env(self.environ)
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
         self.timeout_seconds = config.rpc_timeout_seconds
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            create_channel(address, [SERVICE], timeout_seconds=self.timeout_seconds, open_ended_methods=[WATCH_METHOD])
+            create_channel(
+                address,
+                [SERVICE],
+                timeout_seconds=self.timeout_seconds,
+                open_ended_methods=[WATCH_METHOD],
+                security=self.security,
+            )
         )
 
     def train(self, speaker: str, videos: Sequence[Path], options: pb.TrainOptions | None = None) -> pb.Job:
@@ -170,7 +178,9 @@ class Connection:
             address = service_address("lipsync", self.environ)
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
-        channel = create_channel(address, [LIPSYNC_SERVICE], timeout_seconds=self.timeout_seconds)
+        channel = create_channel(
+            address, [LIPSYNC_SERVICE], timeout_seconds=self.timeout_seconds, security=self.security
+        )
         stub = lipsync_pb2_grpc.LipsyncServiceStub(channel)
         described = []
         try:

@@ -35,6 +35,7 @@ from deploy import local
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, rpc_failure
 from services.runtime.config import Config, ConfigError, service_address
+from services.runtime.security import ClientSecurity
 
 STAGE_SERVICES = {
     "audio": "AudioService",
@@ -180,7 +181,11 @@ def call_stage(
     except ConfigError as exc:
         raise CommandError(str(exc), status=2) from exc
     service_name = descriptor.containing_service.full_name
-    stub = stub_class(create_channel(address, [service_name], timeout_seconds=timeout_seconds))
+    try:
+        security = ClientSecurity.from_env(environ)
+    except ConfigError as exc:
+        raise CommandError(str(exc), status=2) from exc
+    stub = stub_class(create_channel(address, [service_name], timeout_seconds=timeout_seconds, security=security))
     call = getattr(stub, method)
     if descriptor.server_streaming:
         result = None

@@ -34,6 +34,7 @@ from orchestrator.trainers import LocalTrainer, Trainer, TrainSpec
 from services.runtime.clients import create_channel, is_busy, retry_delay, rpc_failure
 from services.runtime.config import Env, service_address
 from services.runtime.errors import A2VError, CallFailed, Cancelled, FailedPrecondition, InvalidInput
+from services.runtime.security import ClientSecurity
 from services.runtime.telemetry import JOB_ID_ATTRIBUTE, current_job_id, submit_in_context
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,13 @@ class StageClients:
             env = Env(environ)
             timeout_seconds = env.get_float("A2V_STAGE_TIMEOUT_SECONDS", 3600.0, minimum=1.0, maximum=7 * 86400.0)
             env.check()
+        security = ClientSecurity.from_env(environ)  # TLS and the orchestrator's token, when configured
 
         def stub(name: str, module, service: str):
             address = service_address(name, environ)
-            channel = create_channel(address, [f"audio2video.{name}.v1.{service}"], timeout_seconds=timeout_seconds)
+            channel = create_channel(
+                address, [f"audio2video.{name}.v1.{service}"], timeout_seconds=timeout_seconds, security=security
+            )
             # Connect to every replica now: the first chunks of the first job then spread over all of them
             # instead of all going to whichever replica answered the lazy first connection.
             grpc.channel_ready_future(channel)

@@ -31,6 +31,7 @@ from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from services.runtime.clients import create_channel, rpc_failure
 from services.runtime.config import ConfigError, service_address
 from services.runtime.errors import CallFailed, Cancelled, FailedPrecondition, Unavailable
+from services.runtime.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -328,10 +329,16 @@ class GrpcTrainer:
     request never reached a trainer); a trainer lost mid-run fails the run with UNAVAILABLE.
     """
 
-    def __init__(self, address: str, *, timeout_seconds: float = DEFAULT_TRAIN_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_seconds: float = DEFAULT_TRAIN_TIMEOUT_SECONDS,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.address = address
         self.timeout_seconds = timeout_seconds
-        self.channel = create_channel(address, [TRAINER_SERVICE], timeout_seconds=timeout_seconds)
+        self.channel = create_channel(address, [TRAINER_SERVICE], timeout_seconds=timeout_seconds, security=security)
         self.stub = lipsync_pb2_grpc.TrainerServiceStub(self.channel)
 
     def run(self, spec: TrainSpec, *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
@@ -379,5 +386,5 @@ def trainer_from_env(environ: Mapping[str, str] | None = None) -> Trainer:
             raise ConfigError("A2V_TRAINER=kubernetes needs A2V_NAMESPACE (the pod's namespace, downward API)")
         return KubernetesTrainer(namespace, env.get("A2V_TRAINER_TEMPLATE", "trainer").strip() or "trainer")
     if kind == "grpc":
-        return GrpcTrainer(service_address("trainer", env))
+        return GrpcTrainer(service_address("trainer", env), security=ClientSecurity.from_env(env))
     raise ConfigError(f"A2V_TRAINER must be one of {', '.join(TRAINER_KINDS)}, not {kind!r}")

@@ -154,12 +154,20 @@ def health_status(channel: grpc.Channel, service: str = "", *, timeout_seconds: 
 
 
 def wait_for_serving(
-    address: str, service: str = "", *, timeout_seconds: float = 30.0, poll_seconds: float = 0.1
+    address: str,
+    service: str = "",
+    *,
+    timeout_seconds: float = 30.0,
+    poll_seconds: float = 0.1,
+    security: ClientSecurity | None = None,
 ) -> None:
-    """Block until `service` at `address` reports SERVING; raises Unavailable after the timeout."""
+    """Block until `service` at `address` reports SERVING; raises Unavailable after the timeout.
+
+    Over TLS (and with a token, though health needs none) when `security` says so.
+    """
     deadline = time.monotonic() + timeout_seconds
     status = "UNREACHABLE"
-    with grpc.insecure_channel(address) as channel:
+    with (security or ClientSecurity()).channel(address, []) as channel:
         while time.monotonic() < deadline:
             status = health_status(channel, service, timeout_seconds=min(2.0, max(0.1, deadline - time.monotonic())))
             if status == "SERVING":

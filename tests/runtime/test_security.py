@@ -9,6 +9,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from deploy.pki import make_local_pki, write_tokens_file
+from orchestrator.cli import call_stage
+from orchestrator.pipeline import StageClients
 from services.runtime import security
 from services.runtime.clients import create_channel
 from services.runtime.config import AuthConfig, Config, ConfigError, TlsConfig
@@ -163,3 +165,18 @@ def test_configuration_fails_fast_and_reads_the_client_side(tmp_path, pki):
     assert ClientSecurity.from_env({}) == ClientSecurity()
     with pytest.raises(ConfigError, match="tokens file"):
         security.parse_tokens('{"callers": [{"name": "x", "token": "short", "scopes": []}]}')
+
+
+def test_a2v_stage_and_the_orchestrators_stage_clients_use_tls_and_their_token(serving, pki, tokens):
+    path, token = tokens
+    _, port = serving(ScriptedRetiming(tag=4), tls=server_tls(pki, client_auth=True), auth=AuthConfig(str(path)))
+    environ = {**pki.environment(), "A2V_RETIMING_ADDR": f"127.0.0.1:{port}", "A2V_AUTH_TOKEN": token["retimer"]}
+    request = '{"outputFrameCount": 1}'
+    assert call_stage("retiming", "Retime", request, environ=environ, timeout_seconds=5) == {"outputFrameCount": "4"}
+    with pytest.raises(grpc.RpcError) as err:
+        call_stage("retiming", "Retime", request, environ={**environ, "A2V_AUTH_TOKEN": token["submitter"]})
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    names = ("audio", "face", "lipsync", "texture", "teeth", "composite")
+    stages = {f"A2V_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name in names}
+    clients = StageClients.from_env({**environ, **stages, "A2V_AUTH_TOKEN": token["orchestrator"]}, timeout_seconds=5)
+    assert clients.retiming.Retime(retiming_pb2.RetimeRequest(output_frame_count=1)).output_frame_count == 4
