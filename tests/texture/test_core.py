@@ -334,6 +334,50 @@ def test_crop_masks_are_respected(analysis):
     np.testing.assert_array_equal(fast.textures, ref.textures)
 
 
+def test_white_pixels_and_holes_give_the_reference_median(analysis):
+    # Pixels whose luminance is 255 where some candidates do not vote: the bank's sentinel and a real white pixel
+    # look alike, so the fast path must read the masks there (it equals the masked sort reference).
+    crops = analysis.crops.copy()
+    masks = analysis.crop_masks.copy()
+    crops[:, 30:60, 20:80] = 255
+    masks[1::3, 30:45, 20:50] = 0
+    masks[::2, 50:70, 60:100] = 0
+    bank = prepare_target(analysis.canonical_mouth, analysis.face_valid, crops, masks, analysis.geometry)
+    assert bank.holes.size == int((bank.masks == 0).sum()) and bank.hole_starts[-1] == bank.holes.size
+    opts = TextureOptions(detail_amount=0.0)
+    fast = synthesize(bank, analysis.canonical_mouth, 10, 16, options=opts)
+    ref = synthesize(bank, analysis.canonical_mouth, 10, 16, options=opts, reference=True)
+    np.testing.assert_array_equal(fast.textures, ref.textures)
+    np.testing.assert_array_equal(fast.texture_masks, ref.texture_masks)
+
+
+def test_mouth_region_mask_equals_the_whole_crop_computation(analysis):
+    geometry = analysis.geometry
+    h, w = geometry.crop_shape
+    left, top, right, bottom = geometry.crop_region
+    px_per_unit = 0.5 * (w / (right - left) + h / (bottom - top))
+    for shift in (0.0, 0.25, -0.3):  # the last two push the region across the crop's edges
+        shape = analysis.canonical_mouth[5] + shift
+        for margin, feather in ((0.04, 0.015), (0.08, 0.03), (0.0, 0.0), (0.2, 0.0)):
+            hull = cv2.convexHull(np.round(geometry.canonical_to_crop(shape[:12]) * 16).astype(np.int32))
+            hard = np.zeros((h, w), np.uint8)
+            cv2.fillConvexPoly(hard, hull, 1, lineType=cv2.LINE_8, shift=4)
+            r = int(round(margin * px_per_unit))
+            if r > 0:
+                hard = cv2.dilate(hard, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+            expected = hard.astype(np.float32)
+            if feather > 0:
+                blurred = cv2.GaussianBlur(expected, (0, 0), feather * px_per_unit, borderType=cv2.BORDER_REPLICATE)
+                expected = np.minimum(np.maximum(blurred * 2.0, hard), 1.0)
+            region = mouth_region_mask(shape, geometry, margin=margin, feather=feather)
+            np.testing.assert_allclose(region, expected, rtol=0, atol=1e-6)  # the blur's rounding, by window width
+    rng = np.random.default_rng(5)
+    for radius in (1, 2, 5, 12, 24):
+        mask = (rng.random((int(rng.integers(1, 90)), int(rng.integers(1, 90)))) < 0.02).astype(np.uint8)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        np.testing.assert_array_equal(core._dilate_ellipse(mask, radius), cv2.dilate(mask, kernel))
+
+
 def test_retiming_map_skips_frames_without_face(analysis):
     valid = analysis.face_valid.copy()
     valid[7] = False
