@@ -23,11 +23,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from client.environment import ENV_FILE, read_env_file, stack_environment  # noqa: F401 (re-exported)
+from client.environment import (  # noqa: F401 (re-exported)
+    ENV_FILE,
+    SERVICE_TOKEN_FILE,
+    TOKENS_FILE,
+    local_client_security,
+    pki_folder,
+    read_env_file,
+    stack_environment,
+)
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.clients import health_status, wait_for_serving
 from services.runtime.config import Config, ConfigError, parse_address
 from services.runtime.errors import Unavailable
+from services.runtime.security import ClientSecurity
 from services.runtime.telemetry import read_call_counts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +69,9 @@ TF_SERVING_STAND_IN = Component("tfserving", "services.tfserving", "tensorflow.s
 MODEL_SYNC = Component("modelsync", "services.lipsync.model_sync", "audio2video.lipsync.v1.ModelSync")
 """TF Serving's sidecar: the store's models into its folder, the model list to it (HandleReloadConfigRequest)."""
 STACK_COMPONENTS = (TF_SERVING_STAND_IN, MODEL_SYNC, *COMPONENTS)
+SECURED = frozenset(c.name for c in COMPONENTS)
+"""With A2V_TLS on, these take TLS and tokens; TF Serving's stand-in and its model sync stay plaintext, as the real
+TF Serving and its clients are (the network policy keeps them to their callers)."""
 
 
 @dataclass
@@ -152,6 +164,10 @@ class LocalStack:
         self._check_ports_free()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.models_dir.mkdir(parents=True, exist_ok=True)
+        if self._tls():
+            from deploy.pki import make_local_security  # the cryptography package: local tooling only
+
+            make_local_security(pki_folder(self.env))
         processes: list[Process] = []
         try:
             processes.append(self._start_s3())
@@ -250,9 +266,31 @@ class LocalStack:
         if done.returncode != 0:
             raise RuntimeError(f"copying the models from the store failed\n{_tail(log_path)}")
 
+    def _tls(self) -> bool:
+        return self.env.get("A2V_TLS", "").strip().lower() in ("1", "true", "yes", "on")
+
+    def _security_env(self, name: str) -> dict[str, str]:
+        """A2V_TLS=1: the throwaway CA's files and tokens (made at `up`) for our services; plaintext for the rest."""
+        if not self._tls():
+            return {}
+        if name.split("-")[0] not in SECURED:
+            return {"A2V_TLS": "0"}
+        folder = pki_folder(self.env)
+        return {
+            **local_client_security(self.env),
+            "A2V_TLS": "1",
+            "A2V_TLS_CLIENT_AUTH": "1",
+            "A2V_AUTH_TOKENS_FILE": str(folder / TOKENS_FILE),
+            "A2V_AUTH_TOKEN_FILE": str(folder / SERVICE_TOKEN_FILE),
+        }
+
+    def _client_security(self, name: str) -> ClientSecurity:
+        return ClientSecurity.from_env({**self.env, **self._security_env(name)})
+
     def _start_service(self, component: Component, name: str, address: str, client_env: Mapping[str, str]) -> Process:
         metrics_port = self._metrics_port(component, name)
         env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address, **self._serving_env()}
+        env.update(self._security_env(name))
         env["A2V_METRICS_PORT"] = str(metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = self.logs / f"{name}.log"
@@ -276,7 +314,12 @@ class LocalStack:
 
     def _await_serving(self, process: Process) -> str:
         try:
-            wait_for_serving(process.address, process.grpc_service, timeout_seconds=START_TIMEOUT_SECONDS)
+            wait_for_serving(
+                process.address,
+                process.grpc_service,
+                timeout_seconds=START_TIMEOUT_SECONDS,
+                security=self._client_security(process.name),
+            )
         except Unavailable as exc:
             return f"{process.name}: {exc}\n{_tail(Path(process.log))}"
         return ""
@@ -294,7 +337,7 @@ class LocalStack:
             if not process.running():
                 state = "EXITED"
             elif process.grpc_service:
-                state = _health(process.address, process.grpc_service)
+                state = _health(process.address, process.grpc_service, self._client_security(process.name))
             else:
                 state = "RUNNING"
             healthy &= state in ("SERVING", "RUNNING")
@@ -428,10 +471,8 @@ def _calls(process: Process) -> str:
     return f"{counts.requests:>7} {counts.errors:>7} {counts.in_flight:>9}"
 
 
-def _health(address: str, service: str) -> str:
-    import grpc
-
-    with grpc.insecure_channel(address) as channel:
+def _health(address: str, service: str, security: ClientSecurity) -> str:
+    with security.channel(address, []) as channel:
         return health_status(channel, service)
 
 

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from client.environment import CLIENT_TOKEN_FILE, SERVICE_TOKEN_FILE, TOKENS_FILE
+
 VALID_DAYS = 7
 HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -112,6 +114,24 @@ def make_local_pki(folder: str | Path, *, common_name: str = "a2v-local", hosts=
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
     return pki
+
+
+def make_local_security(folder: str | Path) -> dict[str, str]:
+    """The local stack's TLS (`A2V_TLS=1 a2v up`): a new CA and certificate, and tokens for two callers.
+
+    `services` (the orchestrator calling the stages: `stage:*`) and `a2v` (the command line: `admin`), each token in
+    its own file (client.environment names them). Returns the variables of a service of the stack.
+    """
+    folder = Path(folder)
+    pki = make_local_pki(folder)
+    tokens = write_tokens_file(folder / TOKENS_FILE, {"services": ["stage:*"], "a2v": ["admin"]})
+    _write_private(folder / SERVICE_TOKEN_FILE, tokens["services"].encode())
+    _write_private(folder / CLIENT_TOKEN_FILE, tokens["a2v"].encode())
+    return {
+        **pki.environment(),
+        "A2V_AUTH_TOKENS_FILE": str(folder / TOKENS_FILE),
+        "A2V_AUTH_TOKEN_FILE": str(folder / SERVICE_TOKEN_FILE),
+    }
 
 
 def write_tokens_file(path: str | Path, scopes_by_caller: dict[str, list[str]]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from client.jobs import DEFAULT_UPLOAD_MAX_BYTES, CommandError, upload, upload_limit
-from orchestrator.cli import call_stage, upload_references
+from client.stages import call_stage, upload_references
 from services.runtime.config import ConfigError
 from services.runtime.keys import sha256_file
 

@@ -8,8 +8,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
+from client.stages import call_stage
 from deploy.pki import make_local_pki, write_tokens_file
-from orchestrator.cli import call_stage
 from orchestrator.pipeline import StageClients
 from services.runtime import security
 from services.runtime.clients import create_channel
