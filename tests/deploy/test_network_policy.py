@@ -274,3 +274,8 @@ def test_every_service_sending_traces_reaches_the_collector(cluster):
 def test_policies_are_in_the_base_and_listed():
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
     assert "network-policy.yaml" in base["resources"]
+
+
+def test_reflection_is_off_in_production_and_on_in_development():
+    assert find(rendered("gpu"), "ConfigMap", "a2v-config")["data"]["A2V_REFLECTION"] == "false"
+    assert "A2V_REFLECTION" not in find(rendered("dev"), "ConfigMap", "a2v-config")["data"]
