@@ -7,9 +7,12 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from deploy.local import MODEL_SYNC, STACK_COMPONENTS, WEED_PORT_COUNT, _alive, _port_free, read_env_file
+from audio2video.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from client.environment import stack_environment
+from deploy.local import COMPONENTS, MODEL_SYNC, STACK_COMPONENTS, WEED_PORT_COUNT, _alive, _port_free, read_env_file
 from services.runtime.clients import health_status
 from services.runtime.config import parse_address
+from services.runtime.security import ClientSecurity
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -59,3 +62,30 @@ def test_env_file_names_every_component_address():
     for component in STACK_COMPONENTS:
         assert f"A2V_{component.name.upper()}_ADDR" in values
     assert {"A2V_S3_ENDPOINT", "A2V_S3_ACCESS_KEY", "A2V_S3_SECRET_KEY", "A2V_S3_BUCKET"} <= set(values)
+
+
+@pytest.mark.slow  # a second whole stack (~70 s); the default suite covers TLS on loopback servers
+def test_with_tls_on_every_service_takes_only_tls_and_its_callers_tokens(stack_env):
+    env = {**stack_env, "A2V_TLS": "1"}
+    up = make("up", env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    status = make("status", env)
+    assert status.returncode == 0 and status.stdout.count("SERVING") == len(STACK_COMPONENTS), status.stdout
+    client = ClientSecurity.from_env(stack_environment(env))  # what `a2v` uses: the stack's CA and its token
+    for component in COMPONENTS:
+        address = env[f"A2V_{component.name.upper()}_ADDR"]
+        with grpc.insecure_channel(address) as channel:
+            assert health_status(channel, component.grpc_service) == "UNREACHABLE", component.name  # plaintext
+        with client.channel(address, []) as channel:
+            assert health_status(channel, component.grpc_service) == "SERVING", component.name
+    address = env["A2V_ORCHESTRATOR_ADDR"]
+    anonymous = ClientSecurity(client.tls)
+    for security, expected in ((anonymous, grpc.StatusCode.UNAUTHENTICATED), (client, None)):
+        with security.channel(address, []) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            try:
+                stub.ListJobs(orchestrator_pb2.ListJobsRequest(), timeout=10)
+                code = None
+            except grpc.RpcError as exc:
+                code = exc.code()
+        assert code == expected
