@@ -4,8 +4,10 @@ logs of every service that handled it."""
 import json
 import wave
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from services.runtime.telemetry import read_call_counts
@@ -60,9 +62,23 @@ def calls_by_component(stack) -> dict[str, dict[str, int]]:
     return totals
 
 
+def frames_by_method(stack) -> dict[str, float]:
+    """a2v_stage_units_processed_total{unit="frames"} per method, every process added up."""
+    totals: dict[str, float] = {}
+    for entry in processes(stack):
+        with urlopen(f"http://127.0.0.1:{entry['metrics_port']}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "a2v_stage_units_processed_total" and sample.labels["unit"] == "frames":
+                    method = sample.labels["grpc_method"]
+                    totals[method] = totals.get(method, 0.0) + sample.value
+    return totals
+
+
 def test_a_job_shows_in_every_services_metrics_in_one_trace_and_in_every_services_logs(e2e_stack, tmp_path):
     stack = e2e_stack
-    before = calls_by_component(stack)
+    before, frames_before = calls_by_component(stack), frames_by_method(stack)
     job = stack.submit(short_audio(tmp_path / "short.wav"), chunk_frames=30)
     done = stack.wait(job.id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
@@ -74,6 +90,11 @@ def test_a_job_shows_in_every_services_metrics_in_one_trace_and_in_every_service
         for method in methods:
             served = after[component].get(method, 0) - before.get(component, {}).get(method, 0)
             assert served >= 1, f"{component} shows no call of {method}"
+
+    # Stage counters: the frames each per-frame stage made for the job (60 output frames).
+    frames = frames_by_method(stack)
+    for method in ("Synthesize", "Enhance", "Render"):
+        assert frames.get(method, 0) - frames_before.get(method, 0) >= 60, (method, frames)
 
     # `a2v status` shows each process's calls, errors and calls in flight from the same endpoints.
     status = a2v(stack.env, "status")
