@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from minio.xml import Element, SubElement, getbytes
 from services.runtime.config import StoreConfig
 from services.runtime.errors import (
     FailedPrecondition,
+    Forbidden,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -97,12 +98,15 @@ class BlobStore:
         part_size_bytes: int = 16 * 1024 * 1024,
         max_object_bytes: int = 8 * 1024 * 1024 * 1024,
         endpoint: str = "",
+        allowed_buckets: Sequence[str] = (),
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.part_size_bytes = part_size_bytes
         self.max_object_bytes = max_object_bytes
         self.endpoint = endpoint
+        # A request naming any other bucket is refused (issue 16: a stage reads and writes its own bucket only).
+        self.allowed_buckets = frozenset([bucket, *allowed_buckets])
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> BlobStore:
@@ -126,13 +130,14 @@ class BlobStore:
             part_size_bytes=config.part_size_bytes,
             max_object_bytes=config.max_object_bytes,
             endpoint=config.endpoint,
+            allowed_buckets=config.allowed_buckets,
         )
 
     # -- buckets -------------------------------------------------------------------------------
 
     def ensure_bucket(self, bucket: str | None = None) -> None:
         """Create the bucket unless it exists (idempotent, safe against concurrent creators)."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         with self._translate(bucket, ""):
             if self.client.bucket_exists(bucket):
                 return
@@ -158,7 +163,7 @@ class BlobStore:
 
         With `if_absent` (default: for derived keys) an existing object is kept and its reference returned.
         """
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         validate_key(key)
         self._check_size(len(data), bucket, key)
         sha = sha256_bytes(data)
@@ -195,7 +200,7 @@ class BlobStore:
 
         `if_absent` as in `put_bytes`.
         """
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         validate_key(key)
         size = os.path.getsize(path)
         self._check_size(size, bucket, key)
@@ -298,7 +303,7 @@ class BlobStore:
 
     def read_versioned(self, key: str, *, bucket: str | None = None) -> tuple[bytes, str] | None:
         """A small object and its ETag (the version a `write_versioned` must name), or None when absent."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         validate_key(key)
         try:
             with self._translate(bucket, key):
@@ -328,7 +333,7 @@ class BlobStore:
         new ETag, or None when another writer got there first: the store decides atomically, so of two writers
         naming the same version exactly one wins.
         """
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         validate_key(key)
         headers = genheaders({SHA256_META: sha256_bytes(data)}, None, None, None, False)
         headers["Content-Type"] = content_type
@@ -347,7 +352,7 @@ class BlobStore:
 
     def stat(self, key: str, *, bucket: str | None = None, missing_ok: bool = False) -> BlobRef | None:
         """An object's reference (size, hash, type) without reading it; None when missing and `missing_ok`."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         validate_key(key)
         try:
             with self._translate(bucket, key):
@@ -367,7 +372,7 @@ class BlobStore:
         self, key: str, *, bucket: str | None = None, expected_sha256: str = "", max_bytes: int | None = None
     ) -> bytes:
         """Read a whole object, refusing ones over `max_bytes` and checking its sha256."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         validate_key(key)
         limit = self.max_object_bytes if max_bytes is None else max_bytes
         for reread in (False, True):
@@ -391,7 +396,7 @@ class BlobStore:
 
     def get_file(self, key: str, path: str | Path, *, bucket: str | None = None, expected_sha256: str = "") -> BlobRef:
         """Download to `path` atomically: the file appears only once its content has been verified."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -445,13 +450,13 @@ class BlobStore:
 
     def delete(self, key: str, *, bucket: str | None = None) -> None:
         """Remove the object at `key`."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         with self._translate(bucket, validate_key(key)):
             self.client.remove_object(bucket, key)
 
     def list_keys(self, prefix: str, *, bucket: str | None = None) -> Iterator[str]:
         """The keys under `prefix`, recursively."""
-        bucket = bucket or self.bucket
+        bucket = self._bucket(bucket)
         with self._translate(bucket, prefix):
             for item in self.client.list_objects(bucket, prefix=prefix, recursive=True):
                 yield item.object_name
@@ -527,6 +532,14 @@ class BlobStore:
             time.sleep(REREAD_DELAY_SECONDS)
             return True
         return False
+
+    def _bucket(self, bucket: str | None) -> str:
+        """`bucket`, or this store's own when empty; Forbidden unless it is one this service may use."""
+        bucket = bucket or self.bucket
+        if bucket not in self.allowed_buckets:
+            allowed = ", ".join(sorted(self.allowed_buckets))
+            raise Forbidden(f"bucket {bucket!r} is not one this service uses ({allowed}; A2V_S3_ALLOWED_BUCKETS)")
+        return bucket
 
     def _check_size(self, size: int, bucket: str, key: str) -> None:
         if size > self.max_object_bytes:

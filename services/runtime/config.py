@@ -263,6 +263,8 @@ class StoreConfig:
     region: str = "us-east-1"
     part_size_bytes: int = 16 * 1024 * 1024
     max_object_bytes: int = 8 * 1024 * 1024 * 1024
+    # Buckets besides `bucket` that requests may name (A2V_S3_ALLOWED_BUCKETS, comma-separated); any other is refused.
+    allowed_buckets: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, env: Env) -> StoreConfig:
@@ -279,6 +281,7 @@ class StoreConfig:
                 "A2V_S3_PART_SIZE_BYTES", cls.part_size_bytes, minimum=5 * 1024 * 1024, maximum=5 * 1024 * 1024 * 1024
             ),
             max_object_bytes=env.get_int("A2V_S3_MAX_OBJECT_BYTES", cls.max_object_bytes, minimum=1),
+            allowed_buckets=tuple(b.strip() for b in env.get_str("A2V_S3_ALLOWED_BUCKETS", "").split(",") if b.strip()),
         )
 
     def __repr__(self) -> str:  # never print the secret in logs

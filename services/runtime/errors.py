@@ -31,6 +31,12 @@ class NoFace(FailedPrecondition):
     """A video (or every frame of it) has no detectable face."""
 
 
+class Forbidden(A2VError):
+    """The request names something this service may not touch (a bucket other than its own)."""
+
+    status = "PERMISSION_DENIED"
+
+
 class TooLarge(A2VError):
     """A request or its data exceeds a configured limit (duration, bytes, frames)."""
 

@@ -21,6 +21,7 @@ _PASS_THROUGH_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DATA_LOSS,
     grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

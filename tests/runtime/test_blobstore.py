@@ -1,5 +1,6 @@
 """The blob store against a real S3 server (`weed mini`) through the minio SDK."""
 
+import dataclasses
 import io
 import os
 import threading
@@ -10,7 +11,15 @@ import pytest
 
 from services.runtime.blobstore import BlobStore, npz_bytes, wait_for_store
 from services.runtime.config import StoreConfig
-from services.runtime.errors import FailedPrecondition, IntegrityError, InvalidInput, NotFound, TooLarge, Unavailable
+from services.runtime.errors import (
+    FailedPrecondition,
+    Forbidden,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 from services.runtime.frames import encode_frames
 from services.runtime.keys import derive_key, sha256_bytes
 
@@ -71,11 +80,25 @@ def test_missing_key_is_not_found_naming_the_object(store, key_prefix):
     assert not store.exists(f"{key_prefix}/nothing.bin")
 
 
-def test_missing_and_invalid_buckets(store, key_prefix):
+def test_missing_and_invalid_buckets(s3_server, key_prefix):
+    config = dataclasses.replace(s3_server.config(), allowed_buckets=("no-such-bucket", "B"))
+    store = BlobStore.from_config(config)
     with pytest.raises(NotFound, match="bucket not found: no-such-bucket"):
         store.get_bytes("k.bin", bucket="no-such-bucket")
     with pytest.raises(InvalidInput, match="invalid bucket name"):
         store.get_bytes("k.bin", bucket="B")
+
+
+def test_a_bucket_other_than_the_services_own_is_refused_before_the_store_is_asked(store, key_prefix):
+    ref = store.put_bytes(f"{key_prefix}/mine.bin", b"mine")
+    for bucket in ("other", "no-such-bucket"):
+        with pytest.raises(Forbidden, match=f"bucket '{bucket}' is not one this service uses"):
+            store.get_bytes(ref.key, bucket=bucket)
+        with pytest.raises(Forbidden):
+            store.put_bytes(f"{key_prefix}/theirs.bin", b"x", bucket=bucket)
+        with pytest.raises(Forbidden):
+            store.stat(ref.key, bucket=bucket, missing_ok=True)
+    assert store.get_bytes(ref.key, bucket=store.bucket) == b"mine" == store.get_bytes(ref.key)
 
 
 def test_corrupted_object_is_detected_and_not_returned(store, key_prefix):

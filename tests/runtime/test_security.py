@@ -7,14 +7,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from audio2video.audio.v1 import audio_pb2, audio_pb2_grpc
+from audio2video.common.v1 import common_pb2
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from client.stages import call_stage
 from deploy.pki import make_local_pki, write_tokens_file
 from orchestrator.pipeline import StageClients
+from services.audio.servicer import AudioServicer
 from services.runtime import security
 from services.runtime.clients import create_channel
-from services.runtime.config import AuthConfig, Config, ConfigError, TlsConfig
+from services.runtime.config import AuthConfig, Config, ConfigError, InputLimits, TlsConfig
 from services.runtime.security import ClientSecurity, required_scope
+from services.runtime.server import binding_for
 from tests.runtime.test_server import RETIMING, ScriptedRetiming, start
 
 pytestmark = pytest.mark.integration
@@ -180,3 +184,15 @@ def test_a2v_stage_and_the_orchestrators_stage_clients_use_tls_and_their_token(s
     stages = {f"A2V_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name in names}
     clients = StageClients.from_env({**environ, **stages, "A2V_AUTH_TOKEN": token["orchestrator"]}, timeout_seconds=5)
     assert clients.retiming.Retime(retiming_pb2.RetimeRequest(output_frame_count=1)).output_frame_count == 4
+
+
+def test_a_stage_refuses_a_request_naming_another_bucket(store, key_prefix, run_server):
+    servicer = AudioServicer(store, InputLimits(max_seconds=60))
+    port = run_server([binding_for(audio_pb2, audio_pb2_grpc, "AudioService", servicer)])
+    stub = audio_pb2_grpc.AudioServiceStub(create_channel(f"127.0.0.1:{port}", timeout_seconds=10))
+    for bucket in ("other-stage", "audio2video-private"):
+        request = audio_pb2.ExtractRequest(audio=common_pb2.ObjectRef(bucket=bucket, key=f"{key_prefix}/a.wav"))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Extract(request))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"bucket '{bucket}' is not one this service uses" in err.value.details()
