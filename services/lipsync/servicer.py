@@ -70,7 +70,7 @@ class PredictSettings:
     silence_enabled: bool = False
     ramp_seconds: float = 0.1
     smoothing_sigma_frames: float = 0.0
-    max_amplitude_gain: float = 1.0
+    max_amplitude_gain: float = 1.15
 
     @classmethod
     def from_proto(cls, options: lipsync_pb2.PredictOptions) -> PredictSettings:
