@@ -317,12 +317,15 @@ def feather_mask(hard: np.ndarray, feather_px: float) -> np.ndarray:
 
 # ---------------------------------------------------------------------- colour
 def _to_lab(image: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_BGR2Lab)
+    scaled = image.astype(np.float32)
+    scaled *= np.float32(1 / 255)
+    return cv2.cvtColor(scaled, cv2.COLOR_BGR2Lab, dst=scaled)
 
 
 def _from_lab(lab: np.ndarray) -> np.ndarray:
-    bgr = cv2.cvtColor(lab, cv2.COLOR_Lab2BGR) * np.float32(255)
-    return np.clip(bgr, 0, 255)
+    bgr = cv2.cvtColor(lab, cv2.COLOR_Lab2BGR)
+    bgr *= np.float32(255)
+    return np.clip(bgr, 0, 255, out=bgr)
 
 
 def _quantile_map(values: np.ndarray, source: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -366,14 +369,17 @@ def match_colors(texture: np.ndarray, reference: np.ndarray, region: np.ndarray,
         return texture.astype(np.float32)
     if mode == "mean_std":
         lab_t = _to_lab(texture)
-        lab_r = _to_lab(reference)
-        sel_t, sel_r = lab_t[region], lab_r[region]
-        mean_t, mean_r = sel_t.mean(axis=0), sel_r.mean(axis=0)
-        std_t, std_r = sel_t.std(axis=0), sel_r.std(axis=0)
+        # The reference only matters in the ring: its pixels alone are converted, as one row.
+        sel_r = _to_lab(reference[region][None])
+        mean_t, std_t = (v.ravel().astype(np.float32) for v in cv2.meanStdDev(lab_t[region][None]))
+        mean_r, std_r = (v.ravel().astype(np.float32) for v in cv2.meanStdDev(sel_r))
         # Half the log-ratio of the spreads, clipped: the ring is a small sample whose content (shading, folds)
         # differs between frames, and a full gain carries that noise to the lips and teeth.
         gain = np.clip(np.sqrt(std_r / np.maximum(std_t, 1e-3)), *COLOR_GAIN_RANGE).astype(np.float32)
-        return _from_lab((lab_t - mean_t) * gain + mean_r)
+        lab_t -= mean_t
+        lab_t *= gain
+        lab_t += mean_r
+        return _from_lab(lab_t)
     if mode == "histogram":
         lab_t = _to_lab(texture)
         lab_r = _to_lab(reference)
@@ -501,16 +507,18 @@ def composite_frame(
         mouths.append(apply_similarity(1 / a, -t / a, np.asarray(synth_mouth, dtype=np.float64)[:12]))
     offset = np.array([fx0, fy0])
     ring = _skin_ring(hard_b, feather, [mouth - offset for mouth in mouths])
-    matched = match_colors(tex_b, target_b, ring, settings.color_match)
 
     # The overlay is the texture only near the mask (low pyramid levels would otherwise pull in texture content
     # from far outside it) and never outside the face; elsewhere it equals the target so the difference pyramid is
-    # zero there.
+    # zero there. The colours are matched (a per-pixel map after the ring's statistics) only where it is used: those
+    # pixels go through match_colors as one row (the ring lies inside the hard mask, which `use` holds).
     margin = int(max(feather, 2 ** (levels - 1)))
-    near = cv2.dilate(hard_b, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)))
+    near = _dilate_ellipse(hard_b, margin)
     use = (near > 0) & valid_b & (face_b > 0)
     target_f = target_b.astype(np.float32)
-    overlay = np.where(use[..., None], matched, target_f)
+    overlay = target_f.copy()
+    matched = match_colors(tex_b[use][None], target_b[use][None], ring[use][None], settings.color_match)
+    overlay[use] = matched[0]
     blended = pyramid_blend(target_f, overlay, soft, levels)
     # The coarse pyramid levels spread the difference a few pixels past the mask; past the silhouette it is cut
     # within about a pixel (the face edge hides that step), so the background around the face stays the target's.
@@ -548,6 +556,42 @@ def _lower_face_mask(
     hard &= inside
     hard &= cv2.erode(patch.mask, np.ones((3, 3), np.uint8), borderValue=0)
     return hard, face
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) bounding box of a mask's nonzero pixels; (0, 0, 0, 0) when it has none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return 0, 0, 0, 0
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _dilate_ellipse(mask: np.ndarray, radius: int) -> np.ndarray:
+    """cv2.dilate of a 0/1 uint8 mask by the (2 radius + 1)-square MORPH_ELLIPSE element: the same pixels, faster.
+
+    The element's rows are centred runs, so the dilation is the union over its rows of the mask dilated by that row's
+    run (a fast rectangular dilation) and shifted by the row's offset (OpenCV's generic path for a wide ellipse visits
+    every element pixel for every image pixel).
+    """
+    if radius <= 0:
+        return mask.copy()
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    out = np.zeros_like(mask)
+    h = len(mask)
+    runs: dict[int, np.ndarray] = {}
+    for i, half in enumerate((kernel.sum(axis=1) // 2).tolist()):
+        dy = i - radius
+        if abs(dy) >= h:
+            continue
+        row = runs.get(half)
+        if row is None:
+            row = runs[half] = cv2.dilate(mask, np.ones((1, 2 * half + 1), np.uint8)) if half else mask
+        if dy >= 0:
+            np.bitwise_or(out[dy:], row[: h - dy], out=out[dy:])
+        else:
+            np.bitwise_or(out[: h + dy], row[-dy:], out=out[: h + dy])
+    return out
 
 
 def _work_box(hard: np.ndarray, levels: int) -> tuple[int, int, int, int]:
@@ -600,8 +644,12 @@ def _measure_blend(
         hull = cv2.convexHull((np.asarray(points) - offset).astype(np.float32)).reshape(-1, 2)
         cv2.fillPoly(mouth, [np.round(hull * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
     r = max(int(round(MEASURE_MOUTH_MARGIN * iod)), 1)
-    mouth = cv2.dilate(mouth, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-    region &= mouth == 0
+    # The dilation reaches r around the mouths: it is done in their box grown by r (the same pixels).
+    mx0, my0, mx1, my1 = _box(mouth)
+    if mx1 > mx0:
+        h, w = mouth.shape
+        mx0, my0, mx1, my1 = max(mx0 - r, 0), max(my0 - r, 0), min(mx1 + r, w), min(my1 + r, h)
+        region[my0:my1, mx0:mx1] &= _dilate_ellipse(mouth[my0:my1, mx0:mx1], r) == 0
     if region.sum() < 16:
         return math.nan, math.nan
     support = face > 0
@@ -614,14 +662,20 @@ def _measure_blend(
         region = cv2.resize(region.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         support = cv2.resize(support.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         iod *= scale
+    radius = max(2.0, MEASURE_RADIUS * iod)
+    edge_radius = max(1.0, MEASURE_EDGE_RADIUS * iod)
+    # Only the region is scored, and its maps read the images within the radii (and a Sobel pixel) of it: the maps
+    # are computed in the region's box grown by that reach (as `artifacts.artifact_score` does), the same numbers.
+    x0, y0, x1, y1 = _box(region)
+    if x1 <= x0:
+        return math.nan, math.nan
+    pad = int(math.ceil(max(radius, edge_radius))) + 2
+    h, w = region.shape
+    box = (slice(max(y0 - pad, 0), min(y1 + pad, h)), slice(max(x0 - pad, 0), min(x1 + pad, w)))
     colour, edges = artifact_maps(
-        result,
-        target,
-        radius_px=max(2.0, MEASURE_RADIUS * iod),
-        edge_radius_px=max(1.0, MEASURE_EDGE_RADIUS * iod),
-        support=support,
+        result[box], target[box], radius_px=radius, edge_radius_px=edge_radius, support=support[box]
     )
-    score = score_maps(colour, edges, region)
+    score = score_maps(colour, edges, region[box])
     return score.colour, score.edges
 
 
