@@ -198,6 +198,18 @@ def test_512_clip_first_frames(detector):
     assert 90 < np.median(a.head_pose[:, 5]) < 200
 
 
+def test_crops_handed_to_a_sink_are_the_ones_kept_otherwise(detector):
+    frames = [f for _, _, f in iter_frames(KATIE, stop=8)]
+    data = encode_clip(frames, rate=Fraction(25))
+    kept = analyze_video(data, detector=detector, crop_size=(96, 112))
+    streamed: list[tuple[np.ndarray, np.ndarray]] = []
+    light = analyze_video(data, detector=detector, crop_size=(96, 112), crop_sink=lambda c, m: streamed.append((c, m)))
+    assert light.crops is None and light.crop_masks is None
+    np.testing.assert_array_equal(np.stack([c for c, _ in streamed]), kept.crops)
+    np.testing.assert_array_equal(np.stack([m for _, m in streamed]), kept.crop_masks)
+    np.testing.assert_array_equal(light.landmarks, kept.landmarks)
+
+
 def test_crop_archive_is_lossless_and_smaller(analysis):
     crops = np.ascontiguousarray(analysis.crops)
     data = encode_frames(crops)
