@@ -3,7 +3,9 @@
 The images' HEALTHCHECK and docker compose run it inside the container (Kubernetes uses its native
 gRPC probes instead). The address defaults to loopback on the port of `A2V_LISTEN`, where the service
 itself listens; "" as SERVICE asks about the server as a whole (SERVING from the start), a service's
-full name asks whether it has loaded what it needs.
+full name asks whether it has loaded what it needs. With TLS on (A2V_TLS) it asks over TLS with the service's own
+files (its CA; its certificate as the client's for mTLS; A2V_TLS_SERVER_NAME when the certificate does not name
+127.0.0.1), so it can serve as an exec probe where the kubelet's gRPC probes (plaintext only) cannot.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import os
 import sys
 from collections.abc import Mapping
 
-import grpc
-
 from services.runtime.clients import health_status
 from services.runtime.config import ConfigError, parse_address
+from services.runtime.security import ClientSecurity
 
 
 def default_address(environ: Mapping[str, str] | None = None) -> str:
@@ -34,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         address = args.address or default_address()
+        security = ClientSecurity.from_env()
     except ConfigError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1  # Docker reserves exit code 2; anything but 0 and 1 is undefined for HEALTHCHECK
-    with grpc.insecure_channel(address) as channel:
+    with ClientSecurity(security.tls).channel(address, []) as channel:  # health needs no token
         status = health_status(channel, args.service, timeout_seconds=args.timeout)
     print(f"{args.service or 'server'} at {address}: {status}")
     return 0 if status == "SERVING" else 1

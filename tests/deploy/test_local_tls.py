@@ -5,6 +5,7 @@ import pytest
 
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from client.environment import pki_folder, stack_environment
+from deploy import healthcheck
 from deploy.local import COMPONENTS, MODEL_SYNC, TF_SERVING_STAND_IN, LocalStack
 from deploy.pki import make_local_security
 from services.runtime.clients import create_channel, wait_for_serving
@@ -50,3 +51,20 @@ def test_without_a2v_tls_nothing_changes(tmp_path):
     environ = {"A2V_STACK_DIR": str(tmp_path)}
     assert "A2V_TLS_CA" not in stack_environment(environ)
     assert LocalStack(stack_environment(environ))._security_env("orchestrator") == {}
+
+
+def test_the_container_health_check_asks_over_tls_when_the_service_takes_tls(tmp_path, monkeypatch):
+    service_env = make_local_security(tmp_path)
+    config = Config.from_env("retiming", {**service_env, "A2V_S3_ACCESS_KEY": "a", "A2V_S3_SECRET_KEY": "b"})
+    binding = binding_for(retiming_pb2, retiming_pb2_grpc, "RetimingService", ScriptedRetiming())
+    server, port = create_server(config.server, [binding])
+    server.start()
+    server.load_and_mark_serving()
+    try:
+        monkeypatch.setenv("A2V_LISTEN", f"127.0.0.1:{port}")
+        assert healthcheck.main([RETIMING]) == 1  # plaintext: refused
+        for key, value in service_env.items():
+            monkeypatch.setenv(key, value)
+        assert healthcheck.main([RETIMING]) == 0
+    finally:
+        server.stop(0).wait()
