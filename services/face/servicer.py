@@ -40,6 +40,9 @@ DECODE_QUEUE_FRAMES = 12
 """Decoded frames an analysis holds besides the smoothing delay (half the smoothing kernel, 8 at 30 fps): the
 decoder's queue and the working copies of the frame. The crops go to disk as they are made, so the memory an
 analysis reserves does not grow with the video's length."""
+TRACK_BYTES_PER_FRAME = 32 * 1024
+"""Memory per frame of the landmark tracks and what is derived from them at the end of an analysis (measured: a
+10-minute 25 fps video peaked 414 MiB above the loaded models, 28 kB a frame; `deploy.bench.face_memory`)."""
 CROP_ARCHIVE_SHARE = 0.6
 """Disk bytes per raw crop byte of the PNG archives (crops 30-45 % of raw on the shared clips, masks ~1 %)."""
 SCRATCH_SHARE = 0.9
@@ -440,7 +443,8 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         """Memory an analysis of the video at `path` holds at once (from its header: refused before decoding)."""
         info = probe_video(path)
         delay = len(smoothing_kernel(info.fps or 30.0, settings.smoothing_cutoff_hz)) // 2
-        return int((delay + DECODE_QUEUE_FRAMES) * info.width * info.height * 3)
+        frames = info.frame_count or round(info.duration_seconds * info.fps_num / max(1, info.fps_den))
+        return int((delay + DECODE_QUEUE_FRAMES) * info.width * info.height * 3 + frames * TRACK_BYTES_PER_FRAME)
 
     @staticmethod
     def _archive_bytes(path: Path, settings: AnalyzeSettings) -> int:
