@@ -409,7 +409,7 @@ def pyramid_blend(base: np.ndarray, overlay: np.ndarray, mask: np.ndarray, level
     """
     h, w = mask.shape
     levels = max(0, min(int(levels), int(math.floor(math.log2(max(min(h, w), 2)))) - 1))
-    diff = overlay - base
+    diff = cv2.subtract(overlay, base)
     gauss_d = [diff]
     gauss_m = [mask]
     for _ in range(levels):
@@ -418,9 +418,16 @@ def pyramid_blend(base: np.ndarray, overlay: np.ndarray, mask: np.ndarray, level
     out = gauss_d[-1] * gauss_m[-1][..., None]
     for level in range(levels - 1, -1, -1):
         size = (gauss_d[level].shape[1], gauss_d[level].shape[0])
-        band = gauss_d[level] - cv2.pyrUp(gauss_d[level + 1], dstsize=size)
-        out = cv2.pyrUp(out, dstsize=size) + band * gauss_m[level][..., None]
-    return base + out
+        # The same float32 operations as band = d - up(d'), out = up(out) + band * m, in place (OpenCV's multiply
+        # on three channels is faster than numpy's broadcast).
+        band = cv2.pyrUp(gauss_d[level + 1], dstsize=size)
+        cv2.subtract(gauss_d[level], band, dst=band)
+        m = gauss_m[level]
+        cv2.multiply(band, cv2.merge((m, m, m)), dst=band)
+        out = cv2.pyrUp(out, dstsize=size)
+        out += band
+    out += base
+    return out
 
 
 # ---------------------------------------------------------------------- one frame
@@ -510,22 +517,29 @@ def composite_frame(
 
     # The overlay is the texture only near the mask (low pyramid levels would otherwise pull in texture content
     # from far outside it) and never outside the face; elsewhere it equals the target so the difference pyramid is
-    # zero there. The colours are matched (a per-pixel map after the ring's statistics) only where it is used: those
-    # pixels go through match_colors as one row (the ring lies inside the hard mask, which `use` holds).
+    # zero there. The colours are matched (a per-pixel map after the ring's statistics) only in the box where it is
+    # used (the ring lies inside the hard mask, which `use` holds).
     margin = int(max(feather, 2 ** (levels - 1)))
     near = _dilate_ellipse(hard_b, margin)
     use = (near > 0) & valid_b & (face_b > 0)
     target_f = target_b.astype(np.float32)
     overlay = target_f.copy()
-    matched = match_colors(tex_b[use][None], target_b[use][None], ring[use][None], settings.color_match)
-    overlay[use] = matched[0]
+    ux0, uy0, ux1, uy1 = _box(use)
+    if ux1 > ux0:
+        box = (slice(uy0, uy1), slice(ux0, ux1))
+        matched = match_colors(tex_b[box], target_b[box], ring[box], settings.color_match)
+        np.copyto(overlay[box], matched, where=use[box][..., None])
     blended = pyramid_blend(target_f, overlay, soft, levels)
     # The coarse pyramid levels spread the difference a few pixels past the mask; past the silhouette it is cut
     # within about a pixel (the face edge hides that step), so the background around the face stays the target's.
     keep = cv2.GaussianBlur(cv2.dilate(face_b, np.ones((3, 3), np.uint8)).astype(np.float32), (0, 0), 0.8)
-    blended = target_f + (blended - target_f) * keep[..., None]
+    # target + (blended - target) * keep, the same float32 operations in place.
+    cv2.subtract(blended, target_f, dst=blended)
+    cv2.multiply(blended, cv2.merge((keep, keep, keep)), dst=blended)
+    blended += target_f
+    blended += np.float32(0.5)
     out = base.copy() if base is frame else base
-    result_b = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    result_b = np.clip(blended, 0, 255, out=blended).astype(np.uint8)
     colour = edges = math.nan
     if measure:
         colour, edges = _measure_blend(result_b, target_b, soft, face_b, mouths, offset, pts)
