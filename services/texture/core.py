@@ -1,6 +1,6 @@
 """Pure core of the `texture` stage: candidate target frames by mouth shape and a per-pixel weighted median.
 
-Per output frame (SEED-SPEC §9, with PIPELINE.md's fixes):
+Per output frame (the paper's texture synthesis, with our departures from the seed: docs/DESIGN.md, "texture"):
 
 1. Shape track: the predicted mouth shapes are smoothed over time (Gaussian, `shape_smoothing_sigma_frames`).
 2. Distance: squared Euclidean distance between the 20 mouth points of the output frame and of every valid
