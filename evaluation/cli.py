@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         lag = f"lag {s.lag_frames:+d} frames" if s is not None else f"no lag ({result.output.sync_error})"
         summary = (
             f"{args.output.name}: {lag}, sharpness x{rel['mouth_sharpness_ratio']:.2f}, "
-            f"seam x{rel['seam_energy_ratio']:.2f}, silent flicker x{rel['flicker_silent_ratio']:.2f} of the target"
+            f"seam x{rel['seam_energy_ratio']:.2f}, silent flicker x{rel['flicker_silent_ratio']:.2f}, "
+            f"mouth-opening spread x{rel['mouth_opening_spread_ratio']:.2f} of the target"
         )
         if result.artifacts is not None:
             a = result.artifacts.as_dict()

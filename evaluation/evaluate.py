@@ -23,7 +23,7 @@ from evaluation.shape import ShapeEvaluation, SpeakerModel, evaluate_mouth_shape
 from evaluation.sync import DEFAULT_MAX_LAG, SyncResult, audio_visual_sync
 from services.audio.core import DecodedAudio, decode_audio, detect_speech
 from services.face.core import LandmarkDetector, VideoAnalysis, analyze_video
-from services.runtime.canonical import inner_lip_gap
+from services.runtime.canonical import inner_lip_gap, mouth_opening_ratio
 from services.runtime.errors import InvalidInput, NotFound
 from services.runtime.media import iter_frames, probe_video
 
@@ -130,6 +130,15 @@ class VideoMeasures:
     def fps(self) -> float:
         return self.analysis.info.fps
 
+    def opening_spread(self) -> dict:
+        """Mean and standard deviation of the inner-lip gap over the mouth width (a scale-free opening) over face
+        frames: how much the mouth moves, to hold a render's against real footage of the speaker."""
+        ratio = mouth_opening_ratio(self.analysis.canonical_mouth)
+        ratio = ratio[np.isfinite(ratio)]
+        if len(ratio) < 2:
+            return {"mean": math.nan, "std": math.nan, "frames": int(len(ratio))}
+        return {"mean": float(ratio.mean()), "std": float(ratio.std()), "frames": int(len(ratio))}
+
     def as_dict(self, *, image_metrics: bool = True) -> dict:
         info = self.analysis.info
         out = {
@@ -143,6 +152,7 @@ class VideoMeasures:
             "duration_seconds": self.analysis.frame_count / info.fps,
             "audio_seconds": self.audio.duration_seconds if self.audio is not None else None,
             "silent_frames": int(self.silent.sum()),
+            "mouth_opening": self.opening_spread(),
             "sync": self.sync.as_dict() if self.sync is not None else None,
             "sync_error": self.sync_error,
             "wall_seconds": self.seconds,
@@ -489,6 +499,7 @@ class OutputEvaluation:
             "mouth_sharpness_ratio": image.ratio(_nanmean(out.sharpness), _nanmean(tgt.sharpness)),
             "seam_energy_ratio": image.ratio(_nanmean(out.seam), _nanmean(tgt.seam)),
             "flicker_silent_ratio": image.ratio(out.flicker.mean_abs_diff, tgt.flicker.mean_abs_diff),
+            "mouth_opening_spread_ratio": image.ratio(out.opening_spread()["std"], tgt.opening_spread()["std"]),
             "lag_minus_target_lag_frames": lag,
         }
 
@@ -723,6 +734,7 @@ def report_content(
             ("mouth sharpness, output / target", relative["mouth_sharpness_ratio"]),
             ("seam energy, output / target", relative["seam_energy_ratio"]),
             ("flicker in silence, output / target", relative["flicker_silent_ratio"]),
+            ("mouth-opening spread, output / target", relative["mouth_opening_spread_ratio"]),
         ]
         if evaluation.artifacts is not None:
             data_artifacts = evaluation.artifacts.as_dict()

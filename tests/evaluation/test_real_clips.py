@@ -125,6 +125,8 @@ def test_the_output_command_scores_a_blurred_render_against_its_target(tmp_path,
     assert abs(relative["lag_minus_target_lag_frames"]) <= 1
     assert relative["flicker_silent_ratio"] < 1.0  # blur also smooths frame-to-frame noise
     assert 0.5 < relative["seam_energy_ratio"] < 1.5  # blurred everywhere: no seam of its own
+    assert 0.8 < relative["mouth_opening_spread_ratio"] < 1.25  # the same mouth, blurred, moves as much
+    assert target["mouth_opening"]["frames"] == 302 and 0.02 < target["mouth_opening"]["std"] < 0.2
     assert output["silent_frames"] == target["silent_frames"] == 49
     assert output["flicker_silent"]["pairs"] > 20 and target["frames"] == output["frames"] == 302
     page = html_path.read_text()
