@@ -43,6 +43,7 @@ from services.runtime.canonical import (
     interocular_distance,
 )
 from services.runtime.errors import InvalidInput
+from services.runtime.morphology import dilate_ellipse
 
 COLOR_MATCH_MODES = ("none", "mean_std", "histogram")
 
@@ -520,7 +521,7 @@ def composite_frame(
     # zero there. The colours are matched (a per-pixel map after the ring's statistics) only in the box where it is
     # used (the ring lies inside the hard mask, which `use` holds).
     margin = int(max(feather, 2 ** (levels - 1)))
-    near = _dilate_ellipse(hard_b, margin)
+    near = dilate_ellipse(hard_b, margin)
     use = (near > 0) & valid_b & (face_b > 0)
     target_f = target_b.astype(np.float32)
     overlay = target_f.copy()
@@ -581,33 +582,6 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _dilate_ellipse(mask: np.ndarray, radius: int) -> np.ndarray:
-    """cv2.dilate of a 0/1 uint8 mask by the (2 radius + 1)-square MORPH_ELLIPSE element: the same pixels, faster.
-
-    The element's rows are centred runs, so the dilation is the union over its rows of the mask dilated by that row's
-    run (a fast rectangular dilation) and shifted by the row's offset (OpenCV's generic path for a wide ellipse visits
-    every element pixel for every image pixel).
-    """
-    if radius <= 0:
-        return mask.copy()
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    out = np.zeros_like(mask)
-    h = len(mask)
-    runs: dict[int, np.ndarray] = {}
-    for i, half in enumerate((kernel.sum(axis=1) // 2).tolist()):
-        dy = i - radius
-        if abs(dy) >= h:
-            continue
-        row = runs.get(half)
-        if row is None:
-            row = runs[half] = cv2.dilate(mask, np.ones((1, 2 * half + 1), np.uint8)) if half else mask
-        if dy >= 0:
-            np.bitwise_or(out[dy:], row[: h - dy], out=out[dy:])
-        else:
-            np.bitwise_or(out[: h + dy], row[-dy:], out=out[: h + dy])
-    return out
-
-
 def _work_box(hard: np.ndarray, levels: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1): the mask's bounding box plus the pyramid's reach, inside the patch."""
     ph, pw = hard.shape
@@ -663,7 +637,7 @@ def _measure_blend(
     if mx1 > mx0:
         h, w = mouth.shape
         mx0, my0, mx1, my1 = max(mx0 - r, 0), max(my0 - r, 0), min(mx1 + r, w), min(my1 + r, h)
-        region[my0:my1, mx0:mx1] &= _dilate_ellipse(mouth[my0:my1, mx0:mx1], r) == 0
+        region[my0:my1, mx0:mx1] &= dilate_ellipse(mouth[my0:my1, mx0:mx1], r) == 0
     if region.sum() < 16:
         return math.nan, math.nan
     support = face > 0

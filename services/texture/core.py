@@ -44,6 +44,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from services.runtime.canonical import CanonicalGeometry
 from services.runtime.errors import Cancelled, InvalidInput, NoFace
+from services.runtime.morphology import dilate_ellipse
 
 MOUTH_POINTS = 20
 JAW_POINTS = 17
@@ -790,7 +791,7 @@ def mouth_region_mask(
     dilated = hard[dy0 - y0 : dy1 - y0, dx0 - x0 : dx1 - x0]
     cv2.fillConvexPoly(dilated, hull - np.array([dx0, dy0], np.int32) * 16, 1, lineType=cv2.LINE_8, shift=4)
     if r > 0:
-        dilated[:] = _dilate_ellipse(dilated, r)
+        dilated[:] = dilate_ellipse(dilated, r)
     window = hard.astype(np.float32)
     if sigma > 0:
         window = cv2.GaussianBlur(window, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
@@ -798,31 +799,6 @@ def mouth_region_mask(
         np.minimum(window, 1.0, out=window)
     region[y0:y1, x0:x1] = window
     return region
-
-
-def _dilate_ellipse(mask: np.ndarray, radius: int) -> np.ndarray:
-    """cv2.dilate of a 0/1 uint8 mask by the (2 radius + 1)-square MORPH_ELLIPSE element, the same pixels, faster.
-
-    The element's rows are centred runs, so the dilation is the union over its rows of the mask dilated by that
-    row's run (a fast rectangular dilation) and shifted by the row's offset (OpenCV's generic path for a wide
-    ellipse visits every element pixel for every image pixel).
-    """
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    out = np.zeros_like(mask)
-    h = len(mask)
-    runs: dict[int, np.ndarray] = {}
-    for i, half in enumerate((kernel.sum(axis=1) // 2).tolist()):
-        dy = i - radius
-        if abs(dy) >= h:
-            continue
-        row = runs.get(half)
-        if row is None:
-            row = runs[half] = cv2.dilate(mask, np.ones((1, 2 * half + 1), np.uint8)) if half else mask
-        if dy >= 0:
-            np.bitwise_or(out[dy:], row[: h - dy], out=out[dy:])
-        else:
-            np.bitwise_or(out[: h + dy], row[-dy:], out=out[: h + dy])
-    return out
 
 
 def _gaussian_radius(sigma: float) -> int:

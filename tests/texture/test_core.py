@@ -371,11 +371,6 @@ def test_mouth_region_mask_equals_the_whole_crop_computation(analysis):
                 expected = np.minimum(np.maximum(blurred * 2.0, hard), 1.0)
             region = mouth_region_mask(shape, geometry, margin=margin, feather=feather)
             np.testing.assert_allclose(region, expected, rtol=0, atol=1e-6)  # the blur's rounding, by window width
-    rng = np.random.default_rng(5)
-    for radius in (1, 2, 5, 12, 24):
-        mask = (rng.random((int(rng.integers(1, 90)), int(rng.integers(1, 90)))) < 0.02).astype(np.uint8)
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-        np.testing.assert_array_equal(core._dilate_ellipse(mask, radius), cv2.dilate(mask, kernel))
 
 
 def test_retiming_map_skips_frames_without_face(analysis):
