@@ -19,7 +19,7 @@ from services.runtime.clients import create_channel
 from services.runtime.config import AuthConfig, Config, ConfigError, InputLimits, TlsConfig
 from services.runtime.security import ClientSecurity, required_scope
 from services.runtime.server import binding_for
-from tests.runtime.test_server import RETIMING, ScriptedRetiming, start
+from tests.runtime.test_server import RETIMING, ScriptedRetiming
 
 pytestmark = pytest.mark.integration
 SCOPES = {
@@ -29,22 +29,6 @@ SCOPES = {
     "submitter": ["jobs"],
     "operator": ["admin"],
 }
-
-
-@pytest.fixture()
-def serving():
-    """Started servers (as tests/runtime/test_server.py's), stopped after the test."""
-    servers = []
-
-    def make(servicer=None, **config):
-        server, port = start(servicer, **config)
-        server.load_and_mark_serving()
-        servers.append(server)
-        return server, port
-
-    yield make
-    for server in servers:
-        server.stop(0).wait()
 
 
 @pytest.fixture(scope="module")

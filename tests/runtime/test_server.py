@@ -64,22 +64,6 @@ def start(servicer=None, *, load=None, **config):
     return server, port
 
 
-@pytest.fixture()
-def serving():
-    """A started server whose RetimingService is SERVING; stopped after the test."""
-    servers = []
-
-    def make(servicer=None, **config):
-        server, port = start(servicer, **config)
-        server.load_and_mark_serving()
-        servers.append(server)
-        return server, port
-
-    yield make
-    for server in servers:
-        server.stop(0).wait()
-
-
 def stub(port_or_target, timeout_seconds=10.0):
     target = port_or_target if isinstance(port_or_target, str) else f"127.0.0.1:{port_or_target}"
     channel = create_channel(target, [RETIMING], timeout_seconds=timeout_seconds)
