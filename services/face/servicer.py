@@ -230,8 +230,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
 
         with (
             self._downloaded(source) as path,
-            self.memory.reserve(self._window_bytes(path, settings), f"analysing {source.key}"),
-            self.scratch.reserve(self._archive_bytes(path, settings), f"crops of {source.key}"),
+            self._reserved(path, settings, source.key),
             tempfile.TemporaryDirectory(prefix="a2v-face-crops-") as folder,
             open(Path(folder) / "crops.zip", "wb") as crop_file,
             open(Path(folder) / "crop_masks.zip", "wb") as mask_file,
@@ -438,20 +437,20 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _window_bytes(path: Path, settings: AnalyzeSettings) -> int:
-        """Memory an analysis of the video at `path` holds at once (from its header: refused before decoding)."""
+    @contextmanager
+    def _reserved(self, path: Path, settings: AnalyzeSettings, key: str) -> Iterator[None]:
+        """Reserve what an analysis of the video at `path` takes, from its header (refused before decoding): memory
+        for a window of decoded frames and the landmark tracks, scratch disk for the crop archives until stored."""
         info = probe_video(path)
+        frames = info.frame_count or round(info.duration_seconds * info.fps_num / max(1, info.fps_den))
         delay = len(smoothing_kernel(info.fps or 30.0, settings.smoothing_cutoff_hz)) // 2
-        frames = info.frame_count or round(info.duration_seconds * info.fps_num / max(1, info.fps_den))
-        return int((delay + DECODE_QUEUE_FRAMES) * info.width * info.height * 3 + frames * TRACK_BYTES_PER_FRAME)
-
-    @staticmethod
-    def _archive_bytes(path: Path, settings: AnalyzeSettings) -> int:
-        """Scratch disk the crop archives of the video at `path` take until stored (from its header)."""
-        info = probe_video(path)
-        frames = info.frame_count or round(info.duration_seconds * info.fps_num / max(1, info.fps_den))
-        return int(frames * settings.crop_width_px * settings.crop_height_px * 4 * CROP_ARCHIVE_SHARE)
+        memory = (delay + DECODE_QUEUE_FRAMES) * info.width * info.height * 3 + frames * TRACK_BYTES_PER_FRAME
+        archives = frames * settings.crop_width_px * settings.crop_height_px * 4 * CROP_ARCHIVE_SHARE
+        with (
+            self.memory.reserve(int(memory), f"analysing {key}"),
+            self.scratch.reserve(int(archives), f"crops of {key}"),
+        ):
+            yield
 
     @contextmanager
     def _downloaded(self, source: BlobRef) -> Iterator[Path]:
