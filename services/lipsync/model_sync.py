@@ -6,6 +6,9 @@ the store (one with its model card) into A2V_TFSERVING_MODELS_DIR/<speaker>/<ver
 first, renamed in place, so TF Serving never sees half a version), writes the model list of every speaker that
 has one to A2V_TFSERVING_MODELS_DIR/models.config (TF Serving's --model_config_file) and, when that list changed
 or TF Serving restarted, sends it to TF Serving at A2V_TFSERVING_ADDR with ModelService/HandleReloadConfigRequest.
+The folder mirrors the store both ways: once TF Serving has the new list, versions and speakers that are gone from
+the store (deleted there) are removed from the folder too, so the disk does not grow with every model ever trained
+and a deleted model cannot come back after a restart.
 
 `--once` copies and writes the list, then exits: the init step before TF Serving starts, so a restarted TF Serving
 starts with the list as it was (the store is its source), and a fresh one with an empty list (it opens its ports
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -41,6 +45,7 @@ SERVICE = "model-sync"
 HEALTH_NAME = "audio2video.lipsync.v1.ModelSync"
 """Health entry that turns SERVING after the first pass (the list is written): TF Serving may start then."""
 CONFIG_NAME = "models.config"
+SPEAKER = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -88,15 +93,18 @@ class ModelSync:
         self.sent: str | None = None  # the list TF Serving was last given
         self.channel = create_channel(config.serving_address, ["tensorflow.serving.ModelService"], timeout_seconds=60)
         self._models = None  # TF Serving's ModelService stub, made when first needed (it imports TensorFlow's protos)
+        self.stored: dict[str, set[int]] = {}  # speaker -> complete versions, as the last pass found the store
 
     def copy_versions(self) -> list[str]:
         """Copy every complete stored version that the folder lacks; the speakers that have one."""
         speakers = []
+        self.stored = {}
         for speaker in stored_speakers(self.store):
             versions = stored_versions(self.store, speaker)
             if not versions:
                 continue
             speakers.append(speaker)
+            self.stored[speaker] = set(versions)
             for version in versions:
                 target = self.config.folder / speaker / str(version)
                 if not target.exists():
@@ -153,10 +161,38 @@ class ModelSync:
         log.info("TF Serving serves the model list")
         return True
 
+    def prune(self) -> list[str]:
+        """Remove the folder's versions and speakers that the last `copy_versions` did not find in the store.
+
+        Only what this sync writes is touched: numbered version folders under speaker-named folders, and the
+        hidden staging folders of copies that were cut short. Returns what was removed, as "<speaker>/<version>".
+        """
+        removed = []
+        if not self.config.folder.is_dir():
+            return removed
+        for speaker_dir in sorted(p for p in self.config.folder.iterdir() if p.is_dir() and SPEAKER.fullmatch(p.name)):
+            kept = self.stored.get(speaker_dir.name, set())
+            mine = False
+            for entry in sorted(speaker_dir.iterdir()):
+                stale_copy = entry.name.startswith(".incoming-")
+                gone = entry.name.isdigit() and int(entry.name) not in kept
+                if entry.is_dir() and (stale_copy or gone):
+                    mine = True
+                    shutil.rmtree(entry, ignore_errors=True)
+                    if gone:
+                        removed.append(f"{speaker_dir.name}/{entry.name}")
+            if mine and not kept and not any(speaker_dir.iterdir()):
+                speaker_dir.rmdir()
+        if removed:
+            log.info("removed models no longer in the store: %s", ", ".join(removed))
+        return removed
+
     def once(self, *, send: bool = True) -> None:
+        """One pass: copy, write the list, send it; prune only once TF Serving has the list without the pruned
+        models (or when not sending: the init step, before TF Serving starts), so it never loses files it serves."""
         text = self.write_list(self.copy_versions())
-        if send:
-            self.send(text)
+        if not send or self.send(text):
+            self.prune()
 
     def run(self, stop: threading.Event, first_pass: threading.Event | None = None) -> None:
         """Sync until `stop`; a pass that fails (the store or TF Serving down) is tried again next time."""

@@ -460,6 +460,14 @@ def train_speaker(
     dataset, pca, pca_bytes = _load_dataset(store, dataset_key, pca_key)
     clip_ids = [str(c) for c in dataset["clip_ids"]]
     is_validation = dataset["is_validation"].astype(bool)
+    models_root = Path(models_dir) / speaker if models_dir else None
+    if models_root is not None:
+        models_root.mkdir(parents=True, exist_ok=True)
+    on_disk = _disk_versions(models_root) if models_root else []
+    # Reserved before training (a conditional write): two trainings of one speaker started together each know their
+    # own number from the start, and neither can export over the other's files. A failed training leaves a gap.
+    version = reserve_version(store, speaker, at_least=1 + max([0, *on_disk]))
+    log.info("training %s version %d", speaker, version)
     fit = fit_speaker(
         dataset,
         pca,
@@ -476,11 +484,6 @@ def train_speaker(
     train_rows, validation_rows, held_back = fit.train_rows, fit.validation_rows, fit.held_back
     train_sections, regime, train_seconds = fit.train_sections, fit.regime, fit.train_seconds
 
-    models_root = Path(models_dir) / speaker if models_dir else None
-    if models_root is not None:
-        models_root.mkdir(parents=True, exist_ok=True)
-    on_disk = _disk_versions(models_root) if models_root else []
-    version = reserve_version(store, speaker, at_least=1 + max([0, *on_disk]))  # atomically: no two trainings share it
     prefix = version_prefix(speaker, version)
     work = Path(
         tempfile.mkdtemp(prefix=f".{version}.partial-", dir=models_root)

@@ -85,3 +85,43 @@ def test_a_trained_speaker_reaches_tf_serving_and_stays_listed_across_a_restart(
     finally:
         manager.close()
         server.stop(0).wait()
+
+
+def test_versions_and_speakers_deleted_from_the_store_leave_the_folder(s3_server, tmp_path):
+    from services.runtime.blobstore import BlobStore
+
+    store = BlobStore.from_config(s3_server.config(bucket="model-sync-prune"))
+    store.ensure_bucket()
+    folder = tmp_path / "tfserving"
+    sync = ModelSync(store, SyncConfig(folder=folder, serving_address="127.0.0.1:1"))
+    for speaker, version in (("alice", 1), ("alice", 2), ("carol", 1)):
+        store_version(store, speaker, version, tmp_path)
+    sync.once(send=False)
+    assert sorted(str(p.relative_to(folder)) for p in folder.glob("*/*")) == ["alice/1", "alice/2", "carol/1"]
+    (folder / "alice" / ".incoming-3").mkdir()  # a copy cut short by a restart
+    (folder / "notes").mkdir()  # not the sync's: left alone
+    for key in [*store.list_keys(version_prefix("alice", 1)), *store.list_keys("models/carol/")]:
+        store.delete(key)
+
+    sync.once(send=False)
+
+    assert sorted(str(p.relative_to(folder)) for p in folder.glob("*/*")) == ["alice/2"]
+    assert (folder / "notes").is_dir() and not (folder / "carol").exists()
+    assert [m.name for m in read_model_config_file(folder / CONFIG_NAME)] == ["alice"]
+
+
+def test_nothing_is_pruned_while_tf_serving_has_not_taken_the_new_list(s3_server, tmp_path):
+    from services.runtime.blobstore import BlobStore
+
+    store = BlobStore.from_config(s3_server.config(bucket="model-sync-unsent"))
+    store.ensure_bucket()
+    folder = tmp_path / "tfserving"
+    store_version(store, "alice", 1, tmp_path)
+    ModelSync(store, SyncConfig(folder=folder, serving_address="127.0.0.1:1")).once(send=False)
+    for key in store.list_keys("models/alice/"):
+        store.delete(key)
+
+    ModelSync(store, SyncConfig(folder=folder, serving_address="127.0.0.1:1")).once()  # TF Serving unreachable
+
+    assert (folder / "alice" / "1" / "saved_model.pb").exists()  # still served by the old list: kept
+    assert read_model_config_file(folder / CONFIG_NAME) == []

@@ -239,3 +239,26 @@ def test_only_the_options_a_caller_set_override_the_defaults():
     options = lipsync_pb2.TrainingOptions(max_epochs=5, dropout=0.0)
     assert trainer.overrides_from_proto(options) == {"max_epochs": 5, "dropout": 0.0}
     assert trainer.overrides_from_proto(None) == {}
+
+
+def test_the_version_is_reserved_before_training_starts(store, stored, speaker):
+    """Two trainings started together know their numbers from the first epoch on; a cancelled one leaves a gap."""
+    dataset_key, pca_key = stored
+    reserved_at_first_epoch = []
+
+    def first_epoch(_result) -> None:
+        reserved_at_first_epoch.append(sorted(store.list_keys(f"models/{speaker}/reserved/")))
+
+    with pytest.raises(Exception, match="(?i)cancel"):
+        trainer.train_speaker(
+            store,
+            speaker=speaker,
+            dataset_key=dataset_key,
+            pca_key=pca_key,
+            settings=TINY,
+            on_epoch=first_epoch,
+            should_stop=lambda: bool(reserved_at_first_epoch),  # cancelled after its first epoch
+        )
+    assert reserved_at_first_epoch == [[f"models/{speaker}/reserved/1.json"]]
+    card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, settings=TINY)
+    assert card["version"] == 2 and not list(store.list_keys(f"models/{speaker}/1/"))
