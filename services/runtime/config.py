@@ -179,6 +179,9 @@ class ServerConfig:
     listen: str = "127.0.0.1:0"
     max_workers: int = 8
     max_concurrent_rpcs: int = 16
+    # Calls that mostly wait (a job's progress stream, `waiting_methods` of a servicer) are bounded apart: they
+    # hold a thread each but no running slot, so watchers never keep real work from running.
+    max_waiting_calls: int = 64
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -207,6 +210,7 @@ class ServerConfig:
             max_concurrent_rpcs=env.get_int(
                 "A2V_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs, minimum=1, maximum=4096
             ),
+            max_waiting_calls=env.get_int("A2V_MAX_WAITING_CALLS", cls.max_waiting_calls, minimum=0, maximum=4096),
             max_message_bytes=env.get_int(
                 "A2V_MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024, maximum=256 * 1024 * 1024
             ),

@@ -38,16 +38,22 @@ class CallSlots(grpc.ServerInterceptor):
     the pool has `admitted` + RESERVED_WORKERS threads, so health and reflection always find one.
     """
 
-    def __init__(self, running: int, admitted: int) -> None:
-        self.limit = admitted
+    def __init__(self, running: int, admitted: int, *, waiting_methods=frozenset(), waiting: int = 0) -> None:
+        self.limit = admitted + (waiting if waiting_methods else 0)
         self.admitted = threading.BoundedSemaphore(admitted)
         self.running = threading.Semaphore(min(running, admitted))
+        # Methods that mostly wait (progress streams): bounded by `waiting`, apart from the others, and taking no
+        # running slot, so twenty people watching their jobs neither starve nor are starved by the work itself.
+        self.waiting_methods = frozenset(waiting_methods)
+        self.waiting = threading.BoundedSemaphore(max(waiting, 1)) if waiting > 0 else None
 
     def intercept_service(self, continuation, handler_call_details):
         """The handler, wrapped to refuse calls beyond the bound (health and reflection are never bounded)."""
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNBOUNDED_PREFIXES):
             return handler
+        if handler_call_details.method in self.waiting_methods:
+            return self._waiting_handler(handler)
         if handler.unary_unary:
             return handler._replace(unary_unary=self._bounded(handler.unary_unary))
         if handler.stream_unary:
@@ -55,6 +61,40 @@ class CallSlots(grpc.ServerInterceptor):
         if handler.unary_stream:
             return handler._replace(unary_stream=self._bounded_stream(handler.unary_stream))
         return handler._replace(stream_stream=self._bounded_stream(handler.stream_stream))
+
+    def _waiting_handler(self, handler):
+        def refuse(context):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAIL)
+
+        def stream(behaviour):
+            def call(request, context):
+                if self.waiting is None or not self.waiting.acquire(blocking=False):
+                    refuse(context)
+                try:
+                    yield from behaviour(request, context)
+                finally:
+                    self.waiting.release()
+
+            return call
+
+        def unary(behaviour):
+            def call(request, context):
+                if self.waiting is None or not self.waiting.acquire(blocking=False):
+                    refuse(context)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    self.waiting.release()
+
+            return call
+
+        if handler.unary_unary:
+            return handler._replace(unary_unary=unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=stream(handler.unary_stream))
+        return handler._replace(stream_stream=stream(handler.stream_stream))
 
     def _bounded(self, behaviour):
         def call(request, context):
@@ -163,8 +203,9 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     `config.auth.reflection` is off). With `config.tls` the port takes TLS only (mTLS with `client_auth`); with a
     tokens file every call but health and reflection needs a bearer token of the right scope.
     Calls to the services beyond `max_concurrent_rpcs` are refused with RESOURCE_EXHAUSTED rather than
-    queued without bound, and `max_workers` of them run at once (`CallSlots`); health checks are outside
-    that bound and have threads of their own. Messages over `max_message_bytes` are refused by gRPC itself.
+    queued without bound, and `max_workers` of them run at once (`CallSlots`); a servicer's `waiting_methods`
+    (progress streams) are bounded apart by `max_waiting_calls` and take no running slot; health checks are outside
+    every bound and have threads of their own. Messages over `max_message_bytes` are refused by gRPC itself.
     Every call is measured (`telemetry.ServerTelemetry`) and, when the process traces, gets a span.
     """
     host, port = parse_address(config.listen)
@@ -179,7 +220,17 @@ def create_server(config: ServerConfig, bindings: Sequence[ServiceBinding]) -> t
     ]
     if config.max_connection_age_grace_seconds is not None:
         options.append(("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)))
-    slots = CallSlots(config.max_workers, config.max_concurrent_rpcs)
+    waiting_methods = {
+        f"/{binding.name}/{method}"
+        for binding in bindings
+        for method in getattr(binding.servicer, "waiting_methods", ())
+    }
+    slots = CallSlots(
+        config.max_workers,
+        config.max_concurrent_rpcs,
+        waiting_methods=waiting_methods,
+        waiting=config.max_waiting_calls,
+    )
     auth = security.server_interceptor(config.auth.tokens_file)
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=slots.limit + RESERVED_WORKERS, thread_name_prefix=config.service),

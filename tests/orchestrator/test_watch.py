@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from audio2video.common.v1 import common_pb2
@@ -21,6 +22,7 @@ from client.jobs import Connection, watch_events
 from deploy.ports import free_port
 from orchestrator.jobs import JobManager, JobRun
 from orchestrator.servicer import OrchestratorServicer
+from services.runtime.clients import create_channel
 from services.runtime.config import ServerConfig
 from services.runtime.errors import Cancelled
 from services.runtime.server import binding_for, create_server
@@ -230,3 +232,39 @@ def test_ctrl_c_at_a_terminal_asks_whether_to_cancel_the_job(orchestrator, store
     assert f"cancel job {job.id}? [y/N]" in err and f"cancelling job {job.id}" in err
     assert "Traceback" not in out + err
     assert wait_until(lambda: running.manager.get(job.id).state == pb.JOB_STATE_CANCELLED, timeout=10)
+
+
+@pytest.mark.integration
+def test_people_watching_their_jobs_never_keep_calls_from_running(store, key_prefix):
+    """Watch streams last as long as their jobs: they are bounded apart and take no running slot, so six watchers
+    on a server that runs one call at once (and admits two) leave it free for Get, List and Submit."""
+    pipeline = SteppedPipeline()
+    manager = JobManager(store, pipeline)
+    binding = binding_for(pb, orchestrator_pb2_grpc, "OrchestratorService", OrchestratorServicer(manager))
+    server, port = create_server(
+        ServerConfig(service="orchestrator", max_workers=1, max_concurrent_rpcs=2, max_waiting_calls=6), [binding]
+    )
+    server.start()
+    server.load_and_mark_serving()
+    try:
+        job = submit(manager, store, key_prefix)
+        channel = create_channel(f"127.0.0.1:{port}", [binding.name], timeout_seconds=30)
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        streams = [stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=30) for _ in range(6)]
+        snapshots = [next(stream) for stream in streams]  # all six are watching
+        assert all(s.HasField("snapshot") for s in snapshots)
+        started = time.monotonic()
+        assert stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=5).job.id == job.id
+        assert stub.ListJobs(pb.ListJobsRequest(), timeout=5).jobs
+        assert time.monotonic() - started < 3
+        with pytest.raises(grpc.RpcError) as refused:  # a seventh watcher is over its own bound
+            next(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        pipeline.release(STEPS)
+        for stream in streams:  # every watcher follows the job to its end
+            ended = [e.state_changed.current for e in stream if e.HasField("state_changed")]
+            assert pb.JOB_STATE_SUCCEEDED in ended
+    finally:
+        server.stop(0).wait()
+        for run in manager.runs.values():
+            run.stop.set()
