@@ -21,6 +21,9 @@ from services.runtime.status import grpc_errors
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Submit, watch, cancel and list render and training jobs."""
 
+    waiting_methods = ("WatchJob",)
+    """Streams that wait on a job for as long as it runs: bounded apart (A2V_MAX_WAITING_CALLS), no running slot."""
+
     def __init__(self, jobs: JobManager) -> None:
         self.jobs = jobs
 
