@@ -6,13 +6,17 @@ the generated stubs and the shared runtime only (and `services.lipsync.versions`
 
 from __future__ import annotations
 
+import hashlib
+import os
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
+import urllib3
 
 from audio2video.common.v1 import common_pb2
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
@@ -23,6 +27,7 @@ from services.lipsync.versions import stored_speakers
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, retry_delay, rpc_failure
 from services.runtime.config import Config, ConfigError, Env, service_address
+from services.runtime.keys import sha256_file
 from services.runtime.protos import object_ref
 from services.runtime.security import ClientSecurity
 
@@ -34,6 +39,8 @@ TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 JOB_STATES = ("queued", "pending", "running", "succeeded", "failed", "cancelled")
 DEFAULT_RECONNECT_SECONDS = 600.0
 DEFAULT_UPLOAD_MAX_BYTES = 2 * 1024**3
+TRANSFER_CHUNK_BYTES = 1 << 20
+DEFAULT_RPC_TIMEOUT_SECONDS = 60.0
 RECONNECT_CODES = {
     grpc.StatusCode.UNAVAILABLE,  # the orchestrator restarted or a connection broke
     grpc.StatusCode.CANCELLED,  # a server draining at shutdown cancels the streams it holds
@@ -61,11 +68,14 @@ def upload_limit(environ: Mapping[str, str]) -> int:
     return limit
 
 
-def upload(store: BlobStore, path: Path, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES) -> common_pb2.ObjectRef:
+def upload(
+    store: BlobStore | PresignedStore, path: Path, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
+) -> common_pb2.ObjectRef:
     """A local input into the object store, under its content hash (re-running stores nothing twice).
 
     Only a regular file (a link to one is followed) of at most `max_bytes`; it is hashed and sent in chunks,
-    never read whole into memory.
+    never read whole into memory. With a `PresignedStore` (no store credentials) it goes up with a plain HTTP PUT
+    to a URL the orchestrator signed, under the caller's own uploads prefix.
     """
     try:
         info = path.stat()
@@ -81,6 +91,8 @@ def upload(store: BlobStore, path: Path, *, max_bytes: int = DEFAULT_UPLOAD_MAX_
             status=2,
         )
     content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    if isinstance(store, PresignedStore):
+        return store.put_file(path, info.st_size, suffix=path.suffix.lower(), content_type=content_type)
     blob = store.put_file_content_addressed(
         "uploads",
         path,
@@ -89,6 +101,114 @@ def upload(store: BlobStore, path: Path, *, max_bytes: int = DEFAULT_UPLOAD_MAX_
         metadata={"filename": path.name},
     )
     return object_ref(blob)
+
+
+class PresignedStore:
+    """Uploads and downloads through URLs the orchestrator signs (PresignObject): no store credentials here.
+
+    A PUT carries exactly the size and hash it was signed for (the store refuses any other); a GET is checked
+    against the object's recorded sha256 before the file appears.
+    """
+
+    def __init__(self, orchestrator: orchestrator_pb2_grpc.OrchestratorServiceStub, environ: Mapping[str, str]):
+        self.orchestrator = orchestrator
+        env = Env(environ)
+        timeout = env.get_float("A2V_TRANSFER_TIMEOUT_SECONDS", 600.0, minimum=1.0, maximum=86400.0)
+        env.check()
+        self.http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=10.0, read=timeout), retries=urllib3.Retry(total=0)
+        )
+
+    def put_file(self, path: Path, size: int, *, suffix: str, content_type: str) -> common_pb2.ObjectRef:
+        """Upload `path` (`size` bytes) under its content hash; nothing is sent when the store holds it already."""
+        sha = sha256_file(path)
+        target = pb.UploadTarget(sha256=sha, size_bytes=size, suffix=suffix, content_type=content_type)
+        signed = self.orchestrator.PresignObject(pb.PresignObjectRequest(upload=target))
+        if signed.exists:
+            return signed.object
+        sent = hashlib.sha256()
+
+        def body() -> Iterator[bytes]:
+            left = size
+            with open(path, "rb") as handle:
+                while left > 0:
+                    chunk = handle.read(min(TRANSFER_CHUNK_BYTES, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                    sent.update(chunk)
+                    yield chunk
+
+        response = self._request(signed.method or "PUT", signed.url, body=body(), headers=dict(signed.headers))
+        try:
+            if response.status >= 300:
+                raise CommandError(f"the store refused the upload of {path}: {_s3_error(response)}")
+        finally:
+            response.release_conn()
+        if sent.hexdigest() != sha:
+            raise CommandError(f"{path} changed while it was uploaded: upload it again")
+        return signed.object
+
+    def get_file(self, job: pb.Job, path: Path, *, key: str = "") -> Path:
+        """Download the job's result (or `key` inside its folder) to `path`, atomically and checked."""
+        target = pb.DownloadTarget(job_id=job.id, key=key)
+        signed = self.orchestrator.PresignObject(pb.PresignObjectRequest(download=target))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            digest = hashlib.sha256()
+            response = self._request(signed.method or "GET", signed.url, preload_content=False)
+            try:
+                if response.status >= 300:
+                    raise CommandError(
+                        f"the store refused the download of job {job.id}'s result: {_s3_error(response)}"
+                    )
+                with os.fdopen(handle, "wb") as out:
+                    handle = -1
+                    for chunk in response.stream(TRANSFER_CHUNK_BYTES):
+                        digest.update(chunk)
+                        out.write(chunk)
+            finally:
+                response.release_conn()
+            if signed.object.sha256 and digest.hexdigest() != signed.object.sha256:
+                raise CommandError(f"the download of {signed.object.key} is corrupt (sha256 differs): try again")
+            os.replace(temp_name, path)
+        finally:
+            if handle >= 0:
+                os.close(handle)
+            if os.path.exists(temp_name):
+                os.unlink(temp_name)
+        return path
+
+    def _request(self, method: str, url: str, **kwargs) -> urllib3.BaseHTTPResponse:
+        try:
+            return self.http.request(method, url, **kwargs)
+        except urllib3.exceptions.HTTPError as exc:
+            raise CommandError(f"the object store at {url.split('?', 1)[0]} is unreachable: {exc}") from exc
+
+
+def _s3_error(response: urllib3.BaseHTTPResponse) -> str:
+    """The S3 error code and message of a refused request, on one line."""
+    text = response.data.decode(errors="replace") if response.data else ""
+    code = text.partition("<Code>")[2].partition("</Code>")[0]
+    message = text.partition("<Message>")[2].partition("</Message>")[0]
+    return f"HTTP {response.status} {code} {message}".strip()
+
+
+def store_credentials(environ: Mapping[str, str]) -> bool:
+    """Whether the environment names store credentials."""
+    return bool(environ.get("A2V_S3_ACCESS_KEY", "").strip() and environ.get("A2V_S3_SECRET_KEY", "").strip())
+
+
+def presigned(environ: Mapping[str, str]) -> bool:
+    """Whether uploads and downloads go through the orchestrator's presigned URLs.
+
+    A2V_PRESIGNED; by default whenever the environment has no store credentials (an outside caller).
+    """
+    env = Env(environ)
+    value = env.get_bool("A2V_PRESIGNED", not store_credentials(environ))
+    env.check()
+    return value
 
 
 class Connection:
@@ -101,10 +221,19 @@ class Connection:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = dict(stack_environment() if environ is None else environ)
         try:
-            config = Config.from_env("a2v", self.environ)
-            self.store = BlobStore.from_config(config.store)
+            self.presigned = presigned(self.environ)
+            # The store itself only with credentials (the evaluation tools and `a2v speakers` read it).
+            self.store = None
+            if store_credentials(self.environ):
+                config = Config.from_env("a2v", self.environ)
+                self.store = BlobStore.from_config(config.store)
+                self.timeout_seconds = config.rpc_timeout_seconds
             address = service_address("orchestrator", self.environ)
             env = Env(self.environ)
+            if self.store is None:
+                self.timeout_seconds = env.get_float(
+                    "A2V_RPC_TIMEOUT_SECONDS", DEFAULT_RPC_TIMEOUT_SECONDS, minimum=0.1, maximum=86400.0
+                )
             self.reconnect_seconds = env.get_float(
                 "A2V_WATCH_RECONNECT_SECONDS", DEFAULT_RECONNECT_SECONDS, minimum=0.0, maximum=7 * 86400.0
             )
@@ -113,7 +242,6 @@ class Connection:
             self.security = ClientSecurity.from_env(self.environ)
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
-        self.timeout_seconds = config.rpc_timeout_seconds
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(
             create_channel(
                 address,
@@ -123,13 +251,26 @@ class Connection:
                 security=self.security,
             )
         )
+        try:
+            self.transfers = PresignedStore(self.orchestrator, self.environ) if self.presigned else None
+        except ConfigError as exc:
+            raise CommandError(str(exc), status=2) from exc
+
+    @property
+    def uploads(self) -> BlobStore | PresignedStore:
+        """Where `upload` puts inputs: the orchestrator's presigned URLs, or the store with credentials."""
+        if self.transfers is not None:
+            return self.transfers
+        if self.store is None:
+            raise CommandError("no store credentials (A2V_S3_ACCESS_KEY) and A2V_PRESIGNED is off", status=2)
+        return self.store
 
     def train(self, speaker: str, videos: Sequence[Path], options: pb.TrainOptions | None = None) -> pb.Job:
         """Upload the speaker's videos and start a TrainSpeaker job."""
         spec = pb.TrainJobSpec(
             speaker=speaker,
             videos=[
-                pb.TrainingVideo(clip_id=v.stem, video=upload(self.store, v, max_bytes=self.upload_max_bytes))
+                pb.TrainingVideo(clip_id=v.stem, video=upload(self.uploads, v, max_bytes=self.upload_max_bytes))
                 for v in videos
             ],
             options=options,
@@ -139,8 +280,8 @@ class Connection:
     def render(self, speaker: str, audio: Path, video: Path, options: pb.JobOptions | None = None) -> pb.Job:
         """Upload the audio and the target video and start a render job."""
         spec = pb.RenderJobSpec(
-            audio=upload(self.store, audio, max_bytes=self.upload_max_bytes),
-            target_video=upload(self.store, video, max_bytes=self.upload_max_bytes),
+            audio=upload(self.uploads, audio, max_bytes=self.upload_max_bytes),
+            target_video=upload(self.uploads, video, max_bytes=self.upload_max_bytes),
             model=lipsync_pb2.ModelSpec(speaker=speaker),
             options=options,
         )
@@ -165,8 +306,11 @@ class Connection:
 
     def download(self, job: pb.Job, path: Path) -> Path:
         """Download a finished render job's video to `path`."""
+        uploads = self.uploads
+        if isinstance(uploads, PresignedStore):
+            return uploads.get_file(job, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.store.get_file(job.result.key, path, bucket=job.result.bucket or None)
+        uploads.get_file(job.result.key, path, bucket=job.result.bucket or None)
         return path
 
     def speakers(self) -> list[lipsync_pb2.DescribeModelResponse]:
@@ -174,6 +318,8 @@ class Connection:
 
         The lipsync stage asks TF Serving for the serving state.
         """
+        if self.store is None:
+            raise CommandError("a2v speakers reads the object store: it needs store credentials (A2V_S3_ACCESS_KEY)")
         try:
             address = service_address("lipsync", self.environ)
         except ConfigError as exc:

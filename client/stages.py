@@ -14,7 +14,15 @@ from google.protobuf import json_format
 
 from audio2video.common.v1 import common_pb2
 from client.environment import stack_environment
-from client.jobs import DEFAULT_UPLOAD_MAX_BYTES, CommandError, upload, upload_limit
+from client.jobs import (
+    DEFAULT_UPLOAD_MAX_BYTES,
+    CommandError,
+    Connection,
+    PresignedStore,
+    presigned,
+    upload,
+    upload_limit,
+)
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel
 from services.runtime.config import Config, ConfigError, service_address
@@ -57,10 +65,11 @@ def describe_stages() -> str:
     return "\n".join(lines)
 
 
-def upload_references(value, store: BlobStore, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES):
+def upload_references(value, store: BlobStore | PresignedStore, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES):
     """Replace every {"key": "@PATH"} in a request's JSON by the uploaded file's key and bucket.
 
     Each PATH must be a regular file of at most `max_bytes` (A2V_UPLOAD_MAX_BYTES); it is streamed, not read whole.
+    Without store credentials it goes up through a URL the orchestrator signs (`PresignedStore`).
     """
     if isinstance(value, dict):
         key = value.get("key")
@@ -91,8 +100,11 @@ def call_stage(
         raise CommandError(f"the request is not JSON: {exc}", status=2) from exc
     if any(isinstance(v, str) and v.startswith("@") for v in _strings(request_value)):
         try:
-            store = BlobStore.from_config(Config.from_env("a2v", environ).store)
             max_bytes = upload_limit(environ)
+            if presigned(environ):
+                store = Connection(environ).uploads
+            else:
+                store = BlobStore.from_config(Config.from_env("a2v", environ).store)
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
         request_value = upload_references(request_value, store, max_bytes=max_bytes)

@@ -11,9 +11,11 @@ from orchestrator import metrics
 from orchestrator.jobs import JobLimits, JobManager
 from orchestrator.leases import Leases
 from orchestrator.pipeline import DEFAULT_SERVE_WAIT_SECONDS, Pipeline, RetryPolicy, StageClients
+from orchestrator.presign import Callers, Presigner, PresignSettings
 from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, Env, parse_address
+from services.runtime.errors import FailedPrecondition, InvalidInput
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
@@ -24,8 +26,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     waiting_methods = ("WatchJob",)
     """Streams that wait on a job for as long as it runs: bounded apart (A2V_MAX_WAITING_CALLS), no running slot."""
 
-    def __init__(self, jobs: JobManager) -> None:
+    def __init__(self, jobs: JobManager, presigner: Presigner | None = None, callers: Callers | None = None) -> None:
         self.jobs = jobs
+        self.presigner = presigner
+        self.callers = callers or Callers()
 
     @grpc_errors
     def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
@@ -61,6 +65,18 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             state=request.state, kind=request.kind, speaker=request.speaker, page_size=request.page_size
         )
         return pb.ListJobsResponse(jobs=jobs)
+
+    @grpc_errors
+    def PresignObject(self, request: pb.PresignObjectRequest, context) -> pb.PresignObjectResponse:
+        """A presigned PUT of an input under the caller's uploads prefix, or GET of a job's result."""
+        if self.presigner is None:
+            raise FailedPrecondition("this orchestrator hands out no presigned URLs")
+        target = request.WhichOneof("target")
+        if target == "upload":
+            return self.presigner.upload(self.callers.name(context), request.upload)
+        if target == "download":
+            return self.presigner.download(self.jobs.get(request.download.job_id), request.download.key)
+        raise InvalidInput("say what the URL is for: upload or download")
 
 
 def replica_id(config: Config) -> str:
@@ -98,4 +114,6 @@ def bindings(config: Config) -> list[ServiceBinding]:
         wait_for_store(store)
         jobs.resume()
 
-    return [binding_for(pb, orchestrator_pb2_grpc, "OrchestratorService", OrchestratorServicer(jobs), load=load)]
+    presigner = Presigner(store, config.store, PresignSettings.from_env())
+    servicer = OrchestratorServicer(jobs, presigner, Callers(config.server.auth.tokens_file))
+    return [binding_for(pb, orchestrator_pb2_grpc, "OrchestratorService", servicer, load=load)]

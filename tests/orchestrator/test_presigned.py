@@ -1,0 +1,203 @@
+"""Presigned URLs (OrchestratorService.PresignObject): outside callers move inputs and results without store
+credentials (issue 16, item 3).
+
+Everything real: the S3 server of the session (`weed mini`), the orchestrator's gRPC server on loopback with the
+token check on, `a2v`'s Connection with no store credentials in its environment, plain HTTP PUTs and GETs.
+What the store enforces is tried against it: a body of another size than signed, a key other than signed, an
+expired URL (weed refuses each: SignatureDoesNotMatch, AccessDenied "Request has expired").
+"""
+
+import json
+import time
+import uuid
+
+import grpc
+import pytest
+import urllib3
+
+from audio2video.common.v1 import common_pb2
+from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
+from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
+from client.jobs import Connection, PresignedStore, upload
+from orchestrator.jobs import JobManager, manifest_key
+from orchestrator.presign import Callers, Presigner, PresignSettings
+from orchestrator.servicer import OrchestratorServicer
+from services.runtime.clients import create_channel
+from services.runtime.config import AuthConfig, ServerConfig
+from services.runtime.keys import sha256_bytes
+from services.runtime.protos import store_result
+from services.runtime.security import ClientSecurity
+from services.runtime.server import binding_for, create_server
+
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab", "audio": "audio-token-0123456789"}
+SCOPES = {"alice": ["jobs"], "bob": ["jobs"], "audio": ["stage:audio"]}
+LIMIT = 64 * 1024
+
+
+class NoPipeline:
+    """Nothing here runs a job: the jobs of these tests are written as finished manifests."""
+
+
+@pytest.fixture()
+def orchestrator(store, s3_server, tmp_path):
+    """The orchestrator's gRPC server on loopback with tokens on; yields (address, store)."""
+    store.ensure_bucket()
+    tokens = tmp_path / "tokens.json"
+    callers = [{"name": name, "token": token, "scopes": SCOPES[name]} for name, token in TOKENS.items()]
+    tokens.write_text(json.dumps({"callers": callers}))
+    settings = PresignSettings(public_endpoint=f"localhost:{s3_server.port}", seconds=120, upload_max_bytes=LIMIT)
+    servicer = OrchestratorServicer(
+        JobManager(store, NoPipeline()), Presigner(store, s3_server.config(), settings), Callers(str(tokens))
+    )
+    binding = binding_for(pb, orchestrator_pb2_grpc, "OrchestratorService", servicer)
+    config = ServerConfig(service="orchestrator", auth=AuthConfig(tokens_file=str(tokens)))
+    server, port = create_server(config, [binding])
+    server.start()
+    server.load_and_mark_serving()
+    yield f"127.0.0.1:{port}"
+    server.stop(0).wait()
+
+
+def outside_caller(address: str, name: str = "alice") -> dict[str, str]:
+    """An `a2v` environment with the orchestrator's address and a token, and no store credentials at all."""
+    return {"A2V_ORCHESTRATOR_ADDR": address, "A2V_AUTH_TOKEN": TOKENS[name], "A2V_UPLOAD_MAX_BYTES": str(LIMIT)}
+
+
+def stub(address: str, name: str | None = "alice") -> orchestrator_pb2_grpc.OrchestratorServiceStub:
+    security = ClientSecurity(token=TOKENS[name] if name else "")
+    return orchestrator_pb2_grpc.OrchestratorServiceStub(
+        create_channel(address, ["audio2video.orchestrator.v1.OrchestratorService"], security=security)
+    )
+
+
+def finished_job(store, files: dict[str, bytes]) -> pb.Job:
+    """A SUCCEEDED render job whose result is its first file, each file stored under jobs/<id>/."""
+    job_id = uuid.uuid4().hex
+    refs = {}
+    for name, data in files.items():
+        blob = store.put_bytes(f"jobs/{job_id}/{name}", data, content_type="video/mp4")
+        refs[name] = common_pb2.ObjectRef(
+            bucket=blob.bucket, key=blob.key, sha256=blob.sha256, size_bytes=blob.size_bytes
+        )
+    job = pb.Job(id=job_id, kind=pb.JOB_KIND_RENDER, state=pb.JOB_STATE_SUCCEEDED, result=next(iter(refs.values())))
+    store_result(store, manifest_key(job_id), job)
+    return job
+
+
+def test_a2v_without_store_credentials_uploads_and_downloads_through_presigned_urls(orchestrator, store, tmp_path):
+    connection = Connection(outside_caller(orchestrator))
+    assert connection.store is None and isinstance(connection.uploads, PresignedStore)
+    data = uuid.uuid4().bytes * 2000  # 32 kB, unique to this test
+    source = tmp_path / "speech.wav"
+    source.write_bytes(data)
+
+    ref = upload(connection.uploads, source, max_bytes=connection.upload_max_bytes)
+
+    assert ref.key == f"uploads/alice/{sha256_bytes(data)}.wav"
+    assert store.get_bytes(ref.key) == data  # checked against the sha256 recorded with it
+    assert store.stat(ref.key).content_type == "audio/wav"
+    # The same content again: the store has it, nothing is sent.
+    again = connection.uploads.orchestrator.PresignObject(
+        pb.PresignObjectRequest(upload=pb.UploadTarget(sha256=ref.sha256, size_bytes=len(data), suffix=".wav"))
+    )
+    assert again.exists and not again.url and again.object.key == ref.key
+    assert upload(connection.uploads, source).key == ref.key
+
+    job = finished_job(store, {"out.mp4": b"mp4 bytes " * 500})
+    out = connection.download(job, tmp_path / "got" / "out.mp4")
+    assert out.read_bytes() == b"mp4 bytes " * 500
+    # The URLs are on the public endpoint (the store as callers reach it), not the orchestrator's own.
+    signed = stub(orchestrator).PresignObject(pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=job.id)))
+    assert signed.url.startswith("http://localhost:") and signed.method == "GET"
+
+
+def test_each_caller_uploads_under_its_own_prefix(orchestrator, tmp_path):
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(b"same bytes" * 100)
+    alice = upload(Connection(outside_caller(orchestrator, "alice")).uploads, source)
+    bob = upload(Connection(outside_caller(orchestrator, "bob")).uploads, source)
+    assert alice.key.startswith("uploads/alice/") and bob.key.startswith("uploads/bob/")
+
+
+def test_a_url_for_another_jobs_folder_or_anything_else_is_refused(orchestrator, store):
+    mine = finished_job(store, {"out.mp4": b"mine", "extra.txt": b"also mine"})
+    theirs = finished_job(store, {"out.mp4": b"theirs"})
+    orchestrator_stub = stub(orchestrator)
+
+    def ask(key: str, job_id: str = mine.id):
+        request = pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=job_id, key=key))
+        return orchestrator_stub.PresignObject(request)
+
+    assert ask(f"jobs/{mine.id}/extra.txt").object.sha256 == sha256_bytes(b"also mine")
+    for key in (theirs.result.key, f"jobs/{theirs.id}/job.json", "uploads/alice/x.wav", "models/x/1/card.json"):
+        with pytest.raises(grpc.RpcError) as refused:
+            ask(key)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, key
+    with pytest.raises(grpc.RpcError) as bad:
+        ask(f"jobs/{mine.id}/../{theirs.id}/out.mp4")
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as unknown:
+        ask("", job_id="nosuchjob")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_job_that_has_not_succeeded_has_no_result_to_download(orchestrator, store):
+    job = pb.Job(id=uuid.uuid4().hex, kind=pb.JOB_KIND_RENDER, state=pb.JOB_STATE_FAILED)
+    store_result(store, manifest_key(job.id), job)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub(orchestrator).PresignObject(pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=job.id)))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_the_rpc_needs_the_jobs_scope(orchestrator):
+    request = pb.PresignObjectRequest(upload=pb.UploadTarget(sha256="0" * 64, size_bytes=1))
+    for caller, code in (("audio", grpc.StatusCode.PERMISSION_DENIED), (None, grpc.StatusCode.UNAUTHENTICATED)):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub(orchestrator, caller).PresignObject(request)
+        assert refused.value.code() == code
+
+
+def test_an_upload_over_the_limit_is_refused_and_the_store_holds_a_put_to_what_was_signed(orchestrator, store):
+    orchestrator_stub = stub(orchestrator)
+    with pytest.raises(grpc.RpcError) as too_large:
+        orchestrator_stub.PresignObject(
+            pb.PresignObjectRequest(upload=pb.UploadTarget(sha256="1" * 64, size_bytes=LIMIT + 1))
+        )
+    assert too_large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    data = uuid.uuid4().bytes * 64
+    signed = orchestrator_stub.PresignObject(
+        pb.PresignObjectRequest(upload=pb.UploadTarget(sha256=sha256_bytes(data), size_bytes=len(data)))
+    )
+    http = urllib3.PoolManager()
+    headers = dict(signed.headers)
+    bigger = data + b"more than was signed"
+    refusals = {
+        "a larger body": http.request(
+            "PUT", signed.url, body=bigger, headers={**headers, "Content-Length": str(len(bigger))}
+        ),
+        "another hash": http.request("PUT", signed.url, body=data, headers={**headers, "x-amz-meta-sha256": "2" * 64}),
+        "another key": http.request(
+            "PUT", signed.url.replace("/uploads/alice/", "/uploads/bob/"), body=data, headers=headers
+        ),
+        "no length (chunked)": http.request(
+            "PUT", signed.url, body=iter([data]), headers={k: v for k, v in headers.items() if k != "Content-Length"}
+        ),
+    }
+    for what, response in refusals.items():
+        assert response.status == 403, (what, response.data[:200])
+    assert not store.exists(signed.object.key)
+    assert not store.exists(signed.object.key.replace("/alice/", "/bob/"))
+    assert http.request("PUT", signed.url, body=data, headers=headers).status == 200
+    assert store.get_bytes(signed.object.key) == data
+
+
+def test_an_expired_url_is_refused_by_the_store(store, s3_server):
+    store.ensure_bucket()
+    presigner = Presigner(store, s3_server.config(), PresignSettings(seconds=1))
+    data = uuid.uuid4().bytes
+    signed = presigner.upload("alice", pb.UploadTarget(sha256=sha256_bytes(data), size_bytes=len(data)))
+    time.sleep(2.5)
+    response = urllib3.PoolManager().request("PUT", signed.url, body=data, headers=dict(signed.headers))
+    assert response.status == 403 and b"expired" in response.data
+    assert not store.exists(signed.object.key)
