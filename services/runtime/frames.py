@@ -141,3 +141,53 @@ def decode_frames(data: bytes, *, indices: np.ndarray | list[int] | None = None)
         image = image.reshape(shape[1:])
         out[row] = image
     return out
+
+
+class FramesReader:
+    """Reads an `encode_frames` archive from a file one frame at a time: the stack is never whole in memory.
+
+    A consumer of a long video's crops (the texture stage's target) decodes frame after frame from the archive
+    on disk instead of the whole stack at once; frames come out bit-exact, as `decode_frames` gives them.
+    """
+
+    def __init__(self, file: str | BinaryIO) -> None:
+        try:
+            self._archive = zipfile.ZipFile(file)
+            header = json.loads(self._archive.read("header.json"))
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            raise InvalidInput(f"not a frame archive: {exc}") from exc
+        if header.get("format") != FRAMES_FORMAT:
+            self._archive.close()
+            raise InvalidInput(f"unknown frame archive format {header.get('format')!r}")
+        self.shape: tuple[int, ...] = tuple(int(v) for v in header["shape"])
+        """The stack's shape [F, h, w(, C)]."""
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, index: int) -> np.ndarray:
+        """Frame `index`, uint8 [h, w(, C)]."""
+        if not 0 <= index < self.shape[0]:
+            raise InvalidInput(f"crop index {index} out of range [0, {self.shape[0]})")
+        try:
+            png = np.frombuffer(self._archive.read(f"{int(index):06d}.png"), dtype=np.uint8)
+        except KeyError as exc:
+            raise InvalidInput(f"frame archive lacks frame {int(index)}") from exc
+        image = cv2.imdecode(png, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise InvalidInput(f"frame {int(index)} of the frame archive is corrupt")
+        return image.reshape(self.shape[1:])
+
+    def __iter__(self):
+        for index in range(self.shape[0]):
+            yield self.read(index)
+
+    def close(self) -> None:
+        """Close the archive (and the file, when it was opened from a path)."""
+        self._archive.close()
+
+    def __enter__(self) -> FramesReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -35,7 +35,8 @@ the result is independent of the summation order and equals the sort-based refer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 import cv2
@@ -45,6 +46,7 @@ from scipy.ndimage import gaussian_filter1d
 from services.runtime.canonical import CanonicalGeometry
 from services.runtime.errors import Cancelled, InvalidInput, NoFace
 from services.runtime.morphology import dilate_ellipse
+from services.texture.spill import DEFAULT_RESIDENT_ROWS, RowCache, SpilledFrames, SpillWriter
 
 MOUTH_POINTS = 20
 JAW_POINTS = 17
@@ -73,6 +75,7 @@ __all__ = [
     "mouth_region_mask",
     "pose_distances",
     "pose_penalty",
+    "prepare_spilled_target",
     "prepare_target",
     "quantize_weights",
     "select_candidates",
@@ -193,6 +196,9 @@ class TargetBank:
             where unknown).
         spread: Mean squared distance of the usable translation-free mouth shapes from their mean (canonical
             units^2): the scale of the pose penalty.
+        spill: The crops and voting masks on disk (`prepare_spilled_target`), or None when they are in memory. A
+            spilled bank's `crops`, `luma`, `masks` and `holes` are empty: `synthesize` reads the candidates' rows
+            into a bounded `RowCache`, so its memory does not grow with the target's length.
     """
 
     geometry: CanonicalGeometry
@@ -210,6 +216,7 @@ class TargetBank:
     hole_starts: np.ndarray
     poses: np.ndarray | None = None
     spread: float = 0.0
+    spill: SpilledFrames | None = None
 
     @property
     def frame_count(self) -> int:
@@ -225,6 +232,11 @@ class TargetBank:
     def crop_shape(self) -> tuple[int, int]:
         """(H, W) of a crop."""
         return self.geometry.crop_shape
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the crops are on disk (`spill`) rather than in the bank's arrays."""
+        return self.spill is not None
 
     @property
     def nbytes(self) -> int:
@@ -336,13 +348,8 @@ def prepare_target(
         InvalidInput: wrong shapes or dtypes.
         NoFace: no frame has a face and a finite mouth shape.
     """
-    s = _check_shapes("target mouth shapes", shapes, MOUTH_POINTS)
+    s, v, jaw, poses = _check_target(shapes, face_valid, geometry, jaw_lines, head_pose)
     m = len(s)
-    if m == 0:
-        raise InvalidInput("the target has no frame (mouth shapes [0, 20, 2])")
-    v = np.asarray(face_valid)
-    if v.shape != (m,):
-        raise InvalidInput(f"face_valid must be [{m}] like the mouth shapes, got {v.shape}")
     h, w = geometry.crop_shape
     c = np.asarray(crops)
     if c.dtype != np.uint8 or c.shape != (m, h, w, 3):
@@ -352,25 +359,7 @@ def prepare_target(
         k = k.view(np.uint8)
     if k.dtype != np.uint8 or k.shape != (m, h, w):
         raise InvalidInput(f"crop_masks must be uint8 [{m}, {h}, {w}], got {k.dtype} {k.shape}")
-    jaw = None
-    if jaw_lines is not None:
-        jaw = _check_shapes("target jaw lines", jaw_lines, JAW_POINTS)
-        if len(jaw) != m:
-            raise InvalidInput(f"jaw lines must be [{m}, 17, 2] like the mouth shapes, got {jaw.shape}")
-        jaw = jaw.astype(np.float32, copy=False)
-    poses = None
-    if head_pose is not None:
-        hp = np.asarray(head_pose, dtype=np.float64)
-        if hp.ndim != 2 or hp.shape[0] != m or hp.shape[1] < 2:
-            raise InvalidInput(f"head pose must be float [{m}, >= 2] (yaw, pitch first), got {hp.shape}")
-        poses = np.ascontiguousarray(hp[:, :2])
-    s = s.astype(np.float32, copy=False)
-    usable = v.astype(bool) & np.isfinite(s).all(axis=(1, 2))
-    if not usable.any():
-        raise NoFace(f"the target has no frame with a face and a finite mouth shape (of {m} frames)")
-    index = np.flatnonzero(usable)
-    sv = s[index].astype(np.float64)
-    centred = (sv - sv.mean(axis=1, keepdims=True)).reshape(len(index), 2 * MOUTH_POINTS)
+    usable, index, centred = _usable_shapes(s, v)
     p = h * w
     c = np.ascontiguousarray(c)
     # One cvtColor over the stack seen as a single tall image.
@@ -407,6 +396,134 @@ def prepare_target(
     )
 
 
+def _check_target(
+    shapes: np.ndarray,
+    face_valid: np.ndarray,
+    geometry: CanonicalGeometry,
+    jaw_lines: np.ndarray | None,
+    head_pose: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Checked float32 shapes [M, 20, 2], validity [M], float32 jaw lines or None, float64 poses [M, 2] or None."""
+    s = _check_shapes("target mouth shapes", shapes, MOUTH_POINTS)
+    m = len(s)
+    if m == 0:
+        raise InvalidInput("the target has no frame (mouth shapes [0, 20, 2])")
+    v = np.asarray(face_valid)
+    if v.shape != (m,):
+        raise InvalidInput(f"face_valid must be [{m}] like the mouth shapes, got {v.shape}")
+    jaw = None
+    if jaw_lines is not None:
+        jaw = _check_shapes("target jaw lines", jaw_lines, JAW_POINTS)
+        if len(jaw) != m:
+            raise InvalidInput(f"jaw lines must be [{m}, 17, 2] like the mouth shapes, got {jaw.shape}")
+        jaw = jaw.astype(np.float32, copy=False)
+    poses = None
+    if head_pose is not None:
+        hp = np.asarray(head_pose, dtype=np.float64)
+        if hp.ndim != 2 or hp.shape[0] != m or hp.shape[1] < 2:
+            raise InvalidInput(f"head pose must be float [{m}, >= 2] (yaw, pitch first), got {hp.shape}")
+        poses = np.ascontiguousarray(hp[:, :2])
+    return s.astype(np.float32, copy=False), v, jaw, poses
+
+
+def _usable_shapes(s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Usable frames bool [M], their indices [V] and their centred shapes float64 [V, 40]; NoFace when none."""
+    usable = v.astype(bool) & np.isfinite(s).all(axis=(1, 2))
+    if not usable.any():
+        raise NoFace(f"the target has no frame with a face and a finite mouth shape (of {len(s)} frames)")
+    index = np.flatnonzero(usable)
+    sv = s[index].astype(np.float64)
+    centred = (sv - sv.mean(axis=1, keepdims=True)).reshape(len(index), 2 * MOUTH_POINTS)
+    return usable, index, centred
+
+
+def prepare_spilled_target(
+    shapes: np.ndarray,
+    face_valid: np.ndarray,
+    crops: Iterable[np.ndarray],
+    crop_masks: Iterable[np.ndarray],
+    geometry: CanonicalGeometry,
+    folder: str,
+    *,
+    jaw_lines: np.ndarray | None = None,
+    head_pose: np.ndarray | None = None,
+) -> TargetBank:
+    """`prepare_target` for a target too long to hold in memory: its crops go to a spill file in `folder`.
+
+    The crops and masks are consumed one frame at a time (e.g. `runtime.frames.FramesReader` over the analysis'
+    archives on disk) and written to `folder/crops.spill` (`spill.SpilledFrames`, 3.125 bytes per crop pixel);
+    the bank keeps the shapes, poses and one flag per frame. `synthesize` then gives the same textures as with
+    `prepare_target`'s bank, bit for bit, holding a bounded number of rows (`RowCache`).
+
+    Args:
+        shapes: float32 [M, 20, 2] canonical mouth shapes, as `prepare_target`.
+        face_valid: bool/uint8 [M] face found.
+        crops: M uint8 [H, W, 3] BGR crops, in frame order.
+        crop_masks: M uint8/bool [H, W] masks, in frame order.
+        geometry: The analysis' canonical geometry.
+        folder: Scratch folder for the spill file, removed (with the file) when the bank's spill is closed or
+            garbage collected.
+        jaw_lines: Optional float32 [M, 17, 2] canonical jaw lines, as `prepare_target`.
+        head_pose: Optional float [M, >= 2] head yaw and pitch (radians) first, as `prepare_target`.
+
+    Returns:
+        The TargetBank with `spill` set and empty `crops`, `luma`, `masks` and `holes`.
+
+    Raises:
+        InvalidInput: wrong shapes or dtypes, or not M crops and masks.
+        NoFace: no frame has a face and a finite mouth shape.
+    """
+    s, v, jaw, poses = _check_target(shapes, face_valid, geometry, jaw_lines, head_pose)
+    m = len(s)
+    h, w = geometry.crop_shape
+    usable, index, centred = _usable_shapes(s, v)
+    outline = _FaceOutline(geometry)
+    full = np.zeros(m, bool)
+    writer = SpillWriter(os.path.join(folder, "crops.spill"), (h, w))
+    try:
+        count = 0
+        for crop, mask in zip(crops, crop_masks, strict=False):
+            if count >= m:
+                raise InvalidInput(f"more crops than the {m} frames of the mouth shapes")
+            c, k = np.asarray(crop), np.asarray(mask)
+            if k.dtype == np.bool_:
+                k = k.view(np.uint8)
+            if c.dtype != np.uint8 or c.shape != (h, w, 3):
+                raise InvalidInput(f"crop {count} must be uint8 [{h}, {w}, 3], got {c.dtype} {c.shape}")
+            if k.dtype != np.uint8 or k.shape != (h, w):
+                raise InvalidInput(f"crop mask {count} must be uint8 [{h}, {w}], got {k.dtype} {k.shape}")
+            if jaw is not None:
+                k = k & outline.mask(jaw[count]) if usable[count] else k
+            full[count] = bool((k != 0).all())
+            writer.add(c, k)
+            count += 1
+        if count != m:
+            raise InvalidInput(f"{count} crops and masks for the {m} frames of the mouth shapes")
+    except BaseException:
+        writer.abort()
+        raise
+    spill = writer.finish(folder=folder)
+    p = h * w
+    return TargetBank(
+        geometry=geometry,
+        shapes=s,
+        jaw_lines=jaw,
+        face_valid=usable,
+        index=index,
+        centred=centred,
+        centred_sq=(centred**2).sum(axis=1),
+        crops=np.zeros((0, p, 3), np.uint8),
+        luma=np.zeros((0, p), np.uint8),
+        masks=np.zeros((0, p), np.uint8),
+        full_mask=full,
+        holes=np.zeros(0, np.int32),
+        hole_starts=np.zeros(1, np.int64),
+        poses=poses,
+        spread=float(((centred - centred.mean(axis=0)) ** 2).sum(axis=1).mean()),
+        spill=spill,
+    )
+
+
 FACE_MASK_MARGIN = 0.012
 """Canonical units a crop's voting mask stays inside its face outline (~4 crop pixels): the outline's pixels
 mix face and background, and dlib's jaw points wander by about this much."""
@@ -429,19 +546,36 @@ def face_masks(
     """
     jaw = np.asarray(jaw_lines, dtype=np.float64)
     h, w = geometry.crop_shape
-    left, top, right, bottom = geometry.crop_region
-    px_per_unit = 0.5 * (w / (right - left) + h / (bottom - top))
-    r = int(round(margin * px_per_unit))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) if r > 0 else None
+    outline = _FaceOutline(geometry, margin=margin)
     out = np.ones((len(jaw), h, w), np.uint8)
     for i in np.flatnonzero(np.asarray(valid, bool) & np.isfinite(jaw).all(axis=(1, 2))):
-        outline = geometry.canonical_to_crop(jaw[i])
+        out[i] = outline.mask(jaw[i])
+    return out
+
+
+class _FaceOutline:
+    """One frame's face mask at a time (`face_masks`' per-frame work)."""
+
+    def __init__(self, geometry: CanonicalGeometry, *, margin: float = FACE_MASK_MARGIN) -> None:
+        self.geometry = geometry
+        h, w = geometry.crop_shape
+        left, top, right, bottom = geometry.crop_region
+        px_per_unit = 0.5 * (w / (right - left) + h / (bottom - top))
+        r = int(round(margin * px_per_unit))
+        self.kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) if r > 0 else None
+
+    def mask(self, jaw: np.ndarray) -> np.ndarray:
+        """uint8 [H, W] face mask of one canonical jaw line [17, 2]; all ones when it is not finite."""
+        h, w = self.geometry.crop_shape
+        jaw = np.asarray(jaw, dtype=np.float64)
+        if not np.isfinite(jaw).all():
+            return np.ones((h, w), np.uint8)
+        outline = self.geometry.canonical_to_crop(jaw)
         mask = np.zeros((h + 2, w + 2), np.uint8)  # one pixel of border: the erosion sees the crop's edge as face
         cv2.fillPoly(mask, [np.round((outline + 1.0) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-        if kernel is not None:
-            mask = cv2.erode(mask, kernel, borderType=cv2.BORDER_REPLICATE)
-        out[i] = mask[1:-1, 1:-1]
-    return out
+        if self.kernel is not None:
+            mask = cv2.erode(mask, self.kernel, borderType=cv2.BORDER_REPLICATE)
+        return mask[1:-1, 1:-1]
 
 
 # ---------------------------------------------------------------------- candidate selection
@@ -883,8 +1017,33 @@ def flicker(frames: np.ndarray, region: np.ndarray, valid: np.ndarray | None = N
 Progress = Callable[[int, int], None]
 
 
+class _Rows:
+    """Where `_texture` reads the candidates' crops, luminance and masks.
+
+    The bank's own arrays (slot = target frame) or a spilled bank's `RowCache` (slot = the cache's row holding
+    the frame).
+    """
+
+    def __init__(self, bank: TargetBank, cache: RowCache | None = None) -> None:
+        self.cache = cache
+        source = cache if cache is not None else bank
+        self.crops, self.luma, self.masks = source.crops, source.luma, source.masks
+        self._holes, self._starts = bank.holes, bank.hole_starts
+
+    def slots(self, frames: np.ndarray) -> np.ndarray:
+        """The rows of target frames `frames` (read into the cache when spilled)."""
+        return frames if self.cache is None else self.cache.load(frames)
+
+    def holes(self, frame: int, slot: int) -> np.ndarray:
+        """Pixels where target frame `frame` (in row `slot`) does not vote."""
+        if self.cache is not None:
+            return self.cache.holes(slot)
+        return self._holes[self._starts[frame] : self._starts[frame + 1]]
+
+
 def _texture(
     bank: TargetBank,
+    rows: _Rows,
     cand: np.ndarray,
     weights: np.ndarray,
     mean_shape: np.ndarray,
@@ -892,10 +1051,10 @@ def _texture(
     median: Callable[..., tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """One frame's texture uint8 [P, 3] and texture mask uint8 [P] from candidates (target frame indices)."""
-    h, w = bank.crop_shape
     q = quantize_weights(weights)
     keep = q > 0  # candidates whose weight rounds to 0 cannot vote
     cand, q = cand[keep], q[keep]
+    slot = rows.slots(cand)
     pixels = None
     region = None
     if options.median_region == "mouth":
@@ -905,32 +1064,32 @@ def _texture(
         pixels = np.flatnonzero(region > 0)
     full = bool(bank.full_mask[cand].all())
 
-    def gather(bank_array: np.ndarray) -> np.ndarray:
+    def gather(row_array: np.ndarray) -> np.ndarray:
         # Rows, then np.take on the pixel axis: C-ordered (a[rows][:, cols] would come back Fortran-ordered).
-        rows = bank_array[cand]
-        return rows if pixels is None else np.take(rows, pixels, axis=1)
+        picked = row_array[slot]
+        return picked if pixels is None else np.take(picked, pixels, axis=1)
 
-    values = gather(bank.luma)
+    values = gather(rows.luma)
     cols = np.arange(len(values[0]))
     if options.median_mode == "luminance" and pixels is None and median is weighted_median and not full:
         # The bank's luminance holds 255 where a crop does not vote: the voting weight per pixel comes from its
         # holes, and the masks themselves are read only for the pixels whose median is 255.
         wf = q.astype(np.float32)
         total = np.full(len(cols), wf.sum(), dtype=np.float32)
-        for row, frame in enumerate(cand.tolist()):
-            total[bank.holes[bank.hole_starts[frame] : bank.hole_starts[frame + 1]]] -= wf[row]
-        _, chosen = _bitwise_median(values, q, wf, total, lambda c: bank.masks[cand][:, c] != 0)
+        for row, (frame, at) in enumerate(zip(cand.tolist(), slot.tolist(), strict=True)):
+            total[rows.holes(frame, at)] -= wf[row]
+        _, chosen = _bitwise_median(values, q, wf, total, lambda c: rows.masks[slot][:, c] != 0)
         covered = chosen >= 0
-        colour = bank.crops[cand[np.maximum(chosen, 0)], cols]
+        colour = rows.crops[slot[np.maximum(chosen, 0)], cols]
         colour[~covered] = 0
         return colour, covered.astype(np.uint8)
-    valid = None if full else gather(bank.masks)
+    valid = None if full else gather(rows.masks)
     if options.median_mode == "luminance":
         _, chosen = median(values, q, valid)
         covered = chosen >= 0
-        colour = bank.crops[cand[np.maximum(chosen, 0)], cols if pixels is None else pixels]
+        colour = rows.crops[slot[np.maximum(chosen, 0)], cols if pixels is None else pixels]
     else:
-        crops = gather(bank.crops)
+        crops = gather(rows.crops)
         colour = np.empty((len(cols), 3), np.uint8)
         covered = None
         for ch in range(3):
@@ -940,9 +1099,9 @@ def _texture(
     if pixels is None:
         return colour, covered.astype(np.uint8)
     # Mouth region only: the best candidate's pixels elsewhere, cross-faded through the feather.
-    best = cand[0]
-    out = bank.crops[best].copy()
-    cover = bank.masks[best].copy()
+    best = slot[0]
+    out = rows.crops[best].copy()
+    cover = rows.masks[best].copy()
     a = region[pixels][:, None]
     base = out[pixels].astype(np.float32)
     mixed = np.where(covered[:, None], a * colour + (1.0 - a) * base, base)
@@ -962,6 +1121,7 @@ def synthesize(
     reference: bool = False,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resident_rows: int = DEFAULT_RESIDENT_ROWS,
 ) -> TextureChunk:
     """Synthesize the canonical lower-face textures of output frames [start, stop).
 
@@ -980,6 +1140,9 @@ def synthesize(
         reference: Use the naive sort-based median (`weighted_median_reference`); slow, for benchmarks.
         progress: Called as progress(done, n) after each frame.
         should_stop: Polled before each frame; True raises Cancelled.
+        resident_rows: For a spilled bank (`prepare_spilled_target`), target frames whose rows this call holds
+            in memory at once (at least one frame's candidates); the memory of a call does not depend on the
+            target's length. Ignored for a bank in memory.
 
     Returns:
         The TextureChunk.
@@ -1043,11 +1206,12 @@ def synthesize(
     textures = np.zeros((n, h * w, 3), np.uint8)
     masks = np.zeros((n, h * w), np.uint8)
     median = weighted_median_reference if reference else weighted_median
+    rows = _Rows(bank, RowCache(bank.spill, bank.full_mask, resident_rows) if bank.spill is not None else None)
     for i in range(n):
         if should_stop is not None and should_stop():
             raise Cancelled(f"texture synthesis cancelled at frame {start + i} of [{start}, {stop})")
         if valid[i]:
-            textures[i], masks[i] = _texture(bank, index[i], weights[i], mean_shapes[i], opts, median)
+            textures[i], masks[i] = _texture(bank, rows, index[i], weights[i], mean_shapes[i], opts, median)
             if opts.detail_amount > 0:
                 region = mouth_region_mask(
                     mean_shapes[i], bank.geometry, margin=DETAIL_REGION_MARGIN, feather=DETAIL_REGION_FEATHER

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -18,18 +22,26 @@ from services.runtime.analysis import (
     store_frames,
 )
 from services.runtime.blobstore import BlobStore
-from services.runtime.config import Config, Env
-from services.runtime.errors import InvalidInput
+from services.runtime.budget import MIB, Budget, mib
+from services.runtime.config import Config, Env, Resources
+from services.runtime.errors import InvalidInput, TooLarge
+from services.runtime.frames import FramesReader
 from services.runtime.keys import derive_prefix, validate_key
 from services.runtime.progress import stream_events
-from services.runtime.protos import array_ref, load_result, store_result
+from services.runtime.protos import array_ref, blob_ref, load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 from services.texture import core
+from services.texture.spill import DEFAULT_RESIDENT_ROWS, record_bytes
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT_VERSION = 3  # 2: detail restored over the mouth region; 3: face-only votes, pose-aware, masks
 MAX_CHUNK_FRAMES = 5000
+BANK_BYTES_PER_PIXEL = 5.3
+"""Memory of a target prepared in memory per crop pixel of each frame: BGR crop, luminance, voting mask, and the
+mask's holes (int32, ~7 % of the pixels outside the face outline)."""
+SCRATCH_SHARE = 0.9
+"""Of the scratch folder, what spilled targets and their downloads may fill (the rest: temporary files)."""
 MEDIAN_MODES = {
     texture_pb2.MEDIAN_MODE_UNSPECIFIED: "luminance",
     texture_pb2.MEDIAN_MODE_LUMINANCE: "luminance",
@@ -60,15 +72,36 @@ def texture_options(options: texture_pb2.SynthesizeOptions) -> core.TextureOptio
 class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
     """Synthesize over the object store, with a bounded per-replica cache of prepared targets."""
 
-    def __init__(self, store: BlobStore, *, cache: BoundedCache | None = None) -> None:
+    def __init__(
+        self, store: BlobStore, *, cache: BoundedCache | None = None, settings: TextureSettings | None = None
+    ) -> None:
         self.store = store
-        self.cache = cache or BoundedCache()
+        self.settings = settings or TextureSettings()
+        self.cache = cache or BoundedCache(self.settings.memory_cache_bytes)
+        resources = self.settings.resources
+        # A long target's crops are spilled to the scratch folder (`prepare_spilled_target`) instead of being held
+        # in memory: what it takes there is reserved from the header sizes and refused (RESOURCE_EXHAUSTED) before
+        # any download when it cannot fit.
+        self.scratch = Budget(
+            int(resources.scratch_bytes * SCRATCH_SHARE), what="scratch disk", variable="A2V_SCRATCH_BYTES"
+        )
+        self._spilled: tuple[str, core.TargetBank] | None = None  # the last spilled target, kept for its chunks
+        self._spill_lock = threading.Lock()
+        self._spill_loading: dict[str, threading.Lock] = {}
 
     def _bank(self, target_ref) -> core.TargetBank:
-        """The target's candidates, prepared once per replica and kept while the cache has room."""
-        manifest = load_manifest(self.store, target_ref)
+        """The target's candidates, prepared once per replica and kept while the cache has room.
 
-        def load() -> core.TargetBank:
+        A target whose prepared crops would take more than `TextureSettings.in_memory_bytes` is spilled to the
+        scratch folder: its bank holds its shapes in memory and reads candidate rows from disk, so the memory of
+        a call does not grow with the target's length.
+        """
+        manifest = load_manifest(self.store, target_ref)
+        geometry_message = manifest.geometry
+        pixels = geometry_message.crop_width_px * geometry_message.crop_height_px
+        frames = manifest.info.frame_count
+
+        def arrays():
             shapes, _ = load_array(self.store, manifest.mouth_shapes, what="mouth shapes")
             valid, _ = load_array(self.store, manifest.face_valid, what="face validity")
             jaws = (
@@ -82,6 +115,10 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 if manifest.head_pose.object.key and manifest.format_version >= 2
                 else None
             )
+            return shapes, valid, jaws, poses
+
+        def load() -> core.TargetBank:
+            shapes, valid, jaws, poses = arrays()
             return core.prepare_target(
                 shapes,
                 valid,
@@ -92,10 +129,80 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 head_pose=poses,
             )
 
+        def load_spilled() -> core.TargetBank:
+            shapes, valid, jaws, poses = arrays()
+            return self._spill(manifest, shapes, valid, jaws, poses, frames * record_bytes(pixels))
+
         key = f"{manifest.crops.object.sha256}/{manifest.head_pose.object.sha256}/{manifest.format_version}"
         if not manifest.crops.object.sha256:
             key = f"{target_ref.bucket}/{target_ref.key}"
-        return self.cache.get(key, load, lambda bank: bank.nbytes)
+        if frames * pixels * BANK_BYTES_PER_PIXEL <= self.settings.in_memory_bytes:
+            return self.cache.get(key, load, lambda bank: bank.nbytes)
+        return self._spilled_bank(key, load_spilled)
+
+    def _spilled_bank(self, key: str, load) -> core.TargetBank:
+        """The spilled target under `key`: the last one is kept (its file too) for the job's next chunks."""
+        with self._spill_lock:
+            if self._spilled is not None and self._spilled[0] == key:
+                return self._spilled[1]
+            key_lock = self._spill_loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._spill_lock:
+                if self._spilled is not None and self._spilled[0] == key:
+                    return self._spilled[1]
+                # Another target's spill gives way: its file goes once the calls reading it are done.
+                self._spilled = None
+            bank = load()
+            with self._spill_lock:
+                self._spilled = (key, bank)
+                self._spill_loading.pop(key, None)
+            return bank
+
+    def _spill(self, manifest, shapes, valid, jaws, poses, spill_bytes: int) -> core.TargetBank:
+        """Download the target's crop archives to scratch and spill them into a record file, one frame at a time.
+
+        Scratch for the spill file is reserved for as long as the bank lives; the archives' for the conversion.
+        Either not fitting the scratch folder is refused before anything is downloaded.
+        """
+        sources = [(manifest.crops, "crops"), (manifest.crop_masks, "crop masks")]
+        refs = [blob_ref(ref.object, default_bucket=self.store.bucket, what=what) for ref, what in sources]
+        archive_bytes = sum(self.store.stat(ref.key, bucket=ref.bucket).size_bytes for ref in refs)
+        purpose = f"the crops of target {refs[0].key}"
+        if spill_bytes + archive_bytes > self.scratch.total:
+            raise TooLarge(
+                f"{purpose} need {mib(spill_bytes + archive_bytes)} of scratch disk to spill "
+                f"({mib(archive_bytes)} of archives, {mib(spill_bytes)} of records), more than this replica has "
+                f"({mib(self.scratch.total)}, A2V_SCRATCH_BYTES)"
+            )
+        held = self.scratch.reserve(spill_bytes, f"spilling {purpose}")
+        held.__enter__()  # released when the bank's spill file is removed
+        folder = tempfile.mkdtemp(prefix="a2v-texture-spill-")
+        try:
+            with (
+                self.scratch.reserve(archive_bytes, f"downloading {purpose}"),
+                tempfile.TemporaryDirectory(prefix="a2v-texture-") as downloads,
+            ):
+                paths = [Path(downloads) / "crops.zip", Path(downloads) / "masks.zip"]
+                for ref, path in zip(refs, paths, strict=True):
+                    self.store.get_file(ref.key, path, bucket=ref.bucket, expected_sha256=ref.sha256)
+                with FramesReader(str(paths[0])) as crops, FramesReader(str(paths[1])) as masks:
+                    bank = core.prepare_spilled_target(
+                        shapes,
+                        valid,
+                        crops,
+                        masks,
+                        load_geometry(self.store, manifest),
+                        folder,
+                        jaw_lines=jaws,
+                        head_pose=poses,
+                    )
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            held.__exit__(None, None, None)
+            raise
+        bank.spill.on_close(lambda: held.__exit__(None, None, None))
+        log.info("target %s spilled to scratch: %d frames, %s", refs[0].key, bank.frame_count, mib(spill_bytes))
+        return bank
 
     @grpc_errors
     def Synthesize(self, request: texture_pb2.SynthesizeRequest, context):
@@ -141,6 +248,7 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 retiming_map=retiming,
                 progress=progress,
                 should_stop=should_stop,
+                resident_rows=self.settings.resident_rows,
             )
 
         def finish(chunk: core.TextureChunk):
@@ -188,19 +296,48 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
 
 @dataclass(frozen=True)
 class TextureSettings:
-    """The stage's settings: A2V_TEXTURE_CACHE_BYTES, memory for prepared targets per replica (default 2 GiB)."""
+    """The stage's settings.
+
+    Attributes:
+        cache_bytes: A2V_TEXTURE_CACHE_BYTES, memory for prepared targets per replica (default 2 GiB; at most half
+            the replica's memory is used, the rest is the calls' working memory).
+        in_memory_bytes: A2V_TEXTURE_IN_MEMORY_BYTES, the largest target prepared in memory (default 256 MiB, about
+            1,900 frames of 150x180 crops: a minute at 30 fps); a longer one is spilled to the scratch folder and
+            read a bounded number of rows at a time, so memory does not grow with the target's length.
+        resident_rows: A2V_TEXTURE_RESIDENT_ROWS, rows of a spilled target one call holds (default 128, 5 bytes a
+            crop pixel each: 17 MiB at 150x180).
+        resources: The replica's A2V_MEMORY_BYTES and A2V_SCRATCH_BYTES.
+    """
 
     cache_bytes: int = 2 << 30
+    in_memory_bytes: int = 256 * MIB
+    resident_rows: int = DEFAULT_RESIDENT_ROWS
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def memory_cache_bytes(self) -> int:
+        """What the cache of prepared targets may hold: `cache_bytes`, at most half the replica's memory."""
+        return min(self.cache_bytes, self.resources.memory_bytes // 2)
 
     @classmethod
     def read(cls, env: Env) -> TextureSettings:
         """Read the settings from the environment (with the rest of `Config.from_env`)."""
-        return cls(cache_bytes=env.get_int("A2V_TEXTURE_CACHE_BYTES", cls.cache_bytes, minimum=0))
+        return cls(
+            cache_bytes=env.get_int("A2V_TEXTURE_CACHE_BYTES", cls.cache_bytes, minimum=0),
+            in_memory_bytes=env.get_int("A2V_TEXTURE_IN_MEMORY_BYTES", cls.in_memory_bytes, minimum=0),
+            resident_rows=env.get_int("A2V_TEXTURE_RESIDENT_ROWS", cls.resident_rows, minimum=1),
+            resources=Resources.read(env),
+        )
 
 
 def bindings(config: Config[TextureSettings]) -> list[ServiceBinding]:
     """What `python -m services.texture` serves."""
-    cache = BoundedCache((config.settings or TextureSettings()).cache_bytes)
+    settings = config.settings or TextureSettings()
+    cache = BoundedCache(settings.memory_cache_bytes)
     return store_backed_bindings(
-        config, texture_pb2, texture_pb2_grpc, "TextureService", lambda store: TextureServicer(store, cache=cache)
+        config,
+        texture_pb2,
+        texture_pb2_grpc,
+        "TextureService",
+        lambda store: TextureServicer(store, cache=cache, settings=settings),
     )

@@ -115,7 +115,9 @@ def test_stage_settings_are_read_with_the_rest_of_the_config():
     }
     assert read_settings(face_settings, environ) == InputLimits(60.0, 1000, Resources(1 << 30, 64 << 20))
     assert read_settings(audio_settings, environ).max_seconds == 1800.0
-    assert read_settings(TextureSettings.read, environ) == TextureSettings(cache_bytes=0)
+    assert read_settings(TextureSettings.read, environ) == TextureSettings(
+        cache_bytes=0, resources=Resources(1 << 30, 64 << 20)
+    )
     assert read_settings(TextureSettings.read, {}) == TextureSettings(cache_bytes=2 << 30)
     assert read_settings(LipsyncSettings.read, environ).serving_address == "tfs:8500"
     assert read_settings(LipsyncSettings.read, {}).serving_address == "127.0.0.1:8500"

@@ -8,9 +8,10 @@ from audio2video.common.v1 import common_pb2
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from services.runtime.analysis import load_frames
 from services.runtime.clients import create_channel
+from services.runtime.config import Env, Resources
 from services.runtime.protos import array_ref
 from services.runtime.server import binding_for
-from services.texture.servicer import TextureServicer
+from services.texture.servicer import TextureServicer, TextureSettings
 
 pytestmark = pytest.mark.integration
 SERVICE = "audio2video.texture.v1.TextureService"
@@ -109,3 +110,55 @@ def test_bad_requests(store, key_prefix, texture, katie_target):
         )
         == grpc.StatusCode.INVALID_ARGUMENT
     )
+
+
+def test_a_target_over_the_in_memory_limit_is_spilled_with_the_same_textures(
+    store, key_prefix, run_server, katie_target
+):
+    """Issue 15: a long target's crops go to the scratch folder, not memory; the textures do not change."""
+    _, analysis = katie_target
+    shapes = store.get_array(analysis.analysis.mouth_shapes.object.key)[0][:30]
+    shapes_ref = array_ref(*store.put_array(f"{key_prefix}/shapes.npy", shapes, fps=30.0))
+    results = {}
+    servicers = {
+        "memory": TextureServicer(store),
+        "spilled": TextureServicer(store, settings=TextureSettings(in_memory_bytes=0, resident_rows=24)),
+        "no room": TextureServicer(
+            store, settings=TextureSettings(in_memory_bytes=0, resources=Resources(scratch_bytes=4 << 20))
+        ),
+    }
+    for name, servicer in servicers.items():
+        port = run_server([binding_for(texture_pb2, texture_pb2_grpc, "TextureService", servicer)])
+        channel = create_channel(f"127.0.0.1:{port}", [SERVICE], timeout_seconds=120)
+        stub = texture_pb2_grpc.TextureServiceStub(channel)
+        request = texture_pb2.SynthesizeRequest(
+            frames=common_pb2.FrameRange(start=5, stop=25),
+            mouth_shapes=shapes_ref,
+            target_analysis=analysis.manifest,
+            output_prefix=f"{key_prefix}/{name.replace(' ', '-')}",
+        )
+        try:
+            results[name] = list(stub.Synthesize(request))[-1].result
+        except grpc.RpcError as err:
+            results[name] = err
+        finally:
+            channel.close()
+    memory, spilled_textures = (load_frames(store, results[name].textures) for name in ("memory", "spilled"))
+    assert np.array_equal(memory, spilled_textures)
+    spilled = servicers["spilled"]
+    assert spilled.cache.misses == 0 and spilled._spilled is not None  # not in the memory cache
+    bank = spilled._spilled[1]
+    assert bank.spilled and bank.nbytes < 100 * 1000  # shapes and flags only
+    assert spilled.scratch.used == bank.spill.disk_bytes  # held for as long as the bank lives
+    bank.spill.close()
+    assert spilled.scratch.used == 0
+    refused = results["no room"]
+    assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "A2V_SCRATCH_BYTES" in refused.details() and servicers["no room"].scratch.used == 0
+
+
+def test_texture_settings_bound_the_cache_by_the_replicas_memory():
+    settings = TextureSettings.read(Env({"A2V_MEMORY_BYTES": str(1 << 30), "A2V_TEXTURE_IN_MEMORY_BYTES": "1000"}))
+    assert settings.memory_cache_bytes == 512 << 20 and settings.in_memory_bytes == 1000
+    assert TextureSettings().memory_cache_bytes == 1 << 30 and TextureSettings(cache_bytes=5).memory_cache_bytes == 5
+    assert TextureServicer(None, settings=settings).cache.max_bytes == 512 << 20
