@@ -22,8 +22,10 @@ radial-basis interpolation (sigma = 0.18 face-box widths) of -delta at the moved
 below them (the beard, the shadow under the jaw and the edge move together), and 0 at fixed anchors (outer jaw 0-2
 and 14-16, nose, eye corners, upper lip, three points below the chin), faded out above the upper lip (nothing moves
 above the nose tip) and outside the face and the chin band (the background beside the face does not bend), and
-applied with cv2.remap. A zero displacement leaves the frame untouched. The blend then stays
-JAW_EDGE_MARGIN inside the moved jaw line: the only jaw edge in the output is the frame's own, moved.
+applied with cv2.remap, never reading past the frame (near an edge it would read past, the field falls to 0: a chin
+cut by the frame's bottom edge closes without streaks under it). A zero displacement leaves the frame untouched.
+The blend then stays JAW_EDGE_MARGIN inside the moved jaw line: the only jaw edge in the output is the frame's own,
+moved.
 """
 
 from __future__ import annotations
@@ -184,6 +186,25 @@ def _gaussian_rbf(centres: np.ndarray, values: np.ndarray, sigma: float) -> np.n
     return np.linalg.solve(kernel + 1e-6 * np.eye(len(centres)), values)
 
 
+def _keep_reads_inside(field: np.ndarray, x0: int, y0: int, width: int, height: int) -> None:
+    """Shrink a backward displacement field (float32 [h, w, 2] for the frame box at x0, y0) in place so that no
+    pixel reads outside the frame: near a frame edge that a component reads towards, that component falls linearly
+    to 0 at the edge over four times its largest value (a chin cut by the frame's bottom edge closes over its own
+    skin, the rows near the edge stretched at most 4:3 so that its contours do not bend, instead of the edge row
+    replicated into vertical streaks under it; hdtf_edmarkey_512).
+    """
+    h, w = field.shape[:2]
+    for c, (start, size, length) in enumerate(((x0, w, width), (y0, h, height))):
+        component = field[..., c]
+        reach = float(np.abs(component).max()) if component.size else 0.0
+        if reach <= 0 or (start >= reach and start + size - 1 + reach <= length - 1):
+            continue
+        position = np.arange(start, start + size, dtype=np.float32)
+        position = position[None, :] if c == 0 else position[:, None]
+        room = np.where(component > 0, np.float32(length - 1) - position, position)  # to the edge it reads towards
+        component *= np.clip(room * np.float32(0.25 / reach), 0.0, 1.0)
+
+
 def correct_jaw(
     frame: np.ndarray,
     landmarks: np.ndarray,
@@ -278,6 +299,7 @@ def correct_jaw(
     x0, y0 = x0 + c0 * step, y0 + r0 * step
     x1, y1 = min(x0 + (c1 - c0) * step, x1), min(y0 + (r1 - r0) * step, y1)
     field = field[: y1 - y0, : x1 - x0]
+    _keep_reads_inside(field, x0, y0, w, h)
     field[..., 0] += np.arange(x0, x1, dtype=np.float32)[None, :]
     field[..., 1] += np.arange(y0, y1, dtype=np.float32)[:, None]
     out = frame.copy()
