@@ -21,6 +21,7 @@ from deploy.local import REPO, LocalStack, stack_environment
 from deploy.samples import SAMPLE_DATA
 from services.runtime.clients import create_channel
 from services.runtime.config import service_address
+from services.runtime.security import ClientSecurity
 
 DEFAULT_AUDIO = SAMPLE_DATA / "audio" / "commentary_60s.wav"
 DEFAULT_VIDEO = SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4"
@@ -32,7 +33,10 @@ DEFAULT_TRAINING = [
 
 def speaker_has_model(environ: dict[str, str], speaker: str) -> bool:
     """Whether TF Serving (through the lipsync stage) has a version of the speaker's model AVAILABLE."""
-    channel = create_channel(service_address("lipsync", environ), timeout_seconds=30)
+    secured = stack_environment(environ)  # with A2V_TLS on: the local caller's certificate and token
+    channel = create_channel(
+        service_address("lipsync", environ), timeout_seconds=30, security=ClientSecurity.from_env(secured)
+    )
     stub = lipsync_pb2_grpc.LipsyncServiceStub(channel)
     try:
         return stub.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)).latest_available_version > 0

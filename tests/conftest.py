@@ -171,3 +171,12 @@ def e2e_stack(tmp_path_factory):
 
     with trained_stack(tmp_path_factory.mktemp("e2e")) as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def e2e_tls_stack(tmp_path_factory):
+    """The same stack with TLS and tokens on (`A2V_TLS=1 a2v up`), for the e2e suite's second mode."""
+    from tests.support.stack import trained_stack
+
+    with trained_stack(tmp_path_factory.mktemp("e2e-tls"), tls=True) as stack:
+        yield stack

@@ -2,7 +2,8 @@
 
 One stack (two texture replicas, as deployments scale it) and one trained speaker serve every test here
 (`e2e_stack`, shared with the other tests that render: tests/support/stack.py); the tests run in file order
-and the last one kills a texture replica.
+and the last one kills a texture replica. Every test runs twice: on that stack, and on one with TLS and tokens on
+(`e2e_tls_stack`: `A2V_TLS=1 a2v up`).
 """
 
 import json
@@ -39,10 +40,14 @@ def stage(job: pb.Job, which: int) -> pb.StageStatus:
     return next(s for s in job.stages if s.stage == which)
 
 
-@pytest.fixture(scope="module")
-def stack(e2e_stack):
-    """The session's local stack (two texture replicas, the `e2e` speaker trained through the job API)."""
-    return e2e_stack
+@pytest.fixture(scope="module", params=["plaintext", "tls"])
+def stack(request):
+    """The session's local stack (two texture replicas, the `e2e` speaker trained through the job API), once as is
+    and once with TLS and tokens on (mTLS between the services, `a2v` with the local caller's token)."""
+    secure = request.param == "tls"
+    stack = request.getfixturevalue("e2e_tls_stack" if secure else "e2e_stack")
+    assert stack.tls == secure
+    return stack
 
 
 def test_render_with_the_command_line(stack, tmp_path):

@@ -23,6 +23,7 @@ from deploy.demo import speaker_has_model
 from deploy.local import stack_environment
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
+from services.runtime.security import ClientSecurity
 from tests.conftest import REPO, SHARED_DATA, make_stack_env, stop_stack, wait_until
 from tests.support.otlp import SpanReceiver
 
@@ -47,8 +48,11 @@ class Stack:
     def __init__(self, env: dict[str, str], spans: SpanReceiver | None = None) -> None:
         self.env = env
         self.spans = spans  # what the stack's processes exported over OTLP
-        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(env["A2V_ORCHESTRATOR_ADDR"]))
+        # As `a2v` calls it: with A2V_TLS on, over mTLS with the local caller's token (made by `a2v up`).
+        security = ClientSecurity.from_env(stack_environment(env))
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(security.channel(env["A2V_ORCHESTRATOR_ADDR"], []))
         self.store = BlobStore.from_config(Config.from_env("test", stack_environment(env)).store)
+        self.tls = security.tls.enabled
 
     def pid(self, name: str) -> int:
         state = json.loads((Path(self.env["A2V_STACK_DIR"]) / "state.json").read_text())
@@ -88,9 +92,14 @@ class Stack:
 
 
 @contextmanager
-def trained_stack(root: Path) -> Iterator[Stack]:
-    """The local stack with two texture replicas and the `e2e` speaker trained through the job API; stopped after."""
+def trained_stack(root: Path, *, tls: bool = False) -> Iterator[Stack]:
+    """The local stack with two texture replicas and the `e2e` speaker trained through the job API; stopped after.
+
+    With `tls` every service of ours takes mTLS and bearer tokens only (`A2V_TLS=1 a2v up`: a throwaway CA).
+    """
     env = make_stack_env(root, replicas=2)
+    if tls:
+        env["A2V_TLS"] = "1"
     env["A2V_JOB_LEASE_SECONDS"] = "6"  # a second orchestrator takes over a dead one's jobs within seconds
     # Traces on, as a deployment with a collector has them: every process exports to a receiver in this process.
     spans = SpanReceiver()
