@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy import catalog, healthcheck
+from deploy import catalog, healthcheck, store_users
 from deploy.docker import generate
 from deploy.local import COMPONENTS, read_env_file
 from services.runtime.config import parse_address
@@ -335,7 +335,9 @@ def test_every_component_is_a_deployment_with_grpc_probes_naming_its_service(ove
     assert container["livenessProbe"]["grpc"] == {"port": port, "service": ""}
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 120
     config_refs = [ref for source in container["envFrom"] for ref in source.values()]
-    assert {"name": "a2v-config"} in config_refs and {"name": "a2v-s3"} in config_refs
+    # The store's credentials: shared (a2v-s3), or the service's own user (k8s/components/store-users).
+    assert {"name": "a2v-config"} in config_refs
+    assert {"name": "a2v-s3"} in config_refs or {"name": f"a2v-s3-{component.name}"} in config_refs
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -749,9 +751,15 @@ def test_no_credentials_in_plain_text_beyond_the_local_development_defaults():
     for overlay in OVERLAYS:
         for obj in rendered(overlay):
             if obj["kind"] == "Secret":
-                # Only the dev overlay ships one, holding exactly the defaults of deploy/.env.
+                # Only the dev overlay ships one, holding exactly the defaults of deploy/.env, or of a service's own
+                # store user (deploy/store_users.py).
                 assert overlay == "dev", f"{overlay} must not commit a Secret"
-                assert set(obj["stringData"].values()) == local and "data" not in obj
+                assert "data" not in obj
+                if obj["metadata"]["name"] == "a2v-s3":
+                    assert set(obj["stringData"].values()) == local
+                else:
+                    service = obj["metadata"]["name"].removeprefix("a2v-s3-")
+                    assert obj["stringData"] == store_users.dev_credentials(service)
             assert not [k for k in obj.get("data", {}) if SECRET_NAME.search(k) and obj["kind"] != "Secret"]
             for spec in pod_specs(obj):
                 for container in all_containers(spec):
