@@ -68,7 +68,7 @@ demo: setup
 E2E_COMPOSE := docker compose -f deploy/compose.yaml
 e2e: setup
 	@if docker info >/dev/null 2>&1; then \
-		$(E2E_COMPOSE) up -d --build --wait; \
+		$(E2E_COMPOSE) up -d --build --wait && \
 		$(PY) -m orchestrator.cli train --speaker e2e $(SAMPLE_DATA)/speakers/feifeili/feifeili_clip3.mp4 && \
 		$(PY) -m orchestrator.cli run --speaker e2e --audio $(SAMPLE_DATA)/audio/arctic_sentence_4s.wav \
 			--video $(SAMPLE_DATA)/speakers/feifeili/feifeili_clip3.mp4 --out out/e2e.mp4; \

@@ -31,7 +31,7 @@ TRAINER_ADDR_VARIABLE = "A2V_TRAINER_ADDR"
 """host:port of the trainer service (deploy/.env; compose swaps in the container name)."""
 TF_SERVING = "tfserving"
 """Compose service, Kubernetes Deployment and Service name of TensorFlow Serving."""
-TF_SERVING_VERSION = "2.19.0"
+TF_SERVING_VERSION = "2.20.0"
 TF_SERVING_IMAGE = f"tensorflow/serving:{TF_SERVING_VERSION}"
 TF_SERVING_GPU_IMAGE = f"tensorflow/serving:{TF_SERVING_VERSION}-gpu"
 TF_SERVING_GRPC_PORT = 8500

@@ -155,8 +155,9 @@ class ModelSync:
                 "TF Serving at %s did not take the model list: %s %s", self.config.serving_address, code, detail
             )
             return False
-        if response.status.error_code:
-            log.warning("TF Serving took the model list with an error: %s", response.status.error_message)
+        if response.status.error_code:  # a model that did not load: try again next pass, prune nothing meanwhile
+            log.warning("TF Serving refused the model list: %s", response.status.error_message)
+            return False
         self.sent = text
         log.info("TF Serving serves the model list")
         return True

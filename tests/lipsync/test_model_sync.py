@@ -125,3 +125,33 @@ def test_nothing_is_pruned_while_tf_serving_has_not_taken_the_new_list(s3_server
 
     assert (folder / "alice" / "1" / "saved_model.pb").exists()  # still served by the old list: kept
     assert read_model_config_file(folder / CONFIG_NAME) == []
+
+
+def test_a_list_tf_serving_could_not_load_is_sent_again_and_nothing_is_pruned(s3_server, tmp_path):
+    """TF Serving answers a reload whose models do not all load with an error status: the sync must not take the
+    list as served (it tried once and never again), and keeps every file until a list is taken."""
+    from services.runtime.blobstore import BlobStore
+
+    store = BlobStore.from_config(s3_server.config(bucket="model-sync-refused"))
+    store.ensure_bucket()
+    folder = tmp_path / "tfserving"
+    ModelSync(store, SyncConfig(folder=folder, serving_address="127.0.0.1:1")).once(send=False)
+    manager = ModelManager(config=read_model_config_file(folder / CONFIG_NAME), poll_seconds=0.2)
+    server, port = create_server(ServerConfig(service="tfserving"), bindings(manager, reload_wait_seconds=3))
+    server.start()
+    server.load_and_mark_serving()
+    try:
+        sync = ModelSync(store, SyncConfig(folder=folder, serving_address=f"127.0.0.1:{port}"))
+        store_version(store, "alice", 1, tmp_path)
+        store.put_bytes(version_prefix("bob", 1) + "saved_model.pb", b"not a SavedModel")
+        store.put_bytes(extra_key("bob", 1, "model_card.json"), b"{}")
+        sync.once()
+        assert sync.sent is None  # refused: sent again next pass
+        assert predict(f"127.0.0.1:{port}", "alice") == 1  # the models that loaded serve meanwhile
+        for key in [*store.list_keys("models/bob/")]:
+            store.delete(key)
+        sync.once()
+        assert sync.sent is not None and not (folder / "bob").exists()
+    finally:
+        manager.close()
+        server.stop(0).wait()
