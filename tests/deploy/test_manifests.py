@@ -416,7 +416,8 @@ def test_names_referenced_by_workloads_exist(overlay):
     for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
         wanted.add((hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]))
     # Production credentials are made out of band: an overlay either ships the Secret or none at all.
-    external = {("Secret", "a2v-s3")} if not of_kind(objects, "Secret") else set()
+    store_users_secrets = {("Secret", f"a2v-s3-{service}") for service in store_users.ACCESS}
+    external = {("Secret", "a2v-s3"), *store_users_secrets} if not of_kind(objects, "Secret") else set()
     assert wanted - present - external == set()
 
 

@@ -100,8 +100,9 @@ def test_generated_files_are_up_to_date():
     assert stale == [], "run: python -m deploy.store_users write"
 
 
-def test_kubernetes_gives_each_workload_its_own_store_user_and_the_setup_job_every_policy():
-    objects = render(REPO / "k8s" / "overlays" / "dev")
+@pytest.mark.parametrize("overlay", ["dev", "gpu"])
+def test_kubernetes_gives_each_workload_its_own_store_user_and_the_setup_job_every_policy(overlay):
+    objects = render(REPO / "k8s" / "overlays" / overlay)
     configmap = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "a2v-store-policies")
     for service in ACCESS:
         assert json.loads(configmap["data"][f"{service}.json"]) == minio_policy(service)
