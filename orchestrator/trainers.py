@@ -32,6 +32,7 @@ from services.runtime.clients import create_channel, rpc_failure
 from services.runtime.config import ConfigError, service_address
 from services.runtime.errors import CallFailed, Cancelled, FailedPrecondition, Unavailable
 from services.runtime.security import ClientSecurity
+from services.runtime.telemetry import current_job_id
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -178,12 +179,17 @@ def _stop_watcher(stop: threading.Event | None, action) -> threading.Event:
 # -- Kubernetes ---------------------------------------------------------------------------------------
 
 
-def job_name(speaker: str, arguments: list[str]) -> str:
-    """A DNS-1123 name unique to the training run: trainer-<speaker>-<hash of the arguments>-<time>."""
+def job_name(speaker: str, arguments: list[str], owner: str = "") -> str:
+    """A DNS-1123 name for the training run: trainer-<speaker>-<hash of the arguments>-<suffix>.
+
+    With `owner` (the orchestrator's job id) the suffix is a hash of it: the same for every replica that runs that
+    job, so one that takes a job over finds the trainer Job its dead owner started and follows it instead of
+    starting a second training. Without one, the time.
+    """
     digest = hashlib.sha256("\0".join(arguments).encode()).hexdigest()[:8]
-    stamp = format(int(time.time()), "x")
+    suffix = hashlib.sha256(owner.encode()).hexdigest()[:10] if owner else format(int(time.time()), "x")
     prefix = re.sub(r"[^a-z0-9-]", "-", speaker.lower()).strip("-")[:30] or "speaker"
-    return f"trainer-{prefix}-{digest}-{stamp}"
+    return f"trainer-{prefix}-{digest}-{suffix}"
 
 
 def job_from_template(cron_job: Mapping[str, Any], name: str, speaker: str, arguments: list[str]) -> dict[str, Any]:
@@ -239,18 +245,23 @@ class KubernetesTrainer:
         self.api_exception = client.exceptions.ApiException
 
     def run(self, spec: TrainSpec, *, on_epoch: EpochProgress | None, stop: threading.Event | None) -> TrainerRun:
-        speaker, arguments = spec.speaker, spec.arguments()
+        speaker, arguments, owner = spec.speaker, spec.arguments(), current_job_id()
+        name = job_name(speaker, arguments, owner)
         try:
             cron_job = self.batch.api_client.sanitize_for_serialization(
                 self.batch.read_namespaced_cron_job(self.template, self.namespace)
             )
-            name = job_name(speaker, arguments)
             body = job_from_template(cron_job, name, speaker, arguments)
             body["metadata"]["namespace"] = self.namespace
-            self.batch.create_namespaced_job(self.namespace, body)
+            if owner:  # the job id on the trainer Job, its pod and in its logs
+                body["metadata"]["labels"]["audio2video/job-id"] = owner
+                pod_spec = body["spec"]["template"]["spec"]
+                container = next(c for c in pod_spec["containers"] if c["name"] == TRAINER_CONTAINER)
+                container["env"].append({"name": "A2V_JOB_ID", "value": owner})
+                body["spec"]["template"]["metadata"]["labels"]["audio2video/job-id"] = owner
+            name = self._create_or_adopt(body)
         except self.api_exception as exc:
             raise Unavailable(f"could not start the trainer Job: {exc.status} {exc.reason}") from exc
-        log.info("started trainer job %s for speaker %s", name, speaker)
         watcher = _stop_watcher(stop, lambda: self._delete(name))
         try:
             pod = self._wait_for_pod(name, stop)
@@ -263,6 +274,27 @@ class KubernetesTrainer:
             raise
         finally:
             watcher.set()
+
+    def _create_or_adopt(self, body: dict[str, Any]) -> str:
+        """Create the trainer Job; one of that name that runs or succeeded already (started for this job by a
+        replica that died) is followed instead. One that failed is left for inspection and a new one made
+        beside it (a retry). Returns the name of the Job to follow."""
+        name = body["metadata"]["name"]
+        try:
+            self.batch.create_namespaced_job(self.namespace, body)
+            log.info("started trainer job %s for speaker %s", name, body["metadata"]["labels"]["audio2video/speaker"])
+            return name
+        except self.api_exception as exc:
+            if exc.status != 409:  # AlreadyExists
+                raise
+        status = self.batch.read_namespaced_job_status(name, self.namespace).status
+        if status.active or status.succeeded or not status.failed:
+            log.info("following trainer job %s, which an earlier owner of this job started", name)
+            return name
+        retry = dict(body, metadata=dict(body["metadata"], name=f"{name[:52]}-{format(int(time.time()), 'x')}"))
+        self.batch.create_namespaced_job(self.namespace, retry)
+        log.info("trainer job %s had failed; started %s", name, retry["metadata"]["name"])
+        return retry["metadata"]["name"]
 
     def _pause(self, stop: threading.Event | None) -> None:
         """Wait one poll interval; Cancelled as soon as `stop` is set."""

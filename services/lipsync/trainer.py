@@ -658,7 +658,8 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     args = _parser(environ).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    job_id = environ.get("A2V_JOB_ID", "")  # set on the trainer Jobs the orchestrator starts in Kubernetes
+    logging.basicConfig(level=logging.WARNING, format=f"job {job_id}: %(message)s" if job_id else "%(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         overrides = {name: getattr(args, name) for _, name, _, _ in TRAINING_FLAGS if getattr(args, name) is not None}

@@ -128,6 +128,80 @@ def test_kubernetes_without_cluster_credentials_is_a_configuration_error(tmp_pat
         trainer_from_env({"A2V_TRAINER": "kubernetes", "A2V_NAMESPACE": "audio2video"})
 
 
+class FakeCluster:
+    """The Kubernetes API as the KubernetesTrainer uses it: the CronJob, Jobs by name (409 on a second create),
+    their pods and logs. A Job's pod prints `lines` and the Job then has `outcome` ("succeeded" or "failed")."""
+
+    def __init__(self, template: dict, lines: list[str]) -> None:
+        from types import SimpleNamespace
+
+        self.ns, self.template, self.lines = SimpleNamespace, template, lines
+        self.jobs: dict[str, dict] = {}
+        self.outcome: dict[str, str] = {}
+        self.api_client = self.ns(sanitize_for_serialization=lambda obj: obj)
+
+    def read_namespaced_cron_job(self, name, namespace):
+        return self.template
+
+    def create_namespaced_job(self, namespace, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if body["metadata"]["name"] in self.jobs:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.jobs[body["metadata"]["name"]] = body
+        self.outcome.setdefault(body["metadata"]["name"], "succeeded")
+
+    def read_namespaced_job_status(self, name, namespace):
+        done = self.outcome[name]
+        return self.ns(status=self.ns(active=0, succeeded=int(done == "succeeded"), failed=int(done == "failed")))
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        name = label_selector.removeprefix("job-name=")
+        pods = [self.ns(metadata=self.ns(name=f"{name}-pod"), status=self.ns(phase="Succeeded"))]
+        return self.ns(items=pods if name in self.jobs else [])
+
+    def read_namespaced_pod_log(self, pod, namespace, **kwargs):
+        return self.ns(stream=lambda size: iter(["\n".join(self.lines).encode()]))
+
+
+def kubernetes_trainer(cluster: FakeCluster):
+    from kubernetes.client.exceptions import ApiException
+
+    from orchestrator.trainers import KubernetesTrainer
+
+    trainer = object.__new__(KubernetesTrainer)  # no cluster credentials here: the API is the fake's
+    trainer.namespace, trainer.template, trainer.poll_seconds = "audio2video", "trainer", 0.01
+    trainer.batch, trainer.core, trainer.api_exception = cluster, cluster, ApiException
+    return trainer
+
+
+def test_a_replica_taking_a_training_job_over_follows_the_trainer_job_its_dead_owner_started():
+    from services.runtime.telemetry import correlation
+
+    cluster = FakeCluster(find(rendered("dev"), "CronJob", "trainer"), ["epoch 1/1", "stored models/obama/4/ (1)"])
+    with correlation(job_id="job0123456789abcdef"):
+        first = kubernetes_trainer(cluster).run(SPEC, on_epoch=None, stop=None)
+        taken_over = kubernetes_trainer(cluster).run(SPEC, on_epoch=None, stop=None)  # another replica, same job
+    assert first.prefix == taken_over.prefix == "models/obama/4/"
+    (name,) = cluster.jobs  # one training, not two
+    job = cluster.jobs[name]
+    assert job["metadata"]["labels"]["audio2video/job-id"] == "job0123456789abcdef"
+    assert job["spec"]["template"]["metadata"]["labels"]["audio2video/job-id"] == "job0123456789abcdef"
+    (container,) = [c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer"]
+    assert {"name": "A2V_JOB_ID", "value": "job0123456789abcdef"} in container["env"]
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+    # That trainer Job failed: a retry of the job starts a new one beside it (the failed one stays to be read).
+    cluster.outcome[name] = "failed"
+    with correlation(job_id="job0123456789abcdef"):
+        kubernetes_trainer(cluster).run(SPEC, on_epoch=None, stop=None)
+    assert len(cluster.jobs) == 2 and all(len(n) <= 63 for n in cluster.jobs)
+    # Another job training the same data gets its own trainer Job.
+    with correlation(job_id="another"):
+        kubernetes_trainer(cluster).run(SPEC, on_epoch=None, stop=None)
+    assert len(cluster.jobs) == 3
+
+
 # -- the pipeline's side --------------------------------------------------------------------------------
 
 
