@@ -41,13 +41,13 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--max-lag", type=int, default=DEFAULT_MAX_LAG, help="lag range, frames (default 15)")
 
     p = sub.add_parser("sync", help="audio-visual lag of any video (ours or real footage)")
-    p.add_argument("video", type=Path)
+    p.add_argument("video", type=Path, help="the video whose mouth is measured against its audio")
     p.add_argument("--audio", type=Path, help="separate audio (time 0 = the video's time 0); default its own")
     lag(p)
     outputs(p)
 
     p = sub.add_parser("output", help="sync and image metrics of a rendered output against its target footage")
-    p.add_argument("output", type=Path)
+    p.add_argument("output", type=Path, help="the rendered mp4 (a2v run's output)")
     p.add_argument("--target", type=Path, required=True, help="the real target footage (same resolution)")
     p.add_argument("--audio", type=Path, help="the output's audio, if not its own track")
     p.add_argument("--strip-frames", type=int, default=6, help="frames in the target/output strip (default 6)")

@@ -100,3 +100,29 @@ def test_speakers_lists_the_trained_versions_and_what_is_served(e2e_stack):
     assert header.split()[:4] == ["SPEAKER", "VERSION", "STATE", "SERVED"]
     newest = next(row.split() for row in rows if row.split()[0] == SPEAKER)  # newest first
     assert int(newest[1]) >= 1 and newest[2:5] == ["available", "yes", "(latest)"], listed.stdout
+
+
+def every_action(parser, path=()):
+    """(command path, action) of every argument of `parser` and of its subcommands, help flags aside."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_action(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_argument_of_every_command_has_a_help_text():
+    from evaluation.cli import _parser as eval_parser
+    from orchestrator.cli import build_parser
+
+    actions = [
+        (path, action)
+        for parser, prefix in ((build_parser(), ()), (eval_parser("a2v eval"), ("eval",)))
+        for path, action in every_action(parser, prefix)
+    ]
+    assert len({path for path, _ in actions}) >= 12  # the subcommands were walked
+    missing = [" ".join(("a2v", *path, action.dest)) for path, action in actions if not (action.help or "").strip()]
+    assert missing == []
