@@ -21,6 +21,7 @@ from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from client.jobs import Connection, watch_events
 from deploy.ports import free_port
 from orchestrator.jobs import JobManager, JobRun
+from orchestrator.pipeline import StageFailed
 from orchestrator.servicer import OrchestratorServicer
 from services.runtime.clients import create_channel
 from services.runtime.config import ServerConfig
@@ -268,3 +269,37 @@ def test_people_watching_their_jobs_never_keep_calls_from_running(store, key_pre
         server.stop(0).wait()
         for run in manager.runs.values():
             run.stop.set()
+
+
+class FailingOncePipeline(SteppedPipeline):
+    """Fails in lipsync the first time (its model not trained yet, say), then renders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def render(self, spec, *, reporter, stop):
+        self.runs += 1
+        if self.runs == 1:
+            raise StageFailed(pb.STAGE_LIPSYNC, "NOT_FOUND", "no model for speaker 'nobody'")
+        self.release(STEPS)
+        return super().render(spec, reporter=reporter, stop=stop)
+
+
+@pytest.mark.integration
+def test_a_failed_job_is_run_again_with_retry(orchestrator, store, s3_server, key_prefix):
+    pipeline = FailingOncePipeline()
+    running = orchestrator(pipeline)
+    job = submit(running.manager, store, key_prefix)
+    stub = Connection(client_env(s3_server, running.port)).orchestrator
+    assert wait_until(lambda: stub.GetJob(pb.GetJobRequest(job_id=job.id)).job.state == pb.JOB_STATE_FAILED, timeout=10)
+    failed = stub.GetJob(pb.GetJobRequest(job_id=job.id)).job
+    assert failed.failed_stage == pb.STAGE_LIPSYNC and "nobody" in failed.failure_reason
+
+    stub.RetryJob(pb.RetryJobRequest(job_id=job.id))  # the cause fixed (the model trained): run it again
+
+    assert wait_until(
+        lambda: stub.GetJob(pb.GetJobRequest(job_id=job.id)).job.state == pb.JOB_STATE_SUCCEEDED, timeout=10
+    )
+    again = stub.GetJob(pb.GetJobRequest(job_id=job.id)).job
+    assert again.retries == 1 and again.result.key and not again.failure_reason and pipeline.runs == 2
