@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from client.environment import (  # noqa: F401 (re-exported)
     read_env_file,
     stack_environment,
 )
+from deploy import store_users
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.clients import health_status, wait_for_serving
 from services.runtime.config import Config, ConfigError, parse_address
@@ -147,9 +149,44 @@ class LocalStack:
         return env
 
     def _weed_command(self) -> list[str]:
-        return weed_command(
+        command = weed_command(
             self.dir / "s3", self.env["A2V_S3_ENDPOINT"], int(self.env.get("A2V_WEED_PORT_BASE", "18330"))
         )
+        users = self._store_users()
+        if users:
+            # Each service its own identity, writing only its prefixes; deploy/.env's credentials stay the admin's
+            # (a2v, the tests, this runner). The orchestrator runs the trainer as its child: it takes both's.
+            document = store_users.weed_identities(
+                users,
+                self.env.get("A2V_S3_BUCKET", store_users.BUCKET),
+                admin=(self.env["A2V_S3_ACCESS_KEY"], self.env["A2V_S3_SECRET_KEY"]),
+                also={"orchestrator": ("trainer",)},
+            )
+            path = self.dir / "s3-identities.json"
+            _write_private(path, json.dumps(document, indent=2))
+            command.append(f"-s3.config={path}")
+        return command
+
+    def _store_users(self) -> dict[str, tuple[str, str]]:
+        """A2V_STORE_USERS=1: one weed identity per service (deploy/store_users.py), its secret made once and kept in
+        <stack>/store-users.json; {} when off (every service uses deploy/.env's credentials)."""
+        if self.env.get("A2V_STORE_USERS", "").strip().lower() not in ("1", "true", "yes", "on"):
+            return {}
+        path = self.dir / "store-users.json"
+        if path.exists():
+            return {service: (pair[0], pair[1]) for service, pair in json.loads(path.read_text()).items()}
+        users = {service: (store_users.user_name(service), secrets.token_hex(20)) for service in store_users.ACCESS}
+        _write_private(path, json.dumps(users))
+        return users
+
+    def _store_credentials(self, name: str) -> dict[str, str]:
+        """The store credentials of a process of the stack: its service's own user when A2V_STORE_USERS is on."""
+        users = self._store_users()
+        service = {"tfserving": "modelsync"}.get(name.split("-")[0], name.split("-")[0])
+        if not users or service not in users:
+            return {}
+        access_key, secret = users[service]
+        return {"A2V_S3_ACCESS_KEY": access_key, "A2V_S3_SECRET_KEY": secret}
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -251,7 +288,7 @@ class LocalStack:
     def _sync_models_once(self) -> None:
         """TF Serving's init step: the store's models and their list into its folder, before it starts (a
         restarted stack serves what it served before; a fresh one an empty list)."""
-        env = {**os.environ, **self.env, **self._serving_env()}
+        env = {**os.environ, **self.env, **self._serving_env(), **self._store_credentials("modelsync")}
         log_path = self.logs / "modelsync.log"
         with open(log_path, "ab") as log:
             done = subprocess.run(
@@ -291,6 +328,7 @@ class LocalStack:
         metrics_port = self._metrics_port(component, name)
         env = {**os.environ, **self.env, **client_env, "A2V_LISTEN": address, **self._serving_env()}
         env.update(self._security_env(name))
+        env.update(self._store_credentials(name))
         env["A2V_METRICS_PORT"] = str(metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = self.logs / f"{name}.log"
@@ -401,6 +439,14 @@ def weed_command(data_dir: Path, endpoint: str, port_base: int) -> list[str]:
 
 
 WEED_PORT_COUNT = 9
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (credentials)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
 
 
 def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen:

@@ -159,10 +159,13 @@ def weed_identities(
     *,
     admin: tuple[str, str] | None = None,
     bucket_read: bool = True,
+    also: dict[str, tuple[str, ...]] | None = None,
 ):
     """SeaweedFS `-s3.config` JSON: each service's access key with Read/Write actions on its prefixes.
 
-    `credentials` maps a service to (access key, secret); `admin` is the set-up identity (bucket creation, tests).
+    `credentials` maps a service to (access key, secret); `admin` is the set-up identity (bucket creation, tests);
+    `also` gives a service the prefixes of others besides its own (the local stack's orchestrator runs the trainer as
+    its child process, with its credentials).
     weed authorizes HeadBucket (each of our services checks its bucket at start) as a Read of the whole bucket, and
     has no narrower action for it: with `bucket_read` (what a running service needs) reads are bucket-wide and only
     writes keep to the prefixes; without it both do, and `BlobStore.ensure_bucket` is refused.
@@ -177,10 +180,12 @@ def weed_identities(
             }
         )
     for service, (access_key, secret) in credentials.items():
-        access = ACCESS[service]
+        taken = (service, *(also or {}).get(service, ()))
+        reads = dict.fromkeys(prefix for s in taken for prefix in ACCESS[s]["read"])
+        writes = dict.fromkeys(prefix for s in taken for prefix in ACCESS[s]["write"])
         actions = [f"List:{bucket}"]
-        actions += [f"Read:{bucket}"] if bucket_read else [f"Read:{bucket}/{prefix}/*" for prefix in access["read"]]
-        actions += [f"Write:{bucket}/{prefix}/*" for prefix in access["write"]]
+        actions += [f"Read:{bucket}"] if bucket_read else [f"Read:{bucket}/{prefix}/*" for prefix in reads]
+        actions += [f"Write:{bucket}/{prefix}/*" for prefix in writes]
         identities.append(
             {"name": service, "credentials": [{"accessKey": access_key, "secretKey": secret}], "actions": actions}
         )

@@ -10,6 +10,8 @@ HeadBucket without a bucket-wide Read (so on weed a running service's reads are 
 
 import json
 import re
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -24,7 +26,7 @@ from services.lipsync.versions import reservation_key, version_prefix
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import StoreConfig
 from services.runtime.errors import FailedPrecondition
-from tests.conftest import ACCESS_KEY, REPO, SECRET_KEY, S3Server
+from tests.conftest import ACCESS_KEY, REPO, SECRET_KEY, SHARED_DATA, S3Server
 from tests.deploy.kustomize import pod_specs, render
 
 STAGE_SERVICERS = ("audio", "face", "lipsync", "retiming", "texture", "teeth", "composite")
@@ -283,3 +285,21 @@ def test_as_the_local_stack_runs_them_a_service_finds_its_bucket_and_still_write
             face.put_bytes("texture/x/textures.npz", b"not face's")
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # a whole local stack (~60 s)
+def test_the_local_stack_with_store_users_runs_each_service_as_its_own_weed_identity(stack_env):
+    """A2V_STORE_USERS=1 a2v up: every service finds its bucket and writes with its own identity; an outside caller
+    with no store credentials uploads through the orchestrator (its user signs uploads/ only)."""
+    env = {**stack_env, "A2V_STORE_USERS": "1"}
+    up = subprocess.run([sys.executable, "-m", "deploy.local", "up"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert up.returncode == 0, up.stdout + up.stderr
+    identities = json.loads((REPO / env["A2V_STACK_DIR"] / "s3-identities.json").read_text())["identities"]
+    assert {i["name"] for i in identities} == {"admin", *ACCESS}
+    audio = SHARED_DATA / "audio" / "arctic_sentence_4s.wav"
+    request = json.dumps({"audio": {"key": f"@{audio}"}, "outputFrameRate": {"numerator": 30, "denominator": 1}})
+    outsider = {k: v for k, v in env.items() if k not in ("A2V_S3_ACCESS_KEY", "A2V_S3_SECRET_KEY")}
+    call = [sys.executable, "-m", "orchestrator.cli", "stage", "audio", "Extract", "--request", request]
+    done = subprocess.run(call, cwd=REPO, env=outsider, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["features"]["object"]["key"].startswith("audio/")
