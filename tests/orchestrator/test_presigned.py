@@ -19,6 +19,7 @@ from audio2video.common.v1 import common_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from client.jobs import Connection, PresignedStore, upload
+from client.stages import upload_references
 from orchestrator.jobs import JobManager, manifest_key
 from orchestrator.presign import Callers, Presigner, PresignSettings
 from orchestrator.servicer import OrchestratorServicer
@@ -201,3 +202,12 @@ def test_an_expired_url_is_refused_by_the_store(store, s3_server):
     response = urllib3.PoolManager().request("PUT", signed.url, body=data, headers=dict(signed.headers))
     assert response.status == 403 and b"expired" in response.data
     assert not store.exists(signed.object.key)
+
+
+def test_a2v_stage_uploads_its_at_paths_through_presigned_urls_without_store_credentials(orchestrator, store, tmp_path):
+    source = tmp_path / "speech.wav"
+    source.write_bytes(uuid.uuid4().bytes * 100)
+    connection = Connection(outside_caller(orchestrator))
+    request = upload_references({"audio": {"key": f"@{source}"}}, connection.uploads, max_bytes=LIMIT)
+    assert request["audio"]["key"].startswith("uploads/alice/") and request["audio"]["bucket"] == store.bucket
+    assert store.get_bytes(request["audio"]["key"]) == source.read_bytes()
