@@ -182,6 +182,16 @@ class FramesReader:
         for index in range(self.shape[0]):
             yield self.read(index)
 
+    def member_offset(self, index: int) -> int:
+        """Byte offset in the file where frame `index`'s member starts (frames lie in order, the header last).
+
+        Everything before frame i's offset belongs to frames before i: a consumer that reads in order may free it.
+        """
+        try:
+            return self._archive.getinfo(f"{int(index):06d}.png").header_offset
+        except KeyError as exc:
+            raise InvalidInput(f"frame archive lacks frame {int(index)}") from exc
+
     def close(self) -> None:
         """Close the archive (and the file, when it was opened from a path)."""
         self._archive.close()

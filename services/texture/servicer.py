@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -32,7 +33,7 @@ from services.runtime.protos import array_ref, blob_ref, load_result, store_resu
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 from services.texture import core
-from services.texture.spill import DEFAULT_RESIDENT_ROWS, record_bytes
+from services.texture.spill import DEFAULT_RESIDENT_ROWS, PUNCH_STEP, can_punch_holes, consumed, record_bytes
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT_VERSION = 3  # 2: detail restored over the mouth region; 3: face-only votes, pose-aware, masks
@@ -85,6 +86,9 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         self.scratch = Budget(
             int(resources.scratch_bytes * SCRATCH_SHARE), what="scratch disk", variable="A2V_SCRATCH_BYTES"
         )
+        # The crop archive is freed behind the conversion as it is read where the scratch folder allows it: the
+        # spill file and the archive then need not both fit whole.
+        self.punch_holes = can_punch_holes()
         self._spilled: tuple[str, core.TargetBank] | None = None  # the last spilled target, kept for its chunks
         self._spill_lock = threading.Lock()
         self._spill_loading: dict[str, threading.Lock] = {}
@@ -161,16 +165,19 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
     def _spill(self, manifest, shapes, valid, jaws, poses, spill_bytes: int) -> core.TargetBank:
         """Download the target's crop archives to scratch and spill them into a record file, one frame at a time.
 
-        Scratch for the spill file is reserved for as long as the bank lives; the archives' for the conversion.
-        Either not fitting the scratch folder is refused before anything is downloaded.
+        Scratch for the spill file is reserved for as long as the bank lives; the archives' for the conversion (where
+        holes can be punched, only what the archives take beyond the spill file, as the crop archive is freed while
+        it is read). What cannot fit the scratch folder is refused before anything is downloaded.
         """
         sources = [(manifest.crops, "crops"), (manifest.crop_masks, "crop masks")]
         refs = [blob_ref(ref.object, default_bucket=self.store.bucket, what=what) for ref, what in sources]
         archive_bytes = sum(self.store.stat(ref.key, bucket=ref.bucket).size_bytes for ref in refs)
         purpose = f"the crops of target {refs[0].key}"
-        if spill_bytes + archive_bytes > self.scratch.total:
+        # While converting: the archives whole (downloaded), then the spill file growing as the archive shrinks.
+        converting = max(archive_bytes - spill_bytes, 0) + PUNCH_STEP if self.punch_holes else archive_bytes
+        if spill_bytes + converting > self.scratch.total:
             raise TooLarge(
-                f"{purpose} need {mib(spill_bytes + archive_bytes)} of scratch disk to spill "
+                f"{purpose} need {mib(spill_bytes + converting)} of scratch disk to spill "
                 f"({mib(archive_bytes)} of archives, {mib(spill_bytes)} of records), more than this replica has "
                 f"({mib(self.scratch.total)}, A2V_SCRATCH_BYTES)"
             )
@@ -179,13 +186,18 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         folder = tempfile.mkdtemp(prefix="a2v-texture-spill-")
         try:
             with (
-                self.scratch.reserve(archive_bytes, f"downloading {purpose}"),
+                self.scratch.reserve(converting, f"downloading {purpose}"),
                 tempfile.TemporaryDirectory(prefix="a2v-texture-") as downloads,
             ):
                 paths = [Path(downloads) / "crops.zip", Path(downloads) / "masks.zip"]
                 for ref, path in zip(refs, paths, strict=True):
                     self.store.get_file(ref.key, path, bucket=ref.bucket, expected_sha256=ref.sha256)
-                with FramesReader(str(paths[0])) as crops, FramesReader(str(paths[1])) as masks:
+                with contextlib.ExitStack() as readers:
+                    masks = readers.enter_context(FramesReader(str(paths[1])))
+                    if self.punch_holes:  # the crop archive is freed behind the conversion as it is read
+                        crops = readers.enter_context(contextlib.closing(consumed(str(paths[0]))))
+                    else:
+                        crops = readers.enter_context(FramesReader(str(paths[0])))
                     bank = core.prepare_spilled_target(
                         shapes,
                         valid,

@@ -14,16 +14,20 @@ exactly as `prepare_target` derives them for a whole stack, so textures are bit-
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
+import tempfile
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
 
 from services.runtime.errors import InvalidInput
+from services.runtime.frames import FramesReader
 
 DEFAULT_RESIDENT_ROWS = 128
 """Rows a `RowCache` holds by default (5 bytes a crop pixel each: 17 MiB at 150x180). Consecutive output frames
@@ -201,3 +205,62 @@ class RowCache:
             holes = np.flatnonzero(mask == 0).astype(np.int32)
             luma[holes] = 255
             self._holes[slot] = holes
+
+
+# ---------------------------------------------------------------------- freeing an archive as it is read
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+PUNCH_STEP = 16 << 20
+"""Bytes of an archive read before they are freed at once (`consumed`): what a conversion holds besides its output."""
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of [offset, offset + length) of a file, keeping its size; False where unsupported.
+
+    Linux `fallocate(FALLOC_FL_PUNCH_HOLE)` (ext4, xfs, btrfs, tmpfs: what an emptyDir is); the range then reads as
+    zeros.
+    """
+    if length <= 0:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
+def can_punch_holes(folder: str | None = None) -> bool:
+    """Whether files in `folder` (default: the temporary folder) give back the blocks of a punched range."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as handle:
+            handle.write(b"\1" * (256 << 10))
+            handle.flush()
+            os.fsync(handle.fileno())
+            before = os.fstat(handle.fileno()).st_blocks
+            if not punch_hole(handle.fileno(), 0, 256 << 10):
+                return False
+            return os.fstat(handle.fileno()).st_blocks < before
+    except OSError:
+        return False
+
+
+def consumed(path: str, *, step: int = PUNCH_STEP) -> Iterator[np.ndarray]:
+    """The frames of the archive at `path` in order, its disk blocks freed behind them as they are read.
+
+    Converting a long target's crop archive into a spill file then needs scratch for the spill file and `step`
+    bytes of the archive, not for both whole. Where holes cannot be punched the archive simply stays whole.
+    """
+    with FramesReader(path) as reader:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            freed = 0
+            for index in range(len(reader)):
+                yield reader.read(index)
+                if index + 1 < len(reader):
+                    upto = reader.member_offset(index + 1) // 4096 * 4096
+                    if upto - freed >= step and punch_hole(fd, freed, upto - freed):
+                        freed = upto
+        finally:
+            os.close(fd)

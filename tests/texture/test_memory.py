@@ -17,7 +17,7 @@ from services.runtime.errors import InvalidInput
 from services.runtime.frames import FramesReader, encode_frames
 from services.texture import core
 from services.texture.core import TextureOptions, prepare_spilled_target, prepare_target, synthesize
-from services.texture.spill import RowCache, record_bytes
+from services.texture.spill import RowCache, can_punch_holes, consumed, record_bytes
 
 SMALL = CanonicalGeometry.create(crop_size=(40, 48))  # P = 1,920 pixels: long targets stay quick
 
@@ -205,3 +205,18 @@ def test_in_memory_bank_reads_rows_directly():
     rows = core._Rows(bank)
     frames = np.array([3, 1, 2])
     assert rows.slots(frames) is frames and rows.cache is None
+
+
+def test_an_archive_read_in_order_is_freed_behind_the_reader(tmp_path):
+    """Converting a crop archive into a spill file needs scratch for the spill file, not for both whole."""
+    crops, _ = frame_stack(200)
+    path = tmp_path / "crops.zip"
+    path.write_bytes(encode_frames(crops, compression=0))  # ~5.8 kB a frame: 1.1 MB
+    before = path.stat().st_blocks
+    frames = consumed(str(path), step=64 << 10)
+    assert np.array_equal(np.stack([next(frames) for _ in range(150)]), crops[:150])
+    if not can_punch_holes(str(tmp_path)):
+        pytest.skip("the temporary folder's file system cannot punch holes")
+    assert path.stat().st_blocks < before * 0.35  # three quarters read: most of them freed
+    assert np.array_equal(np.stack(list(frames)), crops[150:])  # the rest still reads
+    assert path.stat().st_size > 1_000_000  # the size stays (holes read as zeros)
