@@ -8,6 +8,7 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,9 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         # The crop archive is freed behind the conversion as it is read where the scratch folder allows it: the
         # spill file and the archive then need not both fit whole.
         self.punch_holes = can_punch_holes()
-        self._spilled: tuple[str, core.TargetBank] | None = None  # the last spilled target, kept for its chunks
+        # Spilled targets kept for their jobs' next chunks, least recently used first: one gives way (its file goes
+        # once the calls reading it are done) when a new one needs its scratch.
+        self.spilled: OrderedDict[str, core.TargetBank] = OrderedDict()
         self._spill_lock = threading.Lock()
         self._spill_loading: dict[str, threading.Lock] = {}
 
@@ -145,22 +148,33 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         return self._spilled_bank(key, load_spilled)
 
     def _spilled_bank(self, key: str, load) -> core.TargetBank:
-        """The spilled target under `key`: the last one is kept (its file too) for the job's next chunks."""
+        """The spilled target under `key`, kept while the scratch folder has room for the others' spills."""
         with self._spill_lock:
-            if self._spilled is not None and self._spilled[0] == key:
-                return self._spilled[1]
+            if key in self.spilled:
+                self.spilled.move_to_end(key)
+                return self.spilled[key]
             key_lock = self._spill_loading.setdefault(key, threading.Lock())
-        with key_lock:
+        with key_lock:  # one spill per target even when several chunks of one job arrive at once
             with self._spill_lock:
-                if self._spilled is not None and self._spilled[0] == key:
-                    return self._spilled[1]
-                # Another target's spill gives way: its file goes once the calls reading it are done.
-                self._spilled = None
+                if key in self.spilled:
+                    return self.spilled[key]
             bank = load()
             with self._spill_lock:
-                self._spilled = (key, bank)
+                self.spilled[key] = bank
                 self._spill_loading.pop(key, None)
             return bank
+
+    def _make_room(self, amount: int) -> None:
+        """Let kept spilled targets go, oldest first, until `amount` bytes of scratch are free (or none is kept).
+
+        A target still read by a call keeps its file (and its reservation) until that call ends.
+        """
+        while True:
+            with self._spill_lock:
+                if self.scratch.total - self.scratch.used >= amount or not self.spilled:
+                    return
+                _, bank = self.spilled.popitem(last=False)
+            del bank  # its spill file goes (and its scratch is released) here unless a call holds it
 
     def _spill(self, manifest, shapes, valid, jaws, poses, spill_bytes: int) -> core.TargetBank:
         """Download the target's crop archives to scratch and spill them into a record file, one frame at a time.
@@ -181,6 +195,7 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
                 f"({mib(archive_bytes)} of archives, {mib(spill_bytes)} of records), more than this replica has "
                 f"({mib(self.scratch.total)}, A2V_SCRATCH_BYTES)"
             )
+        self._make_room(spill_bytes + converting)
         held = self.scratch.reserve(spill_bytes, f"spilling {purpose}")
         held.__enter__()  # released when the bank's spill file is removed
         folder = tempfile.mkdtemp(prefix="a2v-texture-spill-")
@@ -212,7 +227,7 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
             shutil.rmtree(folder, ignore_errors=True)
             held.__exit__(None, None, None)
             raise
-        bank.spill.on_close(lambda: held.__exit__(None, None, None))
+        bank.spill.on_close(lambda: _release(self.scratch, held))
         log.info("target %s spilled to scratch: %d frames, %s", refs[0].key, bank.frame_count, mib(spill_bytes))
         return bank
 
@@ -304,6 +319,18 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
 
     def _put(self, key: str, array: np.ndarray, fps: float):
         return array_ref(*self.store.put_array(key, np.ascontiguousarray(array), fps=fps))
+
+
+def _release(budget: Budget, held) -> None:
+    """Exit a reservation from a finalizer, which may run wherever the garbage collector does.
+
+    Even in a thread that holds the budget's lock: the release then happens in a thread of its own.
+    """
+    if budget.lock.acquire(blocking=False):
+        budget.lock.release()
+        held.__exit__(None, None, None)
+    else:
+        threading.Thread(target=held.__exit__, args=(None, None, None), daemon=True).start()
 
 
 @dataclass(frozen=True)

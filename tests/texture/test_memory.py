@@ -220,3 +220,33 @@ def test_an_archive_read_in_order_is_freed_behind_the_reader(tmp_path):
     assert path.stat().st_blocks < before * 0.35  # three quarters read: most of them freed
     assert np.array_equal(np.stack(list(frames)), crops[150:])  # the rest still reads
     assert path.stat().st_size > 1_000_000  # the size stays (holes read as zeros)
+
+
+def test_kept_spilled_targets_give_way_to_a_new_one(tmp_path):
+    """The servicer keeps spilled targets for their next chunks while the scratch folder has room for the others."""
+    from services.runtime.config import Resources
+    from services.texture.servicer import TextureServicer, TextureSettings, _release
+
+    servicer = TextureServicer(None, settings=TextureSettings(resources=Resources(scratch_bytes=10 << 20)))
+    mouth, valid, _, _, _ = synthetic_target(50)
+    crops, masks = frame_stack(50)
+    for name in ("old", "busy"):
+        folder = tmp_path / name
+        folder.mkdir()
+        bank = prepare_spilled_target(mouth, valid, iter(crops), iter(masks), SMALL, str(folder))
+        held = servicer.scratch.reserve(4 << 20, name)
+        held.__enter__()
+        bank.spill.on_close(lambda h=held: _release(servicer.scratch, h))
+        servicer.spilled[name] = bank
+    in_use = servicer.spilled["busy"]  # a call still reads this one
+    del bank
+    assert servicer.scratch.used == 8 << 20
+    servicer._make_room(1 << 20)  # 1 MiB of the 9 free: nothing goes
+    assert list(servicer.spilled) == ["old", "busy"]
+    servicer._make_room(4 << 20)
+    assert list(servicer.spilled) == ["busy"] and not (tmp_path / "old").exists()
+    assert servicer.scratch.used == 4 << 20
+    servicer._make_room(9 << 20)  # the busy one leaves the list but keeps its file while it is read
+    assert not servicer.spilled and (tmp_path / "busy").exists() and servicer.scratch.used == 4 << 20
+    del in_use
+    assert not (tmp_path / "busy").exists() and servicer.scratch.used == 0

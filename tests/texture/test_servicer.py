@@ -146,8 +146,8 @@ def test_a_target_over_the_in_memory_limit_is_spilled_with_the_same_textures(
     memory, spilled_textures = (load_frames(store, results[name].textures) for name in ("memory", "spilled"))
     assert np.array_equal(memory, spilled_textures)
     spilled = servicers["spilled"]
-    assert spilled.cache.misses == 0 and spilled._spilled is not None  # not in the memory cache
-    bank = spilled._spilled[1]
+    assert spilled.cache.misses == 0 and len(spilled.spilled) == 1  # not in the memory cache
+    (bank,) = spilled.spilled.values()
     assert bank.spilled and bank.nbytes < 100 * 1000  # shapes and flags only
     assert spilled.scratch.used == bank.spill.disk_bytes  # held for as long as the bank lives
     bank.spill.close()
