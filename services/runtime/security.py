@@ -1,13 +1,19 @@
-"""gRPC transport security and caller checks: TLS / mTLS from PEM files, bearer tokens with per-caller scopes.
+"""gRPC transport security and caller checks: TLS / mTLS from PEM files, callers with per-caller scopes.
 
-Scopes: `jobs` (the orchestrator's job API), `stage:<name>` (one stage's service, e.g. `stage:audio`; `stage:*` every
-stage, as the orchestrator needs), `admin` (everything). Health is open to all; reflection is open when it is served
-(A2V_REFLECTION, off in the production overlay). The tokens file (A2V_AUTH_TOKENS_FILE, a mounted Secret) is JSON:
+Callers are known by a bearer token or by their client certificate. Scopes: `jobs` (the orchestrator's job API),
+`stage:<name>` (one stage's service, e.g. `stage:audio`; `stage:*` every stage, as the orchestrator needs), `admin`
+(everything). Health is open to all; reflection is open when it is served (A2V_REFLECTION, off in the production
+overlay). The callers file (A2V_AUTH_TOKENS_FILE, a mounted Secret) is JSON; a caller has a token, certificate
+identities, or both:
 
     {"callers": [{"name": "orchestrator", "token": "...", "scopes": ["stage:*"]},
-                 {"name": "a2v", "token": "...", "scopes": ["jobs"]}]}
+                 {"name": "a2v", "certificates": ["spiffe://a2v.local/a2v"], "scopes": ["jobs"]}]}
 
-Only the tokens' SHA-256 is kept in memory; the file is read again when it changes, and so are the server's
+Who calls: a call that sends `authorization: Bearer <token>` is that token's caller, whatever certificate it
+presents (a token is the narrower, revocable credential). A call without one, on a server that takes mTLS
+(A2V_TLS_CLIENT_AUTH: the certificate was verified against A2V_TLS_CA), is the caller that names one of its
+certificate's identities: a subject alternative name (URI such as a SPIFFE ID, DNS name, IP address) or the subject
+CN. Only the tokens' SHA-256 is kept in memory; the file is read again when it changes, and so are the server's
 certificate and key (a renewed certificate needs no restart).
 """
 
@@ -35,6 +41,7 @@ SCOPE_ADMIN = "admin"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Methods any caller may use: health (probes, load balancers) and reflection where it is served."""
 AUTHORIZATION = "authorization"
+HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 RELOAD_CHECK_SECONDS = 1.0
 """How often a call may look at the tokens file's modification time."""
 
@@ -63,7 +70,7 @@ def required_scope(method: str) -> str:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a token belongs to and what it may call."""
+    """Who a token or a certificate identity belongs to and what it may call."""
 
     name: str
     scopes: frozenset[str]
@@ -81,36 +88,75 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def parse_tokens(text: str, source: str = "tokens file") -> dict[bytes, Caller]:
-    """{sha256(token): Caller} from the JSON of a tokens file; raises ConfigError naming what is wrong."""
+@dataclass(frozen=True)
+class Callers:
+    """The callers of a callers file, by the SHA-256 of their tokens and by their certificate identities."""
+
+    by_token: Mapping[bytes, Caller]
+    by_identity: Mapping[str, Caller]
+
+
+def parse_callers(text: str, source: str = "callers file") -> Callers:
+    """The callers in the JSON of a callers file; raises ConfigError naming what is wrong."""
+    by_token: dict[bytes, Caller] = {}
+    by_identity: dict[str, Caller] = {}
     try:
-        document = json.loads(text)
-        entries = document["callers"]
-        callers: dict[bytes, Caller] = {}
-        for entry in entries:
-            name, token, scopes = entry["name"], entry["token"], entry["scopes"]
-            if not (isinstance(name, str) and name and isinstance(token, str) and len(token) >= 16):
-                raise ConfigError(f"{source}: caller {name!r} needs a name and a token of at least 16 characters")
+        for entry in json.loads(text)["callers"]:
+            name, scopes = entry["name"], entry["scopes"]
+            token, identities = entry.get("token"), entry.get("certificates", [])
+            if not (isinstance(name, str) and name):
+                raise ConfigError(f"{source}: a caller needs a name")
+            if token is not None and not (isinstance(token, str) and len(token) >= 16):
+                raise ConfigError(f"{source}: caller {name!r}: a token has at least 16 characters")
+            if not isinstance(identities, list) or not all(isinstance(i, str) and i for i in identities):
+                raise ConfigError(f"{source}: caller {name!r}: certificates is a list of identities")
+            if token is None and not identities:
+                raise ConfigError(f"{source}: caller {name!r} needs a token or certificates")
             if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
                 raise ConfigError(f"{source}: caller {name!r} needs a list of scopes")
-            digest = _digest(token)
-            if digest in callers:
-                raise ConfigError(f"{source}: callers {callers[digest].name!r} and {name!r} share a token")
-            callers[digest] = Caller(name, frozenset(scopes))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{source} is not {{'callers': [{{'name', 'token', 'scopes'}}...]}}: {exc}") from exc
-    return callers
+            caller = Caller(name, frozenset(scopes))
+            if token is not None:
+                digest = _digest(token)
+                if digest in by_token:
+                    raise ConfigError(f"{source}: callers {by_token[digest].name!r} and {name!r} share a token")
+                by_token[digest] = caller
+            for identity in identities:
+                if identity in by_identity:
+                    other = by_identity[identity].name
+                    raise ConfigError(f"{source}: callers {other!r} and {name!r} share the identity {identity!r}")
+                by_identity[identity] = caller
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        expected = "{'callers': [{'name', 'scopes', 'token' and/or 'certificates'}...]}"
+        raise ConfigError(f"{source} is not {expected}: {exc}") from exc
+    return Callers(by_token, by_identity)
+
+
+class Unauthenticated(Exception):
+    """A call whose caller is not known: no credentials, an unknown token or a certificate no caller names."""
+
+
+def certificate_identities(context: grpc.ServicerContext) -> frozenset[str]:
+    """The identities of the call's client certificate: its subject alternative names and subject CN.
+
+    Empty without one. A server asks for a client certificate only with mTLS, and then gRPC has verified it
+    against the CA (`server_credentials`), so the names are the CA's word.
+    """
+    auth = context.auth_context() or {}
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return frozenset()
+    names = [*auth.get("x509_subject_alternative_name", ()), *auth.get("x509_common_name", ())]
+    return frozenset(name.decode(errors="replace") for name in names)
 
 
 class TokenRegistry:
-    """The callers of a tokens file, read again when the file changes (a bad new file keeps the old callers)."""
+    """The callers of a callers file, read again when the file changes (a bad new file keeps the old callers)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._checked = 0.0
         self._stamp = self._stat()
-        self._callers = parse_tokens(self.path.read_text(), str(self.path))
+        self._callers = parse_callers(self.path.read_text(), str(self.path))
 
     def _stat(self) -> tuple[int, int]:
         info = os.stat(self.path)
@@ -126,9 +172,9 @@ class TokenRegistry:
                 stamp = self._stat()
                 if stamp == self._stamp:
                     return
-                self._callers = parse_tokens(self.path.read_text(), str(self.path))
+                self._callers = parse_callers(self.path.read_text(), str(self.path))
                 self._stamp = stamp
-                log.info("reloaded %d callers from %s", len(self._callers), self.path)
+                log.info("reloaded the callers from %s", self.path)
             except (OSError, ConfigError) as exc:
                 log.error("keeping the previous callers: %s", exc)
 
@@ -137,61 +183,99 @@ class TokenRegistry:
         self._maybe_reload()
         digest = _digest(token)
         found = None
-        for known, caller in self._callers.items():
+        for known, caller in self._callers.by_token.items():
             if hmac.compare_digest(known, digest):
                 found = caller
         return found
 
+    def identify(self, header: str, context: grpc.ServicerContext | None) -> Caller:
+        """The caller of a call: its bearer token's when it sends an authorization header, else its certificate's.
+
+        Raises Unauthenticated saying why there is none.
+        """
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("the authorization header is not 'Bearer <token>'")
+            caller = self.caller(token.strip())
+            if caller is None:
+                raise Unauthenticated("unknown or revoked token")
+            return caller
+        identities = certificate_identities(context) if context is not None else frozenset()
+        if not identities:
+            raise Unauthenticated(
+                "no credentials: send 'authorization: Bearer <token>' or, with mTLS, a known certificate"
+            )
+        self._maybe_reload()
+        by_identity = self._callers.by_identity
+        callers = {by_identity[i] for i in identities if i in by_identity}
+        if len(callers) != 1:
+            names = ", ".join(sorted(identities))
+            why = "names no caller" if not callers else "names more than one caller"
+            raise Unauthenticated(f"the client certificate ({names}) {why}")
+        return callers.pop()
+
 
 class TokenAuth(grpc.ServerInterceptor):
-    """The token check of a server.
+    """The caller check of a server.
 
-    Refuses calls without a known bearer token (UNAUTHENTICATED) or without the method's scope
-    (PERMISSION_DENIED); health and reflection stay open.
+    Refuses calls from no known caller (UNAUTHENTICATED) or from one without the method's scope (PERMISSION_DENIED);
+    health and reflection stay open. A call without a token is checked when it runs, since only its context shows
+    the client certificate; either way a refused call never reaches the call slots or the servicer.
     """
 
     def __init__(self, registry: TokenRegistry) -> None:
         self.registry = registry
 
     def intercept_service(self, continuation, handler_call_details):
-        """The method's handler, or one that refuses the call."""
+        """The method's handler, or one that checks or refuses the call first."""
         method = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
         header = metadata.get(AUTHORIZATION, "")
-        scheme, _, token = header.partition(" ")
         if not header:
-            detail = "no credentials: send 'authorization: Bearer <token>'"
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, detail)
-        if scheme.lower() != "bearer" or not token.strip():
-            detail = "the authorization header is not 'Bearer <token>'"
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, detail)
-        caller = self.registry.caller(token.strip())
-        if caller is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
+            return _checked(handler, lambda context: self._refusal(method, "", context))
+        refusal = self._refusal(method, header, None)
+        return _checked(handler, lambda _context: refusal) if refusal else handler
+
+    def _refusal(self, method: str, header: str, context) -> tuple[grpc.StatusCode, str] | None:
+        """Why the call is refused (status code, detail), or None."""
+        try:
+            caller = self.registry.identify(header, context)
+        except Unauthenticated as exc:
+            return grpc.StatusCode.UNAUTHENTICATED, str(exc)
         scope = required_scope(method)
         if not caller.allows(scope):
-            detail = f"caller {caller.name!r} lacks the scope {scope!r} that {method} needs"
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, detail)
-        return handler
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {caller.name!r} lacks the scope {scope!r} that {method} needs",
+            )
+        return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, detail: str) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour replaced by an abort (same kind of call, same (de)serializers)."""
+def _checked(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
+    """`handler` that first asks `check(context)`: a (code, detail) it returns aborts the call.
 
-    def refuse(_request, context):
-        context.abort(code, detail)
+    Same kind of call, same (de)serializers; the refused call never reaches `handler`'s behaviour.
+    """
+    for kind in HANDLER_KINDS:
+        behaviour = getattr(handler, kind)
+        if behaviour:
 
-    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        if getattr(handler, kind):
-            return handler._replace(**{kind: refuse})
+            def checked(request, context, behaviour=behaviour):
+                refusal = check(context)
+                if refusal:
+                    context.abort(*refusal)
+                return behaviour(request, context)
+
+            return handler._replace(**{kind: checked})
     return handler
 
 
 def server_interceptor(tokens_file: str) -> TokenAuth | None:
-    """The token check for a server whose config names a tokens file (None: no check)."""
+    """The caller check for a server whose config names a callers file (None: no check)."""
     if not tokens_file:
         return None
     try:

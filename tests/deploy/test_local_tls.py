@@ -1,5 +1,7 @@
 """The local stack with TLS on (`A2V_TLS=1 a2v up`): its throwaway CA and tokens, as services and `a2v` read them."""
 
+import dataclasses
+
 import grpc
 import pytest
 
@@ -7,7 +9,7 @@ from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from client.environment import pki_folder, stack_environment
 from deploy import healthcheck
 from deploy.local import COMPONENTS, MODEL_SYNC, TF_SERVING_STAND_IN, LocalStack
-from deploy.pki import make_local_security
+from deploy.pki import LOCAL_CALLERS, client_certificate, make_local_security
 from services.runtime.clients import create_channel, wait_for_serving
 from services.runtime.config import Config
 from services.runtime.security import ClientSecurity
@@ -42,7 +44,13 @@ def test_services_and_a2v_of_a_tls_stack_reach_each_other_with_their_own_tokens(
         stub = retiming_pb2_grpc.RetimingServiceStub(create_channel(address, [RETIMING], security=anonymous))
         with pytest.raises(grpc.RpcError) as err:
             stub.Retime(retiming_pb2.RetimeRequest(output_frame_count=1), timeout=5)
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the shared certificate names no caller
+        for caller in LOCAL_CALLERS:  # each caller's own certificate is in the callers file: no token needed
+            own = client_certificate(pki_folder(environ), caller)
+            tls = dataclasses.replace(anonymous.tls, cert_file=str(own.cert_file), key_file=str(own.key_file))
+            channel = create_channel(address, [RETIMING], security=ClientSecurity(tls))
+            stub = retiming_pb2_grpc.RetimingServiceStub(channel)
+            assert stub.Retime(retiming_pb2.RetimeRequest(output_frame_count=1), timeout=5).output_frame_count == 2
     finally:
         server.stop(0).wait()
 

@@ -1,6 +1,9 @@
-"""TLS, mTLS and bearer tokens with scopes, through real gRPC servers on loopback (services.runtime.security)."""
+"""TLS, mTLS, bearer tokens and client certificates with scopes, through real gRPC servers on loopback
+(services.runtime.security)."""
 
 import dataclasses
+import json
+from concurrent import futures
 
 import grpc
 import pytest
@@ -17,7 +20,7 @@ from services.audio.servicer import AudioServicer
 from services.runtime import security
 from services.runtime.clients import create_channel
 from services.runtime.config import AuthConfig, Config, ConfigError, InputLimits, TlsConfig
-from services.runtime.security import ClientSecurity, required_scope
+from services.runtime.security import ClientSecurity, TokenAuth, TokenRegistry, required_scope
 from services.runtime.server import binding_for
 from tests.runtime.test_server import RETIMING, ScriptedRetiming
 
@@ -33,7 +36,16 @@ SCOPES = {
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    return make_local_pki(tmp_path_factory.mktemp("pki"))
+    return make_local_pki(tmp_path_factory.mktemp("pki"), callers=("retimer", "submitter", "stranger"))
+
+
+@pytest.fixture()
+def by_certificate(tmp_path, pki):
+    """A callers file naming two of the client certificates: retimer by its URI (SPIFFE ID), submitter by its CN."""
+    path = tmp_path / "callers.json"
+    scopes = {"retimer": ["stage:retiming"], "submitter": ["jobs"]}
+    certificates = {"retimer": [pki.clients["retimer"].identity], "submitter": ["submitter"]}
+    return path, write_tokens_file(path, scopes, certificates=certificates)
 
 
 @pytest.fixture()
@@ -64,11 +76,15 @@ def failure(port, **kwargs) -> tuple[grpc.StatusCode, str]:
     return err.value.code(), err.value.details()
 
 
-def client_tls(pki, *, certificate=False, ca=True) -> TlsConfig:
+def client_tls(pki, *, certificate=False, ca=True, caller="") -> TlsConfig:
+    """A client's TLS: the shared service certificate with `certificate`, a caller's own with `caller`."""
+    cert, key = (
+        (pki.clients[caller].cert_file, pki.clients[caller].key_file) if caller else (pki.cert_file, pki.key_file)
+    )
     return TlsConfig(
         True,
-        str(pki.cert_file) if certificate else "",
-        str(pki.key_file) if certificate else "",
+        str(cert) if certificate or caller else "",
+        str(key) if certificate or caller else "",
         str(pki.ca_file) if ca else "",
         server_name="localhost",
     )
@@ -114,6 +130,63 @@ def test_tls_and_tokens_together(serving, pki, tokens):
     assert retime(port, tls=tls, token=token["retimer"]).output_frame_count == 9
 
 
+def test_a_client_certificate_names_its_caller_when_the_call_has_no_token(serving, pki, by_certificate):
+    path, token = by_certificate
+    _, port = serving(ScriptedRetiming(tag=6), tls=server_tls(pki, client_auth=True), auth=AuthConfig(str(path)))
+    assert retime(port, tls=client_tls(pki, caller="retimer")).output_frame_count == 6  # its URI has the scope
+    code, detail = failure(port, tls=client_tls(pki, caller="submitter"))  # known by its CN, without the scope
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert detail == f"caller 'submitter' lacks the scope 'stage:retiming' that /{RETIMING}/Retime needs"
+    code, detail = failure(port, tls=client_tls(pki, caller="stranger"))  # signed by the CA, named by no caller
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert detail == "the client certificate (spiffe://a2v.local/stranger, stranger) names no caller"
+    assert failure(port, tls=client_tls(pki, certificate=True))[0] == grpc.StatusCode.UNAUTHENTICATED  # the shared one
+
+
+def test_a_token_wins_over_the_client_certificate(serving, pki, by_certificate):
+    path, token = by_certificate
+    _, port = serving(ScriptedRetiming(tag=8), tls=server_tls(pki, client_auth=True), auth=AuthConfig(str(path)))
+    assert retime(port, tls=client_tls(pki, caller="stranger"), token=token["retimer"]).output_frame_count == 8
+    code, detail = failure(port, tls=client_tls(pki, caller="retimer"), token=token["submitter"])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "caller 'submitter'" in detail
+    code, detail = failure(port, tls=client_tls(pki, caller="retimer"), token="x" * 40)
+    assert (code, detail) == (grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
+
+
+def test_without_mtls_a_client_certificate_names_no_caller(serving, pki, by_certificate):
+    path, _ = by_certificate
+    _, port = serving(ScriptedRetiming(tag=1), tls=server_tls(pki), auth=AuthConfig(str(path)))
+    code, detail = failure(port, tls=client_tls(pki, caller="retimer"))  # the server never asked for it
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in detail
+
+
+def test_a_streaming_call_is_checked_by_its_client_certificate_before_it_runs(pki, by_certificate):
+    path, _ = by_certificate
+    runs = []
+
+    def count(_request, _context):
+        runs.append(1)
+        yield from (b"1", b"2")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[TokenAuth(TokenRegistry(path))])
+    handlers = {"Count": grpc.unary_stream_rpc_method_handler(count)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(RETIMING, handlers)])
+    port = server.add_secure_port("127.0.0.1:0", security.server_credentials(server_tls(pki, client_auth=True)))
+    server.start()
+    try:
+        for caller, expected in (("retimer", [b"1", b"2"]), ("submitter", grpc.StatusCode.PERMISSION_DENIED)):
+            secure = ClientSecurity(client_tls(pki, caller=caller))
+            with secure.channel(f"127.0.0.1:{port}", []) as channel:
+                call = channel.unary_stream(f"/{RETIMING}/Count")(b"", timeout=5)
+                try:
+                    assert list(call) == expected, caller
+                except grpc.RpcError as err:
+                    assert err.code() == expected, caller
+        assert len(runs) == 1
+    finally:
+        server.stop(0).wait()
+
+
 def test_reflection_can_be_switched_off(serving):
     _, port = serving(auth=AuthConfig(reflection=False))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
@@ -151,8 +224,26 @@ def test_configuration_fails_fast_and_reads_the_client_side(tmp_path, pki):
     client_side = ClientSecurity.from_env({**pki.environment(), "A2V_AUTH_TOKEN_FILE": str(tmp_path / "token")})
     assert client_side.token == "secret-token-123456" and client_side.tls.server_name == "localhost"
     assert ClientSecurity.from_env({}) == ClientSecurity()
-    with pytest.raises(ConfigError, match="tokens file"):
-        security.parse_tokens('{"callers": [{"name": "x", "token": "short", "scopes": []}]}')
+    with pytest.raises(ConfigError, match="callers file: caller 'x': a token has at least 16"):
+        security.parse_callers('{"callers": [{"name": "x", "token": "short", "scopes": []}]}')
+
+
+def test_a_callers_file_names_tokens_certificates_or_both():
+    by_certificate = {"name": "a2v", "certificates": ["spiffe://a2v.local/a2v"], "scopes": ["jobs"]}
+    both = {"name": "orchestrator", "token": "t" * 16, "certificates": ["orchestrator"], "scopes": ["stage:*"]}
+    callers = security.parse_callers(json.dumps({"callers": [by_certificate, both]}))
+    assert {i: c.name for i, c in callers.by_identity.items()} == {
+        "spiffe://a2v.local/a2v": "a2v",
+        "orchestrator": "orchestrator",
+    }
+    assert [c.name for c in callers.by_token.values()] == ["orchestrator"]
+    with pytest.raises(ConfigError, match="caller 'x' needs a token or certificates"):
+        security.parse_callers('{"callers": [{"name": "x", "certificates": [], "scopes": []}]}')
+    with pytest.raises(ConfigError, match="callers 'x' and 'y' share the identity 'cn'"):
+        security.parse_callers(
+            '{"callers": [{"name": "x", "certificates": ["cn"], "scopes": []},'
+            ' {"name": "y", "certificates": ["cn"], "scopes": []}]}'
+        )
 
 
 def test_a2v_stage_and_the_orchestrators_stage_clients_use_tls_and_their_token(serving, pki, tokens):
