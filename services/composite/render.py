@@ -189,20 +189,27 @@ def _gaussian_rbf(centres: np.ndarray, values: np.ndarray, sigma: float) -> np.n
 def _keep_reads_inside(field: np.ndarray, x0: int, y0: int, width: int, height: int) -> None:
     """Shrink a backward displacement field (float32 [h, w, 2] for the frame box at x0, y0) in place so that no
     pixel reads outside the frame: near a frame edge that a component reads towards, that component falls linearly
-    to 0 at the edge over four times its largest value (a chin cut by the frame's bottom edge closes over its own
+    to 0 at the edge over four times its largest magnitude (a chin cut by the frame's bottom edge closes over its own
     skin, the rows near the edge stretched at most 4:3 so that its contours do not bend, instead of the edge row
-    replicated into vertical streaks under it; hdtf_edmarkey_512).
+    replicated into vertical streaks under it; hdtf_edmarkey_512). Only the rows or columns near an edge are touched.
     """
-    h, w = field.shape[:2]
-    for c, (start, size, length) in enumerate(((x0, w, width), (y0, h, height))):
-        component = field[..., c]
-        reach = float(np.abs(component).max()) if component.size else 0.0
-        if reach <= 0 or (start >= reach and start + size - 1 + reach <= length - 1):
+    for c, start, length in ((0, x0, width), (1, y0, height)):
+        along = field[..., c] if c == 1 else field[..., c].T  # axis 0 runs along this component's direction
+        n = along.shape[0]
+        reach = max(float(along.max()), -float(along.min()))
+        if n == 0 or reach <= 0:
             continue
-        position = np.arange(start, start + size, dtype=np.float32)
-        position = position[None, :] if c == 0 else position[:, None]
-        room = np.where(component > 0, np.float32(length - 1) - position, position)  # to the edge it reads towards
-        component *= np.clip(room * np.float32(0.25 / reach), 0.0, 1.0)
+        band = np.float32(4.0 * reach)
+        last = min(int(math.ceil(band - start)) + 1, n)  # reads towards 0 (negative values) in the rows before
+        if last > 0:
+            part = along[:last]
+            scale = np.clip((np.float32(start) + np.arange(last, dtype=np.float32)) / band, 0, 1)[:, None]
+            np.multiply(part, scale, out=part, where=part < 0)
+        first = max(int(math.floor(length - 1 - band - start)), 0)  # reads towards length - 1 from this row on
+        if first < n:
+            part = along[first:]
+            room = np.float32(length - 1 - start) - np.arange(first, n, dtype=np.float32)
+            np.multiply(part, np.clip(room / band, 0, 1)[:, None], out=part, where=part > 0)
 
 
 def correct_jaw(
