@@ -30,7 +30,7 @@ from services.runtime.config import ConfigError, Env, StoreConfig
 from services.runtime.errors import FailedPrecondition, Forbidden, InvalidInput, TooLarge
 from services.runtime.keys import content_key, validate_key
 from services.runtime.protos import object_ref
-from services.runtime.security import AUTHORIZATION, TokenRegistry
+from services.runtime.security import AUTHORIZATION, TokenRegistry, Unauthenticated
 
 UPLOADS_PREFIX = "uploads"
 ANONYMOUS = "anonymous"
@@ -113,7 +113,8 @@ def presign_v4(
 
 
 class Callers:
-    """The caller's name from its bearer token (the tokens file the server checks), for its uploads prefix."""
+    """The caller's name (its bearer token's or its mTLS certificate's, as the server's check finds it) for its
+    uploads prefix."""
 
     def __init__(self, tokens_file: str = "") -> None:
         self.registry = TokenRegistry(tokens_file) if tokens_file else None
@@ -122,10 +123,10 @@ class Callers:
         if self.registry is None or context is None:
             return ANONYMOUS
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        _, _, token = metadata.get(AUTHORIZATION, "").partition(" ")
-        caller = self.registry.caller(token.strip()) if token.strip() else None
-        if caller is None:  # the server's token check lets no such call through; be safe anyway
-            raise Forbidden("no known caller for an uploads prefix")
+        try:  # as the server's check names it: the bearer token's caller, else the mTLS certificate's
+            caller = self.registry.identify(metadata.get(AUTHORIZATION, ""), context)
+        except Unauthenticated as exc:  # the server's check lets no such call through; be safe anyway
+            raise Forbidden(f"no known caller for an uploads prefix: {exc}") from exc
         return _CALLER_SEGMENT.sub("_", caller.name)[:64].strip(".") or ANONYMOUS
 
 

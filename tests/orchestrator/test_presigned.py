@@ -25,12 +25,17 @@ from orchestrator.presign import Callers, Presigner, PresignSettings
 from orchestrator.servicer import OrchestratorServicer
 from services.runtime.clients import create_channel
 from services.runtime.config import AuthConfig, ServerConfig
+from services.runtime.errors import Forbidden
 from services.runtime.keys import sha256_bytes
 from services.runtime.protos import store_result
 from services.runtime.security import ClientSecurity
 from services.runtime.server import binding_for, create_server
 
-TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab", "audio": "audio-token-0123456789"}
+TOKENS = {
+    "alice": "alice-token-0123456789-0123456789",
+    "bob": "bob-token-0123456789ab",
+    "audio": "audio-token-0123456789",
+}
 SCOPES = {"alice": ["jobs"], "bob": ["jobs"], "audio": ["stage:audio"]}
 LIMIT = 64 * 1024
 
@@ -211,3 +216,40 @@ def test_a2v_stage_uploads_its_at_paths_through_presigned_urls_without_store_cre
     request = upload_references({"audio": {"key": f"@{source}"}}, connection.uploads, max_bytes=LIMIT)
     assert request["audio"]["key"].startswith("uploads/alice/") and request["audio"]["bucket"] == store.bucket
     assert store.get_bytes(request["audio"]["key"]) == source.read_bytes()
+
+
+class CallContext:
+    """What Callers reads of a call: its metadata and, with mTLS, the verified client certificate's names."""
+
+    def __init__(self, metadata=(), identities=()) -> None:
+        self.metadata, self.identities = tuple(metadata), [name.encode() for name in identities]
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def auth_context(self):
+        return {"transport_security_type": [b"ssl"], "x509_subject_alternative_name": self.identities}
+
+
+def test_a_caller_known_by_its_certificate_uploads_under_its_own_prefix(tmp_path):
+    """With mTLS and no token the server's check names the caller from its certificate; so does the uploads prefix."""
+    callers_file = tmp_path / "callers.json"
+    callers_file.write_text(
+        json.dumps(
+            {
+                "callers": [
+                    {"name": "render-farm", "certificates": ["spiffe://a2v.local/render-farm"], "scopes": ["jobs"]},
+                    {"name": "alice", "token": "alice-token-0123456789", "scopes": ["jobs"]},
+                ]
+            }
+        )
+    )
+    callers = Callers(str(callers_file))
+    assert callers.name(CallContext(identities=["spiffe://a2v.local/render-farm"])) == "render-farm"
+    assert callers.name(
+        CallContext([("authorization", "Bearer alice-token-0123456789")], ["spiffe://a2v.local/render-farm"])
+    ) == (
+        "alice"  # a token wins over the certificate, as in the server's check
+    )
+    with pytest.raises(Forbidden):
+        callers.name(CallContext(identities=["spiffe://elsewhere/x"]))
