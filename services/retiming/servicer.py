@@ -38,10 +38,17 @@ def resolve_options(options: retiming_pb2.RetimeOptions) -> core.RetimeOptions:
         blink_weight=optional("blink_weight"),
         blink_threshold=options.blink_threshold or defaults.blink_threshold,
         max_hold_frames=options.max_hold_frames or defaults.max_hold_frames,
-        loop_mode=core.LoopMode(options.loop_mode) if options.loop_mode else defaults.loop_mode,
+        loop_mode=_loop_mode(options.loop_mode) if options.loop_mode else defaults.loop_mode,
     )
     resolved.validate()
     return resolved
+
+
+def _loop_mode(value: int) -> core.LoopMode:
+    try:
+        return core.LoopMode(value)
+    except ValueError:
+        raise InvalidInput(f"loop_mode {value} is not one of {[mode.value for mode in core.LoopMode]}") from None
 
 
 class RetimingServicer(retiming_pb2_grpc.RetimingServiceServicer):

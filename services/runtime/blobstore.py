@@ -426,6 +426,9 @@ class BlobStore:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise InvalidInput(f"object {key!r} is not a .npy array: {exc}") from exc
+        if not isinstance(array, np.ndarray):  # an .npz archive loads too, as an NpzFile
+            array.close()
+            raise InvalidInput(f"object {key!r} is not a .npy array (it is an .npz archive)")
         meta = self.stat(key, bucket=bucket).metadata.get(ARRAY_META)
         fields = json.loads(meta) if meta else {}
         info = ArrayInfo(
@@ -443,9 +446,12 @@ class BlobStore:
         """The named arrays of an .npz archive, read with the checks of `get_bytes`."""
         data = self.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256, max_bytes=max_bytes)
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            archive = np.load(io.BytesIO(data), allow_pickle=False)
+            if isinstance(archive, np.ndarray):  # a .npy array loads too
+                raise ValueError("it is a .npy array")
+            with archive:
                 return {name: archive[name] for name in archive.files}
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
             raise InvalidInput(f"object {key!r} is not a .npz archive: {exc}") from exc
 
     def delete(self, key: str, *, bucket: str | None = None) -> None:

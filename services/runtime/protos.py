@@ -76,5 +76,5 @@ def load_result(store: BlobStore, key: str, message_type: type[M]) -> M | None:
         return None
     try:
         return json_format.Parse(store.get_bytes(key), message_type(), ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, UnicodeDecodeError) as exc:  # not UTF-8: some other object, corrupt like bad JSON
         raise IntegrityError(f"stored result {key} is not a valid {message_type.DESCRIPTOR.name}: {exc}") from exc
