@@ -61,8 +61,22 @@ def _already_aborted(context: grpc.ServicerContext) -> bool:
     return code is not None and code != grpc.StatusCode.OK
 
 
+MAX_DETAIL_BYTES = 1000
+"""Longest status message sent (UTF-8 bytes): one that echoes a huge request string (a 200 kB key or speaker name)
+was bigger than the caller's metadata limit, so the caller got RESOURCE_EXHAUSTED "metadata size exceeds hard
+limit" instead of the answer."""
+
+
+def _shortened(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MAX_DETAIL_BYTES:
+        return message
+    return data[: MAX_DETAIL_BYTES - 40].decode(errors="ignore") + f"... ({len(data)} bytes in all)"
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     code, message = status_for(exc)
+    message = _shortened(message)
     if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
         log.info("%s rejected: %s %s", method, code.name, message)
     elif code == grpc.StatusCode.UNAVAILABLE:
