@@ -31,6 +31,8 @@ from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
 log = logging.getLogger(__name__)
+MAX_OUTPUT_FRAMES = 24 * 3600 * 60
+"""A day of 60 fps video, as retiming: a count of 2^62 failed (INTERNAL), billions asked for gigabytes per array."""
 RESULT_FORMAT_VERSION = 3  # 2: amplitude normalisation, 3: crossed lips closed
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
@@ -139,8 +141,10 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             raise InvalidInput("output_frame_rate is required")
         source = blob_ref(request.features.object, default_bucket=self.store.bucket, what="features")
         settings = PredictSettings.from_proto(request.options)
-        if request.output_frame_count < 0:
-            raise InvalidInput(f"output_frame_count must be >= 0, got {request.output_frame_count}")
+        if not 0 <= request.output_frame_count <= MAX_OUTPUT_FRAMES:
+            raise InvalidInput(
+                f"output_frame_count must be in [0, {MAX_OUTPUT_FRAMES}], got {request.output_frame_count}"
+            )
         version = self._resolve_version(request.model)
         prefix = request.output_prefix.rstrip("/") or self._prefix(request, source, settings, version, fps)
         result_key = validate_key(f"{prefix}/result.json")

@@ -329,6 +329,19 @@ class _CallDetails(collections.namedtuple("_CallDetails", _CALL_FIELDS), grpc.Cl
     pass
 
 
+MAX_HEADER_CHARS = 256
+
+
+def header_value(value: str) -> str:
+    """`value` as a metadata value gRPC sends: printable ASCII (others escaped), at most MAX_HEADER_CHARS.
+
+    A caller's request id of "é" made every call the stage made for it fail with INTERNAL "Invalid metadata".
+    """
+    text = value.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(char if " " <= char <= "~" else f"\\x{ord(char):02x}" for char in text)
+    return text[:MAX_HEADER_CHARS]
+
+
 class ClientCorrelation(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Sends the running job's id, request id and trace context (W3C `traceparent`) with every call.
 
@@ -342,9 +355,9 @@ class ClientCorrelation(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         if job_id := _JOB_ID.get():
-            carrier[JOB_ID_HEADER] = job_id
+            carrier[JOB_ID_HEADER] = header_value(job_id)
         if request_id := _REQUEST_ID.get():
-            carrier[REQUEST_ID_HEADER] = request_id
+            carrier[REQUEST_ID_HEADER] = header_value(request_id)
         if not carrier:
             return details
         metadata = [*(details.metadata or ()), *carrier.items()]
