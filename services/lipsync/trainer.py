@@ -93,6 +93,7 @@ def settings_from_proto(options: lipsync_pb2.TrainingOptions | None) -> lstm.Tra
         early_stopping_patience=optional("early_stopping_patience"),
         seed=optional("seed"),
         ensemble=options.ensemble or defaults.ensemble,
+        tempo_augmentation=optional("tempo_augmentation"),
     )
 
 
@@ -363,6 +364,21 @@ def fit_speaker(
         coefficients.shape[1],
     )
 
+    # What the members train on: the training sections, and with tempo augmentation their stretched copies after
+    # them (the validation sections keep their indices, so stopping and calibration see real speech only).
+    train_inputs = (features_norm, coefficients, section_offsets, train_sections)
+    if settings.tempo_augmentation > 0:
+        spread = settings.tempo_augmentation
+        raw = dataset["features"].astype(np.float32)
+        stretched, stretched_coefficients, stretched_offsets, added = lstm.stretch_sections(
+            raw, coefficients, section_offsets, train_sections, (1 - spread, 1 + spread)
+        )
+        train_inputs = (
+            ((stretched - mean) / std).astype(np.float32),
+            stretched_coefficients,
+            stretched_offsets,
+            np.concatenate([train_sections, added]),
+        )
     members, max_epochs = settings.ensemble, settings.max_epochs
     runs: list[lstm.TrainingResult] = []
     for member in range(members):
@@ -375,10 +391,7 @@ def fit_speaker(
 
         runs.append(
             lstm.train_model(
-                features_norm,
-                coefficients,
-                section_offsets,
-                train_sections,
+                *train_inputs,
                 validation_sections,
                 settings=dataclasses.replace(settings, seed=settings.seed + member),
                 on_epoch=epoch_done,
@@ -628,6 +641,7 @@ TRAINING_FLAGS = (  # (flag, TrainingSettings field, type, help)
     ("--patience", "early_stopping_patience", int, "epochs without improvement before stopping; 0 = never"),
     ("--seed", "seed", int, "seed of initialisation, dropout and window sampling"),
     ("--ensemble", "ensemble", int, "models trained from successive seeds and averaged"),
+    ("--tempo-augmentation", "tempo_augmentation", float, "also train on the speech at tempi 1 -/+ this; 0 = none"),
 )
 
 

@@ -335,3 +335,34 @@ def test_an_ensemble_averages_its_members_in_one_graph_and_scales_as_one():
     assert lstm.average_models(members[:1]) is members[0]
     with pytest.raises(InvalidInput, match="ensemble"):
         lstm.TrainingSettings(ensemble=0)
+
+
+def test_stretched_sections_replay_the_speech_slower_and_faster_after_the_original_rows():
+    rows = np.arange(10, dtype=np.float32)
+    features = np.zeros((10, lstm.FEATURE_DIM), np.float32)
+    features[:, 0] = rows  # a static feature rising by 1 a row
+    features[:, lstm.DELTA_COLUMNS] = 1.0  # its derivative: 1 a row
+    coefficients = np.stack([rows * 2, -rows], axis=1)
+    offsets = np.array([0, 4, 10])
+
+    out_features, out_coefficients, out_offsets, added = lstm.stretch_sections(
+        features, coefficients, offsets, [1], (0.5, 2.0)
+    )
+
+    assert out_offsets.tolist() == [0, 4, 10, 13, 25] and added.tolist() == [2, 3]  # 6 rows -> 3 and 12
+    np.testing.assert_array_equal(out_features[:10], features)  # the original rows and sections are untouched
+    slow = slice(13, 25)
+    np.testing.assert_allclose(out_features[slow, 0], np.linspace(4, 9, 12), atol=1e-5)  # same sounds, twice as long
+    np.testing.assert_allclose(out_features[slow, lstm.DELTA_COLUMNS], 0.5)  # changing half as fast per row
+    np.testing.assert_allclose(out_features[10:13, lstm.DELTA_COLUMNS], 2.0)
+    np.testing.assert_allclose(out_coefficients[slow, 0], np.linspace(8, 18, 12), atol=1e-5)  # the mouth alike
+    with pytest.raises(InvalidInput):
+        lstm.stretch_sections(features, coefficients, np.array([0, 4, 9]), [1], (2.0,))  # offsets not tiling rows
+
+
+def test_tempo_augmentation_is_an_option_no_regime_turns_on():
+    assert lstm.settings_for_data(60.0).tempo_augmentation == 0.0
+    assert lstm.settings_for_data(1800.0).tempo_augmentation == 0.0
+    assert lstm.settings_for_data(60.0, {"tempo_augmentation": 0.15}).tempo_augmentation == 0.15
+    with pytest.raises(InvalidInput):
+        lstm.TrainingSettings(tempo_augmentation=0.5)

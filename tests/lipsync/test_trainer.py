@@ -223,10 +223,11 @@ def test_hold_back_tails_splits_the_end_of_each_long_enough_section():
 def test_a_single_clip_holds_back_its_end_picks_defaults_by_size_and_calibrates(store, key_prefix, speaker):
     single = build_speaker_dataset([clip("only", 14.0, 4)])
     dataset_key, pca_key = upload(store, key_prefix, single.arrays(), single.pca.arrays())
-    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5, "ensemble": 2}
+    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5, "ensemble": 2, "tempo_augmentation": 0.15}
     card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, overrides=overrides)
     assert card["regime"] == {"name": "small", "train_seconds": pytest.approx(14.0, abs=0.2), "overrides": overrides}
     assert card["training"]["batch_size"] == 10 and card["training"]["hidden_units"] == 6  # regime + user's values
+    assert card["training"]["tempo_augmentation"] == 0.15  # trained on tempo-stretched copies too
     held = card["dataset"]["held_back_frames"]
     assert 200 < held < 320 and card["dataset"]["validation_frames"] == held
     assert card["metrics"]["landmark_error"] is not None and len(card["history"]["validation_loss"]) == 2
