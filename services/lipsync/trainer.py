@@ -287,6 +287,56 @@ def _sync_card(dataset: dict, clip_ids: list[str]) -> dict:
 # training
 
 
+def tempo_augmented(dataset: Mapping[str, np.ndarray], spread: float) -> dict[str, np.ndarray]:
+    """The dataset with its training clips also at tempi 1 - spread and 1 + spread, as more training clips.
+
+    Each training section is stretched in time (`lstm.stretch_sections`: features, coefficients, mouth shapes and
+    times alike) into a clip `<clip>@<tempo>`; the feature statistics are those of all training rows, stretched
+    ones included. The copies are then held back, stopped on and calibrated like any clip.
+    """
+    factors = (1 - spread, 1 + spread)
+    clip_ids = [str(c) for c in dataset["clip_ids"]]
+    is_validation = dataset["is_validation"].astype(bool)
+    section_clip = dataset["section_clip"].astype(np.int64)
+    offsets = dataset["section_offsets"].astype(np.int64)
+    training = np.flatnonzero(~is_validation[section_clip] & (np.diff(offsets) > 0))
+    rows = len(dataset["features"])
+    shapes = dataset["shapes"].astype(np.float32)
+    paired = np.concatenate(
+        [dataset["coefficients"], shapes.reshape(rows, -1), dataset["times"].reshape(rows, 1)], axis=1
+    ).astype(np.float32)
+    features, stretched, new_offsets, added = lstm.stretch_sections(
+        dataset["features"], paired, offsets, training, factors
+    )
+    k = dataset["coefficients"].shape[1]
+    copied = [c for c in range(len(clip_ids)) if not is_validation[c]]  # the training clips get tempo copies
+    new_section_clip = [
+        len(clip_ids) + factor_index * len(copied) + copied.index(int(section_clip[section]))
+        for factor_index in range(len(factors))
+        for section in training
+        if int(round((offsets[section + 1] - offsets[section]) * factors[factor_index])) >= 2
+    ]
+    if len(new_section_clip) != len(added):
+        raise AssertionError("stretched sections and their clips disagree")  # pragma: no cover
+    out = dict(dataset)
+    out["features"] = features
+    out["coefficients"] = stretched[:, :k]
+    out["shapes"] = stretched[:, k:-1].reshape(-1, *shapes.shape[1:])
+    out["times"] = stretched[:, -1].astype(np.float64)
+    out["section_offsets"] = new_offsets
+    out["section_clip"] = np.concatenate([section_clip, new_section_clip]).astype(np.int32)
+    out["clip_ids"] = np.array(clip_ids + [f"{clip_ids[c]}@{f:g}" for f in factors for c in copied], dtype=str)
+    out["is_validation"] = np.concatenate([is_validation, np.zeros(len(factors) * len(copied), bool)]).astype(np.uint8)
+    for name in ("clip_sync_offset_seconds", "clip_sync_correlation", "clip_sync_applied"):
+        if name in dataset:
+            out[name] = np.concatenate([dataset[name], *[dataset[name][copied]] * len(factors)])
+    train_rows = _rows(new_offsets, np.concatenate([training, added]))
+    std = features[train_rows].std(axis=0)
+    out["feature_mean"] = features[train_rows].mean(axis=0).astype(np.float32)
+    out["feature_std"] = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    return out
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpeakerFit:
     """What `fit_speaker` trained, and on which rows (section indices refer to `section_offsets`)."""
@@ -305,6 +355,7 @@ class SpeakerFit:
     train_rows: int
     validation_rows: int
     held_back: int
+    dataset: Mapping[str, np.ndarray]  # what it trained on: the given dataset, with tempo-stretched clips if any
 
 
 def fit_speaker(
@@ -342,6 +393,15 @@ def fit_speaker(
     regime, _ = lstm.data_size_regime(train_seconds)
     if settings is None:
         settings = lstm.settings_for_data(train_seconds, dict(overrides or {}))
+    if settings.tempo_augmentation > 0:  # from here on the stretched copies are training clips like the others
+        dataset = tempo_augmented(dataset, settings.tempo_augmentation)
+        clip_ids = [str(c) for c in dataset["clip_ids"]]
+        is_validation = dataset["is_validation"].astype(bool)
+        lengths = np.diff(dataset["section_offsets"])
+        held_out = is_validation[dataset["section_clip"].astype(np.int64)]
+        train_sections = np.flatnonzero(~held_out & (lengths > 0))
+        validation_sections = np.flatnonzero(held_out & (lengths > 0))
+        train_rows = int(lengths[train_sections].sum())
     section_offsets = dataset["section_offsets"].astype(np.int64)
     held_back = 0
     if len(validation_sections) == 0:  # one clip: hold back the end of each section for stopping and calibration
@@ -364,21 +424,6 @@ def fit_speaker(
         coefficients.shape[1],
     )
 
-    # What the members train on: the training sections, and with tempo augmentation their stretched copies after
-    # them (the validation sections keep their indices, so stopping and calibration see real speech only).
-    train_inputs = (features_norm, coefficients, section_offsets, train_sections)
-    if settings.tempo_augmentation > 0:
-        spread = settings.tempo_augmentation
-        raw = dataset["features"].astype(np.float32)
-        stretched, stretched_coefficients, stretched_offsets, added = lstm.stretch_sections(
-            raw, coefficients, section_offsets, train_sections, (1 - spread, 1 + spread)
-        )
-        train_inputs = (
-            ((stretched - mean) / std).astype(np.float32),
-            stretched_coefficients,
-            stretched_offsets,
-            np.concatenate([train_sections, added]),
-        )
     members, max_epochs = settings.ensemble, settings.max_epochs
     runs: list[lstm.TrainingResult] = []
     for member in range(members):
@@ -391,7 +436,10 @@ def fit_speaker(
 
         runs.append(
             lstm.train_model(
-                *train_inputs,
+                features_norm,
+                coefficients,
+                section_offsets,
+                train_sections,
                 validation_sections,
                 settings=dataclasses.replace(settings, seed=settings.seed + member),
                 on_epoch=epoch_done,
@@ -423,6 +471,7 @@ def fit_speaker(
         train_rows,
         validation_rows,
         held_back,
+        dataset,
     )
 
 
@@ -496,6 +545,9 @@ def train_speaker(
     features_norm, coefficients = fit.features_norm, fit.coefficients
     train_rows, validation_rows, held_back = fit.train_rows, fit.validation_rows, fit.held_back
     train_sections, regime, train_seconds = fit.train_sections, fit.regime, fit.train_seconds
+    dataset = fit.dataset  # with tempo augmentation: its stretched clips and the statistics the model was fed
+    clip_ids = [str(c) for c in dataset["clip_ids"]]
+    is_validation = dataset["is_validation"].astype(bool)
 
     prefix = version_prefix(speaker, version)
     work = Path(

@@ -1,5 +1,6 @@
 """The trainer against a real S3 server: versioned SavedModel trees, model card last, local copy, bad inputs."""
 
+import dataclasses
 import json
 import uuid
 
@@ -223,11 +224,10 @@ def test_hold_back_tails_splits_the_end_of_each_long_enough_section():
 def test_a_single_clip_holds_back_its_end_picks_defaults_by_size_and_calibrates(store, key_prefix, speaker):
     single = build_speaker_dataset([clip("only", 14.0, 4)])
     dataset_key, pca_key = upload(store, key_prefix, single.arrays(), single.pca.arrays())
-    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5, "ensemble": 2, "tempo_augmentation": 0.15}
+    overrides = {"max_epochs": 2, "hidden_units": 6, "delay_steps": 5, "ensemble": 2}
     card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, overrides=overrides)
     assert card["regime"] == {"name": "small", "train_seconds": pytest.approx(14.0, abs=0.2), "overrides": overrides}
     assert card["training"]["batch_size"] == 10 and card["training"]["hidden_units"] == 6  # regime + user's values
-    assert card["training"]["tempo_augmentation"] == 0.15  # trained on tempo-stretched copies too
     held = card["dataset"]["held_back_frames"]
     assert 200 < held < 320 and card["dataset"]["validation_frames"] == held
     assert card["metrics"]["landmark_error"] is not None and len(card["history"]["validation_loss"]) == 2
@@ -263,3 +263,37 @@ def test_the_version_is_reserved_before_training_starts(store, stored, speaker):
     assert reserved_at_first_epoch == [[f"models/{speaker}/reserved/1.json"]]
     card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, settings=TINY)
     assert card["version"] == 2 and not list(store.list_keys(f"models/{speaker}/1/"))
+
+
+def test_tempo_augmentation_adds_stretched_training_clips_and_their_statistics(built):
+    arrays = built.arrays()
+    augmented = trainer.tempo_augmented(arrays, 0.2)
+    assert list(augmented["clip_ids"]) == ["train_a", "held_out", "train_a@0.8", "train_a@1.2"]
+    assert augmented["is_validation"].tolist() == [0, 1, 0, 0]  # the copies train; only held_out validates
+    offsets, section_clip = augmented["section_offsets"], augmented["section_clip"]
+    assert offsets[-1] == len(augmented["features"]) == len(augmented["shapes"]) == len(augmented["coefficients"])
+    np.testing.assert_array_equal(augmented["features"][: len(arrays["features"])], arrays["features"])
+    copies = {2: 0, 3: 0}
+    for a, b, c in zip(offsets[:-1], offsets[1:], section_clip, strict=True):
+        if c >= 2:
+            copies[int(c)] += int(b - a)
+    trained = sum(int(b - a) for a, b, c in zip(arrays["section_offsets"][:-1], arrays["section_offsets"][1:],
+                                                 arrays["section_clip"], strict=True) if c == 0)  # fmt: skip
+    assert abs(copies[2] - 0.8 * trained) <= 2 and abs(copies[3] - 1.2 * trained) <= 2
+    # The statistics the model is fed are those of every training row, stretched ones included.
+    rows = np.concatenate([np.arange(a, b) for a, b, c in zip(offsets[:-1], offsets[1:], section_clip, strict=True)
+                           if not augmented["is_validation"][c]])  # fmt: skip
+    np.testing.assert_allclose(augmented["feature_mean"], augmented["features"][rows].mean(axis=0), atol=1e-5)
+    assert len(augmented["clip_sync_offset_seconds"]) == 4
+
+
+def test_a_model_trained_with_tempo_augmentation_says_so_and_normalises_as_it_was_fed(store, stored, speaker):
+    dataset_key, pca_key = stored
+    settings = dataclasses.replace(TINY, tempo_augmentation=0.2)
+    card = trainer.train_speaker(store, speaker=speaker, dataset_key=dataset_key, pca_key=pca_key, settings=settings)
+    assert card["training"]["tempo_augmentation"] == 0.2
+    assert card["dataset"]["train_clip_ids"] == ["train_a", "train_a@0.8", "train_a@1.2"]
+    assert card["dataset"]["validation_clip_ids"] == ["held_out"]
+    normalization = store.get_arrays(f"models/{speaker}/{card['version']}/assets.extra/normalization.npz")
+    augmented = trainer.tempo_augmented(store.get_arrays(dataset_key), 0.2)
+    np.testing.assert_allclose(normalization["feature_mean"], augmented["feature_mean"])
