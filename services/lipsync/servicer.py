@@ -33,6 +33,8 @@ from services.runtime.status import grpc_errors
 log = logging.getLogger(__name__)
 MAX_OUTPUT_FRAMES = 24 * 3600 * 60
 """A day of 60 fps video, as retiming: a count of 2^62 failed (INTERNAL), billions asked for gigabytes per array."""
+MAX_START_SECONDS = 24 * 3600.0
+"""Audio time of output frame 0 at most a day: at 2^49 s, frame times 1/30 s apart were all equal (INTERNAL)."""
 RESULT_FORMAT_VERSION = 3  # 2: amplitude normalisation, 3: crossed lips closed
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
@@ -90,6 +92,21 @@ class PredictSettings:
             ),
         )
 
+    def check(self) -> PredictSettings:
+        """Refuse values no caller means (INVALID_ARGUMENT): a smoothing sigma or ramp of 10^9 frames asked for a
+        filter kernel of gigabytes (the server was killed for memory), NaN for an exception."""
+        bounds = {
+            "chunking.chunk_seconds": (self.chunk_seconds, 0.0, 3600.0),
+            "chunking.overlap_seconds": (self.overlap_seconds, 0.0, 3600.0),
+            "silence.ramp_seconds": (self.ramp_seconds, 0.0, 10.0),
+            "smoothing_sigma_frames": (self.smoothing_sigma_frames, 0.0, 1000.0),
+            "max_amplitude_gain": (self.max_amplitude_gain, 0.0, 100.0),
+        }
+        for name, (value, low, high) in bounds.items():
+            if not low <= value <= high:  # NaN too
+                raise InvalidInput(f"option {name} must be in [{low:g}, {high:g}], got {value}")
+        return self
+
 
 class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
     """Predict and DescribeModel over the object store and TF Serving."""
@@ -140,11 +157,13 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         if fps is None:
             raise InvalidInput("output_frame_rate is required")
         source = blob_ref(request.features.object, default_bucket=self.store.bucket, what="features")
-        settings = PredictSettings.from_proto(request.options)
+        settings = PredictSettings.from_proto(request.options).check()
         if not 0 <= request.output_frame_count <= MAX_OUTPUT_FRAMES:
             raise InvalidInput(
                 f"output_frame_count must be in [0, {MAX_OUTPUT_FRAMES}], got {request.output_frame_count}"
             )
+        if not abs(request.start_seconds) <= MAX_START_SECONDS:  # NaN too
+            raise InvalidInput(f"start_seconds must be within a day, got {request.start_seconds}")
         version = self._resolve_version(request.model)
         prefix = request.output_prefix.rstrip("/") or self._prefix(request, source, settings, version, fps)
         result_key = validate_key(f"{prefix}/result.json")

@@ -532,6 +532,27 @@ FOUND = {
         lipsync_pb2.DescribeModelRequest(speaker=SPEAKER, request_id="é"),
         None,
     ),
+    "a start time so late that frame times 1/30 s apart are equal": (
+        "lipsync",
+        lipsync_pb2.PredictRequest(
+            features=array("fixtures/features.npy"),
+            model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
+            output_frame_rate=common_pb2.FrameRate(numerator=30, denominator=1),
+            start_seconds=2.0**49,
+            speech_activity=array("fixtures/activity.npy"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "a smoothing sigma of 10^9 frames (a filter kernel of gigabytes: the hunt's process was killed for memory)": (
+        "lipsync",
+        lipsync_pb2.PredictRequest(
+            features=array("fixtures/features.npy"),
+            model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
+            output_frame_rate=common_pb2.FrameRate(numerator=30, denominator=1),
+            options=lipsync_pb2.PredictOptions(smoothing_sigma_frames=1e9),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "an unknown loop mode": (
         "retiming",
         retiming_pb2.RetimeRequest(
