@@ -424,7 +424,7 @@ class BlobStore:
         data = self.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256, max_bytes=max_bytes)
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty object
             raise InvalidInput(f"object {key!r} is not a .npy array: {exc}") from exc
         if not isinstance(array, np.ndarray):  # an .npz archive loads too, as an NpzFile
             array.close()
@@ -451,7 +451,7 @@ class BlobStore:
                 raise ValueError("it is a .npy array")
             with archive:
                 return {name: archive[name] for name in archive.files}
-        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise InvalidInput(f"object {key!r} is not a .npz archive: {exc}") from exc
 
     def delete(self, key: str, *, bucket: str | None = None) -> None:

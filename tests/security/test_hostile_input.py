@@ -553,6 +553,15 @@ FOUND = {
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
+    "an empty object named as an array": (
+        "retiming",
+        retiming_pb2.RetimeRequest(
+            target_analysis=ref("fixtures/analysis.json"),
+            speech_activity=array("fixtures/empty.bin"),
+            output_frame_count=1,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "an unknown loop mode": (
         "retiming",
         retiming_pb2.RetimeRequest(
