@@ -68,7 +68,11 @@ class RetimingServicer(retiming_pb2_grpc.RetimingServiceServicer):
         if not request.speech_activity.object.key:
             raise InvalidInput("speech_activity reference has no key")
         fps = frame_rate(manifest.info.frame_rate, what="target frame rate")
-        inputs = [manifest.head_motion.object.sha256, request.speech_activity.object.sha256]
+        # The result is reused by its inputs' content: a reference without a hash is looked up (as the other stages
+        # do), so two different speech activities never share a cached answer.
+        activity = request.speech_activity.object
+        activity_sha = activity.sha256 or self.store.stat(activity.key, bucket=activity.bucket or None).sha256
+        inputs = [manifest.head_motion.object.sha256, activity_sha or activity.key]
         prefix = request.output_prefix.rstrip("/") or derive_prefix(
             "retiming",
             inputs=[sha for sha in inputs if sha],

@@ -92,3 +92,22 @@ def test_bad_requests(store, key_prefix, retiming, target):
     bad = retiming_pb2.RetimeOptions(hold_penalty_weight=-1)
     status, details = code(speech_activity=activity, target_analysis=target, output_frame_count=30, options=bad)
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "hold_penalty_weight" in details
+
+
+def test_references_without_a_hash_never_share_a_cached_answer(store, key_prefix, retiming, target):
+    """A caller that names its speech activity by key only: the answer is reused by the object's content, so a
+    different activity is retimed afresh (it was served the first one's cached map) and the same one is reused."""
+    talking, silent = np.ones(270, np.uint8), np.zeros(270, np.uint8)
+    answers = []
+    for name, activity in (("talking", talking), ("silent", silent), ("talking-again", talking)):
+        ref = activity_ref(store, f"{key_prefix}/{name}.npy", activity)
+        ref.object.sha256 = ""  # by key only
+        answers.append(
+            retiming.Retime(
+                retiming_pb2.RetimeRequest(
+                    speech_activity=ref, target_analysis=target, output_frame_count=270, enabled=True
+                )
+            )
+        )
+    assert not answers[1].cached and answers[1].total_cost != answers[0].total_cost
+    assert answers[2].cached and answers[2].retiming_map.object.key == answers[0].retiming_map.object.key
