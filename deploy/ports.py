@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 from deploy.local import EXTRA_REPLICA_PORT_STEP, STACK_COMPONENTS, WEED_PORT_COUNT, stack_environment
 
+# Ports are drawn below Linux's ephemeral range (32768-60999), from which the OS picks the local ports of
+# outgoing connections: a port the OS handed out (bind to 0) could be taken by some client's connection between
+# the pick and the server's bind, and a stack then failed to start ("not SERVING", address in use). A port is
+# handed out once per process, so two picks never collide either.
+PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+_lock = threading.Lock()
+_draw = random.Random()
+
 
 def free_port() -> int:
-    """A loopback TCP port nobody listens on now (the OS's pick)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port nobody listens on now, outside the ephemeral range, not handed out before here."""
+    with _lock:
+        for _ in range(2000):
+            port = _draw.randrange(*PORT_RANGE)
+            if port not in _handed_out and ports_free([port]):
+                _handed_out.add(port)
+                return port
+    raise RuntimeError(f"no free loopback port in {PORT_RANGE}")
 
 
 def ports_free(ports: list[int]) -> bool:
@@ -38,8 +53,10 @@ def free_port_block(count: int, *, step: int = 1) -> int:
     for _ in range(200):
         base = free_port()
         ports = [base + i * step for i in range(count)]
-        if ports[-1] < 65000 and ports_free(ports):
-            return base
+        with _lock:
+            if ports[-1] < PORT_RANGE[1] and not _handed_out.intersection(ports[1:]) and ports_free(ports):
+                _handed_out.update(ports)
+                return base
     raise RuntimeError(f"no block of {count} free ports {step} apart")
 
 
