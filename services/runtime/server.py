@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -45,7 +46,7 @@ class CallSlots(grpc.ServerInterceptor):
         # Methods that mostly wait (progress streams): bounded by `waiting`, apart from the others, and taking no
         # running slot, so twenty people watching their jobs neither starve nor are starved by the work itself.
         self.waiting_methods = frozenset(waiting_methods)
-        self.waiting = threading.BoundedSemaphore(max(waiting, 1)) if waiting > 0 else None
+        self.waiting = threading.BoundedSemaphore(waiting)  # 0: every such call is refused
 
     def intercept_service(self, continuation, handler_call_details):
         """The handler, wrapped to refuse calls beyond the bound (health and reflection are never bounded)."""
@@ -53,70 +54,40 @@ class CallSlots(grpc.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(UNBOUNDED_PREFIXES):
             return handler
         if handler_call_details.method in self.waiting_methods:
-            return self._waiting_handler(handler)
+            admitted, running = self.waiting, contextlib.nullcontext()
+        else:
+            admitted, running = self.admitted, self.running
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._bounded(handler.unary_unary))
+            return handler._replace(unary_unary=self._bounded(handler.unary_unary, admitted, running))
         if handler.stream_unary:
-            return handler._replace(stream_unary=self._bounded(handler.stream_unary))
+            return handler._replace(stream_unary=self._bounded(handler.stream_unary, admitted, running))
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._bounded_stream(handler.unary_stream))
-        return handler._replace(stream_stream=self._bounded_stream(handler.stream_stream))
+            return handler._replace(unary_stream=self._bounded_stream(handler.unary_stream, admitted, running))
+        return handler._replace(stream_stream=self._bounded_stream(handler.stream_stream, admitted, running))
 
-    def _waiting_handler(self, handler):
-        def refuse(context):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAIL)
-
-        def stream(behaviour):
-            def call(request, context):
-                if self.waiting is None or not self.waiting.acquire(blocking=False):
-                    refuse(context)
-                try:
-                    yield from behaviour(request, context)
-                finally:
-                    self.waiting.release()
-
-            return call
-
-        def unary(behaviour):
-            def call(request, context):
-                if self.waiting is None or not self.waiting.acquire(blocking=False):
-                    refuse(context)
-                try:
-                    return behaviour(request, context)
-                finally:
-                    self.waiting.release()
-
-            return call
-
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=stream(handler.unary_stream))
-        return handler._replace(stream_stream=stream(handler.stream_stream))
-
-    def _bounded(self, behaviour):
+    @staticmethod
+    def _bounded(behaviour, admitted, running):
         def call(request, context):
-            if not self.admitted.acquire(blocking=False):
+            if not admitted.acquire(blocking=False):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAIL)
             try:
-                with self.running:
+                with running:
                     return behaviour(request, context)
             finally:
-                self.admitted.release()
+                admitted.release()
 
         return call
 
-    def _bounded_stream(self, behaviour):
+    @staticmethod
+    def _bounded_stream(behaviour, admitted, running):
         def call(request, context):
-            if not self.admitted.acquire(blocking=False):
+            if not admitted.acquire(blocking=False):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAIL)
             try:
-                with self.running:
+                with running:
                     yield from behaviour(request, context)
             finally:
-                self.admitted.release()
+                admitted.release()
 
         return call
 
