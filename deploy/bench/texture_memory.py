@@ -27,7 +27,6 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -37,25 +36,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from deploy.bench.face_memory import MIB, peak_mib, resident_mib  # noqa: E402
 from deploy.samples import SAMPLE_DATA  # noqa: E402
 
-MIB = 1 << 20
 CHUNK = 30
 DEFAULT_CLIP = SAMPLE_DATA / "speakers" / "obama" / "obama_clip2.mp4"
-
-
-def resident_mib() -> float:
-    """Current resident memory of this process, MiB (Linux /proc; the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-    except OSError:
-        return peak_mib()
-
-
-def peak_mib() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def analyse(clip: Path, folder: Path) -> int:
