@@ -93,23 +93,20 @@ class ModelSync:
         self.sent: str | None = None  # the list TF Serving was last given
         self.channel = create_channel(config.serving_address, ["tensorflow.serving.ModelService"], timeout_seconds=60)
         self._models = None  # TF Serving's ModelService stub, made when first needed (it imports TensorFlow's protos)
-        self.stored: dict[str, set[int]] = {}  # speaker -> complete versions, as the last pass found the store
 
-    def copy_versions(self) -> list[str]:
-        """Copy every complete stored version that the folder lacks; the speakers that have one."""
-        speakers = []
-        self.stored = {}
+    def copy_versions(self) -> dict[str, set[int]]:
+        """Copy every complete stored version that the folder lacks; speaker -> its complete stored versions."""
+        stored = {}
         for speaker in stored_speakers(self.store):
             versions = stored_versions(self.store, speaker)
             if not versions:
                 continue
-            speakers.append(speaker)
-            self.stored[speaker] = set(versions)
+            stored[speaker] = set(versions)
             for version in versions:
                 target = self.config.folder / speaker / str(version)
                 if not target.exists():
                     self._copy(speaker, version, target)
-        return speakers
+        return stored
 
     def _copy(self, speaker: str, version: int, target: Path) -> None:
         staging = target.parent / f".incoming-{version}"
@@ -162,8 +159,8 @@ class ModelSync:
         log.info("TF Serving serves the model list")
         return True
 
-    def prune(self) -> list[str]:
-        """Remove the folder's versions and speakers that the last `copy_versions` did not find in the store.
+    def prune(self, stored: dict[str, set[int]]) -> list[str]:
+        """Remove the folder's versions and speakers that are not in `stored` (what `copy_versions` found).
 
         Only what this sync writes is touched: numbered version folders under speaker-named folders, and the
         hidden staging folders of copies that were cut short. Returns what was removed, as "<speaker>/<version>".
@@ -172,7 +169,7 @@ class ModelSync:
         if not self.config.folder.is_dir():
             return removed
         for speaker_dir in sorted(p for p in self.config.folder.iterdir() if p.is_dir() and SPEAKER.fullmatch(p.name)):
-            kept = self.stored.get(speaker_dir.name, set())
+            kept = stored.get(speaker_dir.name, set())
             mine = False
             for entry in sorted(speaker_dir.iterdir()):
                 stale_copy = entry.name.startswith(".incoming-")
@@ -191,9 +188,10 @@ class ModelSync:
     def once(self, *, send: bool = True) -> None:
         """One pass: copy, write the list, send it; prune only once TF Serving has the list without the pruned
         models (or when not sending: the init step, before TF Serving starts), so it never loses files it serves."""
-        text = self.write_list(self.copy_versions())
+        stored = self.copy_versions()
+        text = self.write_list(list(stored))
         if not send or self.send(text):
-            self.prune()
+            self.prune(stored)
 
     def run(self, stop: threading.Event, first_pass: threading.Event | None = None) -> None:
         """Sync until `stop`; a pass that fails (the store or TF Serving down) is tried again next time."""
