@@ -50,15 +50,16 @@ def image_requirements(image: catalog.Image, tensorflow: str) -> list[str]:
 
 def main() -> int:
     tensorflow = tensorflow_version()
+    # (image, distributions, those installed beside them with --no-deps: lipsync's tensorflow-serving-api)
     rows = [("every image, before", resolve(["-r", "requirements.txt", f"tensorflow[and-cuda]=={tensorflow}"]), 0)]
     for image in catalog.IMAGES:
-        rows.append((image.name, resolve(image_requirements(image, tensorflow)), int(image.tensorflow)))
+        no_deps = int(image.tensorflow and image.name != catalog.TRAINER)
+        rows.append((image.name, resolve(image_requirements(image, tensorflow)), no_deps))
     print(f"{'image':<22} {'packages':>8}  tensorflow  cuda  kubernetes")
-    for name, names, extra in rows:
+    for name, names, no_deps in rows:
         has_tf = any(n in names for n in ("tensorflow", "tensorflow-cpu"))
         cuda = any(n.startswith("nvidia-") for n in names)
-        count = len(names) + (extra if name == "lipsync" else 0)
-        print(f"{name:<22} {count:>8}  {'yes' if has_tf else 'no':>10}  {'yes' if cuda else 'no':>4}  "
+        print(f"{name:<22} {len(names) + no_deps:>8}  {'yes' if has_tf else 'no':>10}  {'yes' if cuda else 'no':>4}  "
               f"{'yes' if 'kubernetes' in names else 'no':>10}")  # fmt: skip
     return 0
 
