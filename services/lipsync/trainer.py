@@ -287,6 +287,23 @@ def _sync_card(dataset: dict, clip_ids: list[str]) -> dict:
 # training
 
 
+def _split(dataset: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(training sections, validation sections, their row counts) of a dataset: sections of held-out clips
+    validate, the others train; empty sections neither."""
+    section_clip = dataset["section_clip"].astype(np.int64)
+    lengths = np.diff(dataset["section_offsets"])
+    is_validation = dataset["is_validation"].astype(bool)
+    held_out = is_validation[section_clip] if len(section_clip) else np.zeros(0, bool)
+    train_sections = np.flatnonzero(~held_out & (lengths > 0))
+    validation_sections = np.flatnonzero(held_out & (lengths > 0))
+    return (
+        train_sections,
+        validation_sections,
+        int(lengths[train_sections].sum()),
+        int(lengths[validation_sections].sum()),
+    )
+
+
 def tempo_augmented(dataset: Mapping[str, np.ndarray], spread: float) -> dict[str, np.ndarray]:
     """The dataset with its training clips also at tempi 1 - spread and 1 + spread, as more training clips.
 
@@ -299,7 +316,7 @@ def tempo_augmented(dataset: Mapping[str, np.ndarray], spread: float) -> dict[st
     is_validation = dataset["is_validation"].astype(bool)
     section_clip = dataset["section_clip"].astype(np.int64)
     offsets = dataset["section_offsets"].astype(np.int64)
-    training = np.flatnonzero(~is_validation[section_clip] & (np.diff(offsets) > 0))
+    training, _, _, _ = _split(dataset)
     rows = len(dataset["features"])
     shapes = dataset["shapes"].astype(np.float32)
     paired = np.concatenate(
@@ -380,13 +397,7 @@ def fit_speaker(
         Cancelled: should_stop returned True.
     """
     clip_ids = [str(c) for c in dataset["clip_ids"]]
-    is_validation = dataset["is_validation"].astype(bool)
-    section_clip = dataset["section_clip"].astype(np.int64)
-    lengths = np.diff(dataset["section_offsets"])
-    held_out = is_validation[section_clip] if len(section_clip) else np.zeros(0, bool)
-    train_sections = np.flatnonzero(~held_out & (lengths > 0))
-    validation_sections = np.flatnonzero(held_out & (lengths > 0))
-    train_rows, validation_rows = int(lengths[train_sections].sum()), int(lengths[validation_sections].sum())
+    train_sections, validation_sections, train_rows, validation_rows = _split(dataset)
     if train_rows == 0:
         raise InvalidInput(f"dataset of {name} has no training rows (clips {clip_ids}, all held out or empty)")
     train_seconds = train_rows / lstm.FEATURE_RATE_HZ
@@ -395,13 +406,7 @@ def fit_speaker(
         settings = lstm.settings_for_data(train_seconds, dict(overrides or {}))
     if settings.tempo_augmentation > 0:  # from here on the stretched copies are training clips like the others
         dataset = tempo_augmented(dataset, settings.tempo_augmentation)
-        clip_ids = [str(c) for c in dataset["clip_ids"]]
-        is_validation = dataset["is_validation"].astype(bool)
-        lengths = np.diff(dataset["section_offsets"])
-        held_out = is_validation[dataset["section_clip"].astype(np.int64)]
-        train_sections = np.flatnonzero(~held_out & (lengths > 0))
-        validation_sections = np.flatnonzero(held_out & (lengths > 0))
-        train_rows = int(lengths[train_sections].sum())
+        train_sections, validation_sections, train_rows, validation_rows = _split(dataset)
     section_offsets = dataset["section_offsets"].astype(np.int64)
     held_back = 0
     if len(validation_sections) == 0:  # one clip: hold back the end of each section for stopping and calibration
