@@ -39,6 +39,7 @@ K8S = REPO / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 COMPOSE = REPO / "deploy" / "compose.yaml"
 COMPOSE_GPU = REPO / "deploy" / "compose.gpu.yaml"
+COMPOSE_TLS = REPO / "deploy" / "compose.tls.yaml"
 ENV = read_env_file()
 METRICS_PORT = 9464
 """Every service's Prometheus port in the cluster (A2V_METRICS_PORT in a2v-config)."""
@@ -297,6 +298,8 @@ def test_renderer_agrees_with_kubectl_kustomize(overlay):
 def test_every_object_validates_against_the_kubernetes_schema(overlay):
     failures = []
     for obj in rendered(overlay):
+        if obj["apiVersion"].startswith("cert-manager.io/"):
+            continue  # no schema of cert-manager's in kubernetes-validate: tests/deploy/test_secure_component.py
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -329,10 +332,18 @@ def test_every_component_is_a_deployment_with_grpc_probes_naming_its_service(ove
     assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port), ("metrics", METRICS_PORT)]
     assert find(rendered(overlay), "ConfigMap", "a2v-config")["data"]["A2V_METRICS_PORT"] == str(METRICS_PORT)
     assert env_of(container)["A2V_LISTEN"]["value"] == f"0.0.0.0:{port}"
-    # Readiness (and startup: model loading) ask for the named service; liveness for the server.
-    for probe in ("startupProbe", "readinessProbe"):
-        assert container[probe]["grpc"] == {"port": port, "service": component.grpc_service}, probe
-    assert container["livenessProbe"]["grpc"] == {"port": port, "service": ""}
+    # Readiness (and startup: model loading) ask for the named service; liveness for the server. Under TLS
+    # (k8s/components/secure) the kubelet's plaintext gRPC probe cannot, so the health check runs in the container.
+    tls = env_of(container).get("A2V_TLS", {}).get("value") == "1"
+    for probe, service in (("startupProbe", component.grpc_service), ("readinessProbe", component.grpc_service)):
+        if tls:
+            assert container[probe]["exec"]["command"][-4:] == ["python", "-m", "deploy.healthcheck", service], probe
+        else:
+            assert container[probe]["grpc"] == {"port": port, "service": service}, probe
+    if tls:
+        assert container["livenessProbe"]["exec"]["command"][-4:] == ["python", "-m", "deploy.healthcheck", ""]
+    else:
+        assert container["livenessProbe"]["grpc"] == {"port": port, "service": ""}
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 120
     config_refs = [ref for source in container["envFrom"] for ref in source.values()]
     # The store's credentials: shared (a2v-s3), or the service's own user (k8s/components/store-users).
@@ -388,6 +399,7 @@ def test_pods_meet_the_restricted_pod_security_profile(overlay):
 def test_names_referenced_by_workloads_exist(overlay):
     objects = rendered(overlay)
     present = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    present |= {("Secret", c["spec"]["secretName"]) for c in of_kind(objects, "Certificate")}  # cert-manager's
     wanted: set[tuple[str, str]] = set()
     for obj, spec, _ in workloads(objects):
         claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
@@ -593,6 +605,7 @@ def test_compose_files_match_the_compose_spec_schema():
             "vendor.compose-spec",
             str(COMPOSE),
             str(COMPOSE_GPU),
+            str(COMPOSE_TLS),
         ],
         capture_output=True,
         text=True,
@@ -604,11 +617,11 @@ def test_compose_files_match_the_compose_spec_schema():
 def test_compose_config_is_accepted_by_docker_compose_where_installed(tmp_path):
     """`docker compose config -q` (v2) or Debian's docker-compose 1.29: both check without an engine."""
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        command = ["docker", "compose", "-f", str(COMPOSE), "-f", str(COMPOSE_GPU)]
+        command = ["docker", "compose", "-f", str(COMPOSE), "-f", str(COMPOSE_GPU), "-f", str(COMPOSE_TLS)]
     elif shutil.which("docker-compose"):
         # 1.29 predates the top-level `name` of the compose spec; everything else it checks.
         copies = []
-        for path in (COMPOSE, COMPOSE_GPU):
+        for path in (COMPOSE, COMPOSE_GPU, COMPOSE_TLS):
             text = re.sub(r"(?m)^name: .*$", "", path.read_text())
             (tmp_path / path.name).write_text(text)
             copies += ["-f", str(tmp_path / path.name)]
