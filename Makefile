@@ -10,12 +10,13 @@ GENERATED := audio2video/.generated
 PYTEST_ARGS ?=
 SAMPLE_DATA ?= $(or $(A2V_SAMPLE_DATA),../shared/data)
 
-.PHONY: setup proto test test-all lint format up down status demo e2e bench eval clean
+.PHONY: setup lock proto test test-all lint format up down status demo e2e bench eval clean
 
-# 1. The virtualenv with the pinned requirements.
-$(DEPS): requirements.txt requirements-dev.txt
+# 1. The virtualenv: every distribution of requirements-dev.lock (resolved from requirements-dev.txt by `make lock`),
+#    each file checked against its sha256 there.
+$(DEPS): requirements-dev.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	@touch $@
 
 # 2. Python stubs (with .pyi) for every contract, generated into ./audio2video (not committed).
@@ -26,12 +27,18 @@ $(GENERATED): $(PROTOS) $(DEPS)
 	@touch $@
 
 # 3. The project itself, editable (after the stubs exist, so `audio2video` is one of its packages),
-#    which also installs the `a2v` command.
+#    which also installs the `a2v` command; built with the locked setuptools, nothing fetched.
 $(INSTALLED): pyproject.toml $(GENERATED)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
 setup: $(INSTALLED)
+
+# The lock files from the requirements files (deploy/docker/lock.py; needs the package index, not part of `test`):
+# requirements-dev.lock and deploy/docker/requirements/*.lock. LOCK_ARGS=--upgrade: newest transitive releases.
+LOCK_ARGS ?=
+lock: setup
+	$(PY) -m deploy.docker.lock $(LOCK_ARGS)
 
 proto: $(GENERATED)
 

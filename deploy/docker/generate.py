@@ -9,7 +9,9 @@ stubs; a slim non-root runtime with only the code its entry point imports), so t
 
 The requirement sets take their pins from `requirements.txt` (the local environment's, which holds everything);
 an image gets only the distributions the catalog names for it, so the texture image carries no TensorFlow, no
-PyAV and no Kubernetes client. TensorFlow pins come from `requirements-tf.txt`, read at build time.
+PyAV and no Kubernetes client. TensorFlow pins come from `requirements-tf.txt`. What a Dockerfile installs is
+the set's lock, `requirements/<name>.lock` (every dependency pinned, with hashes), which `make lock`
+(`deploy/docker/lock.py`) resolves from the set and those TensorFlow pins.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ FROM python:3.11-slim AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY requirements-dev.txt ./
-# grpcio-tools (pinned in requirements-dev.txt) stays in this stage, in a venv of its own.
+COPY deploy/docker/requirements/protoc.lock ./
+# grpcio-tools (pinned in requirements-dev.txt, locked with its dependencies and their hashes by `make lock`)
+# stays in this stage, in a venv of its own.
 RUN python -m venv /opt/protoc \\
-    && /opt/protoc/bin/pip install "$(grep -E '^grpcio-tools==' requirements-dev.txt)"
+    && /opt/protoc/bin/pip install --require-hashes -r protoc.lock
 COPY proto/ proto/
 # The same stubs as `make proto`.
 RUN find proto -name '*.proto' -print0 | sort -z \\
@@ -43,32 +46,53 @@ RUN find proto -name '*.proto' -print0 | sort -z \\
     && find audio2video -type d -exec touch {}/__init__.py \\;
 """
 
-INSTALL_PLAIN = """\
-COPY deploy/docker/requirements/{name}.txt requirements.txt
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
+LOCK_NOTE = """\
+# The image's lock (`make lock`): every distribution pinned, every file checked against its sha256.
 """
 
-INSTALL_SERVING_CLIENT = """\
-COPY deploy/docker/requirements/{name}.txt requirements.txt
+INSTALL_PLAIN = (
+    LOCK_NOTE
+    + """\
+COPY deploy/docker/requirements/{name}.lock requirements.txt
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --require-hashes -r requirements.txt
+"""
+)
+
+INSTALL_SERVING_CLIENT = (
+    LOCK_NOTE
+    + """\
+COPY deploy/docker/requirements/{name}.lock requirements.txt
 COPY requirements-tf.txt ./
-# One resolve with the image's requirements, so TensorFlow cannot move the pinned numpy or protobuf;
-# tensorflow-serving-api without its dependencies, which would pull the full tensorflow.
-RUN python -m venv /opt/venv \\
-    && tensorflow="$(sed -n 's/^tensorflow==//p' requirements-tf.txt)" \\
-    && serving_api="$(sed -n 's/^tensorflow-serving-api==//p' requirements-tf.txt)" \\
-    && /opt/venv/bin/pip install -r requirements.txt "tensorflow-cpu==${{tensorflow}}" \\
-    && /opt/venv/bin/pip install --no-deps "tensorflow-serving-api==${{serving_api}}"
+# It holds tensorflow-cpu of requirements-tf.txt's release (checked here), resolved with the image's requirements
+# so TensorFlow cannot move the pinned numpy or protobuf, and tensorflow-serving-api without its dependencies,
+# which would pull the full tensorflow: --no-deps, as the lock already lists everything else.
+RUN tensorflow="$(sed -n 's/^tensorflow==//p' requirements-tf.txt)" \\
+    && grep -q "^tensorflow-cpu==${{tensorflow}} " requirements.txt \\
+    && python -m venv /opt/venv \\
+    && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.txt
 """
+)
 
-INSTALL_TRAINER = """\
-COPY deploy/docker/requirements/{name}.txt requirements.txt
+INSTALL_TRAINER = (
+    LOCK_NOTE
+    + """\
+COPY deploy/docker/requirements/{name}.lock requirements.txt
+COPY deploy/docker/requirements/{name}-cpu.lock requirements-cpu.txt
 COPY requirements-tf.txt ./
 ARG TENSORFLOW_EXTRAS="[and-cuda]"
-# One resolve with the image's requirements, so TensorFlow cannot move the pinned numpy or protobuf.
-RUN python -m venv /opt/venv \\
+# {name}.lock has tensorflow[and-cuda] of requirements-tf.txt's release (checked here), {name}-cpu.lock plain
+# tensorflow; each resolved with the image's requirements, so TensorFlow cannot move the pinned numpy or protobuf.
+RUN case "${{TENSORFLOW_EXTRAS}}" in \\
+        "[and-cuda]") ;; \\
+        "") mv requirements-cpu.txt requirements.txt ;; \\
+        *) echo "TENSORFLOW_EXTRAS is [and-cuda] or empty (the locks), not ${{TENSORFLOW_EXTRAS}}" >&2; exit 1 ;; \\
+    esac \\
     && tensorflow="$(sed -n 's/^tensorflow==//p' requirements-tf.txt)" \\
-    && /opt/venv/bin/pip install -r requirements.txt "tensorflow${{TENSORFLOW_EXTRAS}}==${{tensorflow}}"
+    && grep -q "^tensorflow==${{tensorflow}} " requirements.txt \\
+    && python -m venv /opt/venv \\
+    && /opt/venv/bin/pip install --require-hashes -r requirements.txt
 """
+)
 
 RUNTIME_HEAD = """\
 # -- runtime: the venv, the stubs and only the code this image runs ---------------------------------
@@ -109,7 +133,8 @@ SUMMARY = {
 NOTES = {
     "lipsync": (
         "# The only stage image with TensorFlow: tensorflow-serving-api for the Predict client, on\n"
-        "# tensorflow-cpu of the same release (its protos import tensorflow). Versions: requirements-tf.txt.\n"
+        "# tensorflow-cpu of the same release (its protos import tensorflow; plain tensorflow on aarch64, where\n"
+        "# tensorflow-cpu has no wheels). Versions: requirements-tf.txt.\n"
         "# The model sync (`python -m services.lipsync.model_sync`) runs from this image too.\n"
     ),
     "trainer": (

@@ -4,7 +4,8 @@
 # Build from the repository root (the build context must be the repository):
 #   docker build -f deploy/docker/lipsync.Dockerfile -t audio2video/lipsync .
 # The only stage image with TensorFlow: tensorflow-serving-api for the Predict client, on
-# tensorflow-cpu of the same release (its protos import tensorflow). Versions: requirements-tf.txt.
+# tensorflow-cpu of the same release (its protos import tensorflow; plain tensorflow on aarch64, where
+# tensorflow-cpu has no wheels). Versions: requirements-tf.txt.
 # The model sync (`python -m services.lipsync.model_sync`) runs from this image too.
 
 # -- builder: the virtualenv with the image's pinned requirements, and the gRPC stubs ----------------
@@ -12,24 +13,26 @@ FROM python:3.11-slim AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY requirements-dev.txt ./
-# grpcio-tools (pinned in requirements-dev.txt) stays in this stage, in a venv of its own.
+COPY deploy/docker/requirements/protoc.lock ./
+# grpcio-tools (pinned in requirements-dev.txt, locked with its dependencies and their hashes by `make lock`)
+# stays in this stage, in a venv of its own.
 RUN python -m venv /opt/protoc \
-    && /opt/protoc/bin/pip install "$(grep -E '^grpcio-tools==' requirements-dev.txt)"
+    && /opt/protoc/bin/pip install --require-hashes -r protoc.lock
 COPY proto/ proto/
 # The same stubs as `make proto`.
 RUN find proto -name '*.proto' -print0 | sort -z \
     | xargs -0 /opt/protoc/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
     && find audio2video -type d -exec touch {}/__init__.py \;
-COPY deploy/docker/requirements/lipsync.txt requirements.txt
+# The image's lock (`make lock`): every distribution pinned, every file checked against its sha256.
+COPY deploy/docker/requirements/lipsync.lock requirements.txt
 COPY requirements-tf.txt ./
-# One resolve with the image's requirements, so TensorFlow cannot move the pinned numpy or protobuf;
-# tensorflow-serving-api without its dependencies, which would pull the full tensorflow.
-RUN python -m venv /opt/venv \
-    && tensorflow="$(sed -n 's/^tensorflow==//p' requirements-tf.txt)" \
-    && serving_api="$(sed -n 's/^tensorflow-serving-api==//p' requirements-tf.txt)" \
-    && /opt/venv/bin/pip install -r requirements.txt "tensorflow-cpu==${tensorflow}" \
-    && /opt/venv/bin/pip install --no-deps "tensorflow-serving-api==${serving_api}"
+# It holds tensorflow-cpu of requirements-tf.txt's release (checked here), resolved with the image's requirements
+# so TensorFlow cannot move the pinned numpy or protobuf, and tensorflow-serving-api without its dependencies,
+# which would pull the full tensorflow: --no-deps, as the lock already lists everything else.
+RUN tensorflow="$(sed -n 's/^tensorflow==//p' requirements-tf.txt)" \
+    && grep -q "^tensorflow-cpu==${tensorflow} " requirements.txt \
+    && python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.txt
 
 # -- runtime: the venv, the stubs and only the code this image runs ---------------------------------
 FROM python:3.11-slim

@@ -9,17 +9,19 @@ FROM python:3.11-slim AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY requirements-dev.txt ./
-# grpcio-tools (pinned in requirements-dev.txt) stays in this stage, in a venv of its own.
+COPY deploy/docker/requirements/protoc.lock ./
+# grpcio-tools (pinned in requirements-dev.txt, locked with its dependencies and their hashes by `make lock`)
+# stays in this stage, in a venv of its own.
 RUN python -m venv /opt/protoc \
-    && /opt/protoc/bin/pip install "$(grep -E '^grpcio-tools==' requirements-dev.txt)"
+    && /opt/protoc/bin/pip install --require-hashes -r protoc.lock
 COPY proto/ proto/
 # The same stubs as `make proto`.
 RUN find proto -name '*.proto' -print0 | sort -z \
     | xargs -0 /opt/protoc/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
     && find audio2video -type d -exec touch {}/__init__.py \;
-COPY deploy/docker/requirements/teeth.txt requirements.txt
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
+# The image's lock (`make lock`): every distribution pinned, every file checked against its sha256.
+COPY deploy/docker/requirements/teeth.lock requirements.txt
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --require-hashes -r requirements.txt
 
 # -- runtime: the venv, the stubs and only the code this image runs ---------------------------------
 FROM python:3.11-slim
