@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from audio2video.composite.v1 import composite_pb2, composite_pb2_grpc
+from audio2video.face.v1 import face_pb2
 from services.composite import core, encode
-from services.runtime.analysis import load_array, load_frames, load_geometry, load_manifest
+from services.runtime.analysis import analysis_sha256, load_array, load_frames, load_geometry, load_manifest
 from services.runtime.blobstore import BlobStore
 from services.runtime.canonical import CanonicalGeometry
 from services.runtime.config import Config
@@ -24,6 +25,7 @@ from services.runtime.protos import (
     blob_ref,
     frame_rate,
     frame_rate_message,
+    input_sha256,
     load_result,
     object_ref,
     store_result,
@@ -102,20 +104,40 @@ class TargetAnalysis:
     landmark_jitter: np.ndarray | None
 
 
-def render_prefix(request: composite_pb2.RenderRequest, options: core.RenderOptions, fps: Fraction) -> str:
-    """The derived key prefix of a Render call: the hashes of every input, the frames, the rate and the options."""
-    inputs = [request.target_video.sha256, request.retiming_map.object.sha256, request.mouth_shapes.object.sha256]
+def render_prefix(
+    store: BlobStore,
+    request: composite_pb2.RenderRequest,
+    manifest: face_pb2.VideoAnalysis,
+    options: core.RenderOptions,
+    fps: Fraction,
+) -> str:
+    """The derived key prefix of a Render call: the content of every input, the frames, the rate and the options.
+
+    Each input counts by its content (`input_sha256`: a reference without a hash costs a stat), also the target's
+    analysis (`analysis_sha256`), so a call after any input was rewritten under its key never reuses a segment.
+    """
+
+    def sha(ref, what: str, *, optional: bool = False) -> str:
+        return input_sha256(store, ref.object, what=what, optional=optional)
+
+    inputs = [
+        input_sha256(store, request.target_video, what="target video"),
+        analysis_sha256(store, request.target_analysis, manifest),
+        sha(request.retiming_map, "retiming map"),
+        sha(request.mouth_shapes, "mouth shapes"),
+    ]
     for chunk in request.textures:
-        inputs += [chunk.textures.object.sha256, chunk.texture_masks.object.sha256]
-        inputs += [chunk.mean_jaw_lines.object.sha256, chunk.pose_differences.object.sha256]
+        inputs += [sha(chunk.textures, "textures"), sha(chunk.texture_masks, "texture masks", optional=True)]
+        inputs += [sha(chunk.mean_jaw_lines, "mean jaw lines", optional=True)]
+        inputs += [sha(chunk.pose_differences, "pose differences", optional=True)]
     return derive_prefix(
         "composite",
-        inputs=[sha for sha in inputs if sha],
+        inputs=inputs,
         version=RESULT_FORMAT_VERSION,
         params={
             "frames": [request.frames.start, request.frames.stop],
+            "chunks": [[chunk.frames.start, chunk.frames.stop] for chunk in request.textures],
             "fps": str(fps),
-            "manifest": request.target_analysis.key,
             "options": repr(options),
         },
     )
@@ -153,7 +175,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         fps = frame_rate(request.output_frame_rate, what="output_frame_rate") or frame_rate(
             manifest.info.frame_rate, what="target frame rate"
         )
-        prefix = request.output_prefix.rstrip("/") or render_prefix(request, options, fps)
+        prefix = request.output_prefix.rstrip("/") or render_prefix(self.store, request, manifest, options, fps)
         result_key = validate_key(f"{prefix}/result.json")
         cached = load_result(self.store, result_key, composite_pb2.RenderResult)
         if cached is not None:
@@ -321,7 +343,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
             if request.output_prefix
             else derive_prefix(
                 "output",
-                inputs=[s.sha256 for s in sources if s.sha256] + ([audio.sha256] if audio.sha256 else []),
+                inputs=[self.store.content_sha256(ref) for ref in [*sources, audio]],
                 version=RESULT_FORMAT_VERSION,
                 params={"frames": expected},
             )

@@ -27,7 +27,7 @@ from services.runtime.frames import FRAMES_CONTENT_TYPE, FramesWriter
 from services.runtime.keys import derive_prefix, sha256_file, validate_key, validate_speaker
 from services.runtime.media import VideoInfo, probe_video
 from services.runtime.progress import stream_events
-from services.runtime.protos import array_ref, blob_ref, load_result, object_ref, store_result
+from services.runtime.protos import array_ref, blob_ref, input_sha256, load_result, object_ref, store_result
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
@@ -346,7 +346,10 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         max_components = request.options.max_components or 40
         inputs = []
         for clip, manifest in zip(request.clips, manifests, strict=True):
-            inputs += [manifest.mouth_shapes.object.sha256, self._sha(clip.features.object)]
+            inputs += [
+                input_sha256(self.store, manifest.mouth_shapes.object, what="mouth shapes"),
+                input_sha256(self.store, clip.features.object, what="features"),
+            ]
         clip_ids = [
             clip.clip_id or manifest.video.sha256[:16] for clip, manifest in zip(request.clips, manifests, strict=True)
         ]
@@ -414,10 +417,6 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         yield from stream_events(
             context, work, event=face_pb2.BuildSpeakerDatasetEvent, finish=finish, stage="dataset", unit="clips"
         )
-
-    def _sha(self, ref: common_pb2.ObjectRef) -> str:
-        source = blob_ref(ref, default_bucket=self.store.bucket, what="features")
-        return source.sha256 or self.store.stat(source.key, bucket=source.bucket).sha256
 
     def _clip_tracks(
         self, clip_id: str, clip: face_pb2.SpeakerClip, manifest: face_pb2.VideoAnalysis

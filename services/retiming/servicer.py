@@ -9,12 +9,12 @@ import numpy as np
 
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from services.retiming import core
-from services.runtime.analysis import load_array, load_manifest
+from services.runtime.analysis import analysis_sha256, load_array, load_manifest
 from services.runtime.blobstore import BlobStore
 from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
 from services.runtime.keys import derive_prefix, validate_key
-from services.runtime.protos import array_ref, frame_rate, load_result, store_result
+from services.runtime.protos import array_ref, frame_rate, input_sha256, load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 
@@ -68,19 +68,18 @@ class RetimingServicer(retiming_pb2_grpc.RetimingServiceServicer):
         if not request.speech_activity.object.key:
             raise InvalidInput("speech_activity reference has no key")
         fps = frame_rate(manifest.info.frame_rate, what="target frame rate")
-        # The result is reused by its inputs' content: a reference without a hash is looked up (as the other stages
-        # do), so two different speech activities never share a cached answer.
-        activity = request.speech_activity.object
-        activity_sha = activity.sha256 or self.store.stat(activity.key, bucket=activity.bucket or None).sha256
-        inputs = [manifest.head_motion.object.sha256, activity_sha or activity.key]
+        # The result is reused by its inputs' content (a reference without a hash is looked up, `input_sha256`), so
+        # two different speech activities or targets never share a cached answer.
         prefix = request.output_prefix.rstrip("/") or derive_prefix(
             "retiming",
-            inputs=[sha for sha in inputs if sha],
+            inputs=[
+                analysis_sha256(self.store, request.target_analysis, manifest),
+                input_sha256(self.store, request.speech_activity.object, what="speech activity"),
+            ],
             version=RESULT_FORMAT_VERSION,
             params={
                 "frames": count,
                 "enabled": request.enabled,
-                "manifest": request.target_analysis.key,
                 "options": {
                     k: (v.name if isinstance(v, core.LoopMode) else v) for k, v in dataclasses.asdict(options).items()
                 },

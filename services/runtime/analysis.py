@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+from google.protobuf.message import Message
 
 from audio2video.common.v1 import common_pb2
 from audio2video.face.v1 import face_pb2
@@ -14,18 +15,51 @@ from services.runtime.blobstore import ArrayInfo, BlobStore
 from services.runtime.canonical import CanonicalGeometry
 from services.runtime.errors import InvalidInput, NotFound
 from services.runtime.frames import FRAMES_CONTENT_TYPE, decode_frames, encode_frames
-from services.runtime.protos import array_ref, blob_ref, load_result
+from services.runtime.keys import canonical_json, sha256_bytes
+from services.runtime.protos import array_ref, blob_ref, input_sha256, load_result
 
 
 def load_manifest(store: BlobStore, ref: common_pb2.ObjectRef) -> face_pb2.VideoAnalysis:
     """The analysis manifest named by `ref`; NotFound when it is missing (the video was not analysed)."""
     source = blob_ref(ref, default_bucket=store.bucket, what="analysis manifest")
-    manifest = load_result(store, source.key, face_pb2.VideoAnalysis)
+    # Read as its reference says (bucket, hash): a derived key counts the manifest by that hash (`analysis_sha256`).
+    manifest = load_result(
+        store, source.key, face_pb2.VideoAnalysis, bucket=source.bucket, expected_sha256=source.sha256
+    )
     if manifest is None:
         raise NotFound(f"analysis manifest not found: {source.bucket}/{source.key}")
     if manifest.info.frame_count <= 0:
         raise InvalidInput(f"analysis manifest {source.key} describes no frames")
     return manifest
+
+
+def analysis_sha256(store: BlobStore, ref: common_pb2.ObjectRef, manifest: face_pb2.VideoAnalysis) -> str:
+    """Content identity of a target's analysis, for the derived keys and caches of the stages that read it.
+
+    The hash of the manifest's content and of every blob it names (its own hash when the manifest records it,
+    else a stat each, `BlobStore.content_sha256`): rewriting the manifest or any array under its key gives
+    another identity, where the manifest's key alone would have kept naming the old results.
+    """
+    hashes = [input_sha256(store, ref, what="analysis manifest")]
+    hashes += [input_sha256(store, blob, what="analysis blob") for blob in _object_refs(manifest) if blob.key]
+    return sha256_bytes(canonical_json(hashes).encode())
+
+
+def _object_refs(message: Message) -> list[common_pb2.ObjectRef]:
+    """Every ObjectRef set in `message`, depth first in field order."""
+    found = []
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if isinstance(value, Message):
+            items = [value]
+        else:  # a repeated field or a map (its values)
+            items = list(value.values()) if hasattr(value, "keys") else list(value)
+        for item in items:
+            if not isinstance(item, Message):
+                continue
+            found += [item] if isinstance(item, common_pb2.ObjectRef) else _object_refs(item)
+    return found
 
 
 def load_array(store: BlobStore, ref: common_pb2.ArrayRef, *, what: str = "array") -> tuple[np.ndarray, ArrayInfo]:

@@ -34,7 +34,16 @@ from services.runtime.errors import (
     TooLarge,
     Unavailable,
 )
-from services.runtime.keys import ZIP_EPOCH, content_key, is_derived_key, sha256_bytes, sha256_file, validate_key
+from services.runtime.keys import (
+    ZIP_EPOCH,
+    canonical_json,
+    content_key,
+    is_derived_key,
+    is_sha256,
+    sha256_bytes,
+    sha256_file,
+    validate_key,
+)
 from services.runtime.telemetry import record_store_bytes
 
 log = logging.getLogger(__name__)
@@ -363,6 +372,52 @@ class BlobStore:
             raise
         user = _user_metadata_of(info.metadata)
         return BlobRef(bucket, key, user.pop(SHA256_META, ""), info.content_type or "", int(info.size or 0), user)
+
+    def content_sha256(self, ref: BlobRef) -> str:
+        """A sha256 digest (hex) that identifies the content `ref` names, for the inputs of derived keys.
+
+        In order of preference:
+
+        1. The reference's own `sha256`, without asking the store: the caller names that content, and every read
+           checks the object against it (DATA_LOSS if the object has changed since), so a result keyed by it is
+           the one for that content.
+        2. The hash this project's writers record with every object (one stat): the true content hash, equal for
+           equal content under any key.
+        3. For an object another tool wrote without that metadata: the hash of what the same stat says of this
+           version of the object: bucket, key, ETag, size, last-modified time and version id. A rewrite gives a
+           new last-modified time and (with new content) a new ETag (on S3, MinIO and SeaweedFS the MD5 of a
+           single-part body), so it never names an earlier version's results; the cost is a miss, never a stale
+           hit, when equal bytes are rewritten or stored under another key.
+
+        The object is not read and hashed in case 3: stage inputs are videos and frame archives of up to
+        gigabytes, and a derived key is computed on every call, also those that a stored result then answers,
+        which exist to avoid reading the inputs at all. One stat per input without a hash is the whole cost.
+
+        Raises:
+            NotFound: the object does not exist.
+            InvalidInput: `ref.sha256` is set but is not a hex sha256 digest, or the key is unsafe.
+            Forbidden: the bucket is not one this service uses.
+        """
+        bucket = self._bucket(ref.bucket or None)
+        validate_key(ref.key)
+        if ref.sha256:
+            if not is_sha256(ref.sha256):
+                raise InvalidInput(f"sha256 {ref.sha256!r} of {bucket}/{ref.key} is not a lower-case hex digest")
+            return ref.sha256
+        with self._translate(bucket, ref.key):
+            info = self.client.stat_object(bucket, ref.key)
+        recorded = _user_metadata_of(info.metadata).get(SHA256_META, "")
+        if is_sha256(recorded):
+            return recorded
+        version = {
+            "bucket": bucket,
+            "key": ref.key,
+            "etag": (info.etag or "").strip('"'),
+            "size": int(info.size or 0),
+            "modified": info.last_modified.isoformat() if info.last_modified else "",
+            "version": info.version_id or "",
+        }
+        return sha256_bytes(canonical_json({"unhashed object": version}).encode())
 
     def exists(self, key: str, *, bucket: str | None = None) -> bool:
         """Whether an object is stored at `key`."""

@@ -35,6 +35,11 @@ def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def is_sha256(value: str) -> bool:
+    """Whether `value` is a lower-case hex SHA-256 digest (what derived keys take as inputs)."""
+    return bool(_HEX64.match(value))
+
+
 def canonical_json(value: object) -> str:
     """JSON with sorted keys and no whitespace: equal inputs give byte-equal text (and equal hashes)."""
 

@@ -41,6 +41,22 @@ def blob_ref(ref: common_pb2.ObjectRef, *, default_bucket: str, what: str = "obj
     return BlobRef(ref.bucket or default_bucket, ref.key, ref.sha256, ref.content_type, ref.size_bytes)
 
 
+NO_INPUT = "0" * 64
+"""Stands for an optional input a request leaves unset in a derived key's inputs (no content hashes to it), so
+that every input keeps its place in the list and two requests with different inputs set never share a key."""
+
+
+def input_sha256(store: BlobStore, ref: common_pb2.ObjectRef, *, what: str = "input", optional: bool = False) -> str:
+    """The content hash of an input a request names, for its derived key (`BlobStore.content_sha256`).
+
+    A reference without `sha256` costs one stat; an `optional` one without a key is `NO_INPUT`. A missing object is
+    NotFound, an unset required one InvalidInput (naming `what`).
+    """
+    if optional and not ref.key:
+        return NO_INPUT
+    return store.content_sha256(blob_ref(ref, default_bucket=store.bucket, what=what))
+
+
 def frame_rate(rate: common_pb2.FrameRate, *, what: str = "frame rate") -> Fraction | None:
     """Exact rate of a FrameRate message; None when unset (0/0); bad values are InvalidInput."""
     if rate.numerator == 0 and rate.denominator == 0:
@@ -70,11 +86,17 @@ def store_result(store: BlobStore, key: str, message: Message) -> BlobRef:
     return store.put_bytes(key, text.encode(), content_type="application/json")
 
 
-def load_result(store: BlobStore, key: str, message_type: type[M]) -> M | None:
-    """The stored result at `key`, or None when the stage has not finished there before."""
-    if not store.exists(key):
+def load_result(
+    store: BlobStore, key: str, message_type: type[M], *, bucket: str | None = None, expected_sha256: str = ""
+) -> M | None:
+    """The stored result at `key`, or None when the stage has not finished there before.
+
+    With `expected_sha256` (a reference's hash), content other than that is DATA_LOSS, as for any other blob.
+    """
+    if not store.exists(key, bucket=bucket):
         return None
     try:
-        return json_format.Parse(store.get_bytes(key), message_type(), ignore_unknown_fields=True)
+        data = store.get_bytes(key, bucket=bucket, expected_sha256=expected_sha256)
+        return json_format.Parse(data, message_type(), ignore_unknown_fields=True)
     except (json_format.ParseError, UnicodeDecodeError) as exc:  # not UTF-8: some other object, corrupt like bad JSON
         raise IntegrityError(f"stored result {key} is not a valid {message_type.DESCRIPTOR.name}: {exc}") from exc

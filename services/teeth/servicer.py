@@ -11,6 +11,7 @@ from audio2video.common.v1 import common_pb2
 from audio2video.teeth.v1 import teeth_pb2, teeth_pb2_grpc
 from services.runtime.analysis import (
     BoundedCache,
+    analysis_sha256,
     load_array,
     load_frames,
     load_geometry,
@@ -22,7 +23,7 @@ from services.runtime.config import Config
 from services.runtime.errors import InvalidInput
 from services.runtime.keys import derive_prefix, validate_key
 from services.runtime.progress import stream_events
-from services.runtime.protos import load_result, store_result
+from services.runtime.protos import NO_INPUT, input_sha256, load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 from services.teeth import core
@@ -82,13 +83,14 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
         """The frames with the most visible upper and lower teeth (or the user's choice, validated)."""
         manifest = load_manifest(self.store, request.target_analysis)
         options = request.options
+        # Kept by content, not by key: a rewritten crop archive is read again (a stat when its reference has no hash).
         crops = self.cache.get(
-            manifest.crops.object.sha256 or manifest.crops.object.key,
+            input_sha256(self.store, manifest.crops.object, what="crops"),
             lambda: load_frames(self.store, manifest.crops, what="crops"),
             lambda a: a.nbytes,
         )
         masks = self.cache.get(
-            manifest.crop_masks.object.sha256 or manifest.crop_masks.object.key,
+            input_sha256(self.store, manifest.crop_masks.object, what="crop masks"),
             lambda: load_frames(self.store, manifest.crop_masks, what="crop masks"),
             lambda a: a.nbytes,
         )
@@ -126,10 +128,16 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
             )
         settings = self._settings(request.options)
         proxies = proxies_from_message(request.proxies)
-        inputs = [request.textures.object.sha256, request.mouth_shapes.object.sha256]
+        # The proxies' target is read only when it has teeth to transfer: then it is an input like the others.
+        manifest = load_manifest(self.store, request.proxies.target_analysis) if proxies.has_visible_teeth else None
         prefix = request.output_prefix.rstrip("/") or derive_prefix(
             "teeth",
-            inputs=[sha for sha in inputs if sha],
+            inputs=[
+                input_sha256(self.store, request.textures.object, what="textures"),
+                input_sha256(self.store, request.mouth_shapes.object, what="mouth shapes"),
+                input_sha256(self.store, request.texture_valid.object, what="texture validity", optional=True),
+                analysis_sha256(self.store, request.proxies.target_analysis, manifest) if manifest else NO_INPUT,
+            ],
             version=RESULT_FORMAT_VERSION,
             params=settings
             | {
@@ -137,7 +145,6 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
                 "upper": proxies.upper_frame,
                 "lower": proxies.lower_frame,
                 "visible": proxies.has_visible_teeth,
-                "target": request.proxies.target_analysis.key,
             },
         )
         result_key = validate_key(f"{prefix}/result.json")
@@ -155,8 +162,7 @@ class TeethServicer(teeth_pb2_grpc.TeethServiceServicer):
         if request.texture_valid.object.key:
             texture_valid = load_array(self.store, request.texture_valid, what="texture validity")[0]
         images, geometry = None, None
-        if proxies.has_visible_teeth:
-            manifest = load_manifest(self.store, request.proxies.target_analysis)
+        if manifest is not None:
             geometry = load_geometry(self.store, manifest)
             indices = [proxies.upper_frame, proxies.lower_frame]
             proxy_crops = load_frames(self.store, manifest.crops, what="crops", indices=indices)

@@ -17,6 +17,7 @@ import numpy as np
 from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from services.runtime.analysis import (
     BoundedCache,
+    analysis_sha256,
     load_array,
     load_frames,
     load_geometry,
@@ -30,7 +31,7 @@ from services.runtime.errors import InvalidInput, TooLarge
 from services.runtime.frames import FramesReader
 from services.runtime.keys import derive_prefix, validate_key
 from services.runtime.progress import stream_events
-from services.runtime.protos import array_ref, blob_ref, load_result, store_result
+from services.runtime.protos import array_ref, blob_ref, input_sha256, load_result, store_result
 from services.runtime.server import ServiceBinding, store_backed_bindings
 from services.runtime.status import grpc_errors
 from services.texture import core
@@ -96,14 +97,14 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         self._spill_lock = threading.Lock()
         self._spill_loading: dict[str, threading.Lock] = {}
 
-    def _bank(self, target_ref) -> core.TargetBank:
+    def _bank(self, manifest, identity: str) -> core.TargetBank:
         """The target's candidates, prepared once per replica and kept while the cache has room.
 
-        A target whose prepared crops would take more than `TextureSettings.in_memory_bytes` is spilled to the
-        scratch folder: its bank holds its shapes in memory and reads candidate rows from disk, so the memory of
-        a call does not grow with the target's length.
+        Kept under the analysis's content identity (`analysis_sha256`), so a target rewritten under the same key is
+        prepared again. A target whose prepared crops would take more than `TextureSettings.in_memory_bytes` is
+        spilled to the scratch folder: its bank holds its shapes in memory and reads candidate rows from disk, so the
+        memory of a call does not grow with the target's length.
         """
-        manifest = load_manifest(self.store, target_ref)
         geometry_message = manifest.geometry
         pixels = geometry_message.crop_width_px * geometry_message.crop_height_px
         frames = manifest.info.frame_count
@@ -140,12 +141,9 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
             shapes, valid, jaws, poses = arrays()
             return self._spill(manifest, shapes, valid, jaws, poses, frames * record_bytes(pixels))
 
-        key = f"{manifest.crops.object.sha256}/{manifest.head_pose.object.sha256}/{manifest.format_version}"
-        if not manifest.crops.object.sha256:
-            key = f"{target_ref.bucket}/{target_ref.key}"
         if frames * pixels * BANK_BYTES_PER_PIXEL <= self.settings.in_memory_bytes:
-            return self.cache.get(key, load, lambda bank: bank.nbytes)
-        return self._spilled_bank(key, load_spilled)
+            return self.cache.get(identity, load, lambda bank: bank.nbytes)
+        return self._spilled_bank(identity, load_spilled)
 
     def _spilled_bank(self, key: str, load) -> core.TargetBank:
         """The spilled target under `key`, kept while the scratch folder has room for the others' spills."""
@@ -238,17 +236,18 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         if not 0 <= start < stop or stop - start > MAX_CHUNK_FRAMES:
             raise InvalidInput(f"frames [{start}, {stop}) must be a non-empty range of at most {MAX_CHUNK_FRAMES}")
         options = texture_options(request.options)
-        inputs = [request.mouth_shapes.object.sha256, request.retiming_map.object.sha256]
+        manifest = load_manifest(self.store, request.target_analysis)
+        target = analysis_sha256(self.store, request.target_analysis, manifest)
         prefix = request.output_prefix.rstrip("/") or derive_prefix(
             "texture",
-            inputs=[sha for sha in inputs if sha],
+            inputs=[
+                input_sha256(self.store, request.mouth_shapes.object, what="mouth shapes"),
+                input_sha256(self.store, request.retiming_map.object, what="retiming map", optional=True),
+                target,
+            ],
             version=RESULT_FORMAT_VERSION,
             params=dataclasses.asdict(options)
-            | {
-                "frames": [start, stop],
-                "target": request.target_analysis.key,
-                "candidates": request.options.write_candidates,
-            },
+            | {"frames": [start, stop], "candidates": request.options.write_candidates},
         )
         result_key = validate_key(f"{prefix}/result.json")
         cached = load_result(self.store, result_key, texture_pb2.SynthesizeResult)
@@ -263,7 +262,7 @@ class TextureServicer(texture_pb2_grpc.TextureServiceServicer):
         retiming = None
         if request.retiming_map.object.key:
             retiming = load_array(self.store, request.retiming_map, what="retiming map")[0]
-        bank = self._bank(request.target_analysis)
+        bank = self._bank(manifest, target)
 
         def work(progress, should_stop) -> core.TextureChunk:
             return core.synthesize(

@@ -123,3 +123,51 @@ def test_bad_requests(store, key_prefix, composite, katie_target):
     gap = [composite_pb2.Segment(frames=common_pb2.FrameRange(start=5, stop=10), segment=video)]
     status, details = code(composite.Finalize, composite_pb2.FinalizeRequest(segments=gap, audio=video))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "contiguous" in details
+
+
+def unhashed(ref):
+    """The reference an outside caller may send: key without sha256 (the stage must look the content up)."""
+    copy = type(ref)()
+    copy.CopyFrom(ref)
+    (copy.object if hasattr(copy, "object") else copy).sha256 = ""
+    return copy
+
+
+def test_render_and_finalize_by_references_without_hashes_follow_rewritten_inputs(
+    store, key_prefix, composite, katie_target
+):
+    """A cached segment or video is found by its inputs' content: rewriting one under its key renders anew."""
+    video, analysis = katie_target
+    manifest = analysis.analysis
+    fps = manifest.info.frame_rate.numerator / manifest.info.frame_rate.denominator
+    frames = 8
+    map_key = f"{key_prefix}/map.npy"
+    retiming = unhashed(array_ref(*store.put_array(map_key, np.arange(frames, dtype=np.int32), fps=fps)))
+    shapes = store.get_array(manifest.mouth_shapes.object.key)[0][:frames]
+    crops = composite_pb2.TextureChunk(
+        frames=common_pb2.FrameRange(start=0, stop=100), textures=unhashed(manifest.crops)
+    )
+    request = composite_pb2.RenderRequest(
+        frames=common_pb2.FrameRange(start=0, stop=frames),
+        target_video=unhashed(video),
+        target_analysis=unhashed(analysis.manifest),
+        textures=[crops],
+        retiming_map=retiming,
+        mouth_shapes=unhashed(array_ref(*store.put_array(f"{key_prefix}/shapes.npy", shapes, fps=fps))),
+    )
+    first = list(composite.Render(request))[-1].result
+    assert list(composite.Render(request))[-1].result.cached  # the same content: reused
+    store.put_array(map_key, np.arange(frames, dtype=np.int32)[::-1].copy(), fps=fps)  # played backwards now
+    second = list(composite.Render(request))[-1].result
+    assert not second.cached and second.segment.key != first.segment.key
+
+    audio_key = f"{key_prefix}/audio.wav"
+    store.put_bytes(audio_key, speech_wav(frames / fps), content_type="audio/wav")
+    finalize = composite_pb2.FinalizeRequest(
+        segments=[composite_pb2.Segment(frames=second.frames, segment=unhashed(second.segment))],
+        audio=common_pb2.ObjectRef(key=audio_key),
+    )
+    before = list(composite.Finalize(finalize))[-1].result
+    store.put_bytes(audio_key, speech_wav(frames / fps + 0.5), content_type="audio/wav")  # other audio, same key
+    after = list(composite.Finalize(finalize))[-1].result
+    assert after.video.key != before.video.key

@@ -1,9 +1,12 @@
 """The retiming stage through a real gRPC server and the real S3 server."""
 
+import io
+
 import grpc
 import numpy as np
 import pytest
 
+from audio2video.common.v1 import common_pb2
 from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from services.retiming.servicer import RetimingServicer
 from services.runtime.clients import create_channel
@@ -111,3 +114,28 @@ def test_references_without_a_hash_never_share_a_cached_answer(store, key_prefix
         )
     assert not answers[1].cached and answers[1].total_cost != answers[0].total_cost
     assert answers[2].cached and answers[2].retiming_map.object.key == answers[0].retiming_map.object.key
+
+
+def test_an_activity_written_by_another_tool_is_retimed_and_its_rewrite_is_not_served_the_old_map(
+    store, key_prefix, retiming, target
+):
+    """An object without the project's sha256 metadata (another system's upload) counts by its stored version."""
+    key = f"{key_prefix}/foreign.npy"
+
+    def upload(activity):
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(activity, np.uint8))
+        store.client.put_object(store.bucket, key, io.BytesIO(buffer.getvalue()), len(buffer.getvalue()))
+
+    upload(np.ones(270))
+    request = retiming_pb2.RetimeRequest(
+        speech_activity=common_pb2.ArrayRef(object=common_pb2.ObjectRef(key=key)),
+        target_analysis=target,
+        output_frame_count=270,
+        enabled=True,
+    )
+    talking = retiming.Retime(request)
+    assert retiming.Retime(request).cached
+    upload(np.zeros(270))
+    silent = retiming.Retime(request)
+    assert not silent.cached and silent.total_cost != talking.total_cost

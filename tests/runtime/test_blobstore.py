@@ -231,3 +231,43 @@ def test_archives_do_not_carry_the_clock():
             assert {member.date_time for member in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     assert encode_frames(frames) == encode_frames(frames.copy())
     np.testing.assert_array_equal(np.load(io.BytesIO(npz_bytes({"a": frames})))["a"], frames)
+
+
+def test_content_sha256_names_the_content_a_reference_stands_for(store, key_prefix):
+    """Derived keys take inputs by content: the reference's hash, else the stored one, else the object's version."""
+    from services.runtime.blobstore import BlobRef
+    from services.runtime.keys import is_sha256
+
+    stored = store.put_bytes(f"{key_prefix}/ours.bin", b"first")
+    claimed = "ab" * 32
+    assert store.content_sha256(BlobRef(store.bucket, stored.key, claimed)) == claimed  # the caller's, no stat
+    assert store.content_sha256(BlobRef("", stored.key)) == sha256_bytes(b"first")  # recorded by our writers
+    with pytest.raises(InvalidInput):
+        store.content_sha256(BlobRef(store.bucket, stored.key, "not-a-digest"))
+
+    # Written by another tool, without the sha256 metadata: a stat-based identity that follows the content.
+    foreign = f"{key_prefix}/foreign.bin"
+    store.client.put_object(store.bucket, foreign, io.BytesIO(b"AAAA"), 4)
+    first = store.content_sha256(BlobRef(store.bucket, foreign))
+    assert is_sha256(first) and first == store.content_sha256(BlobRef("", foreign))
+    store.client.put_object(store.bucket, foreign, io.BytesIO(b"BBBB"), 4)  # same size, same second
+    second = store.content_sha256(BlobRef(store.bucket, foreign))
+    assert is_sha256(second) and second != first
+
+    with pytest.raises(NotFound):
+        store.content_sha256(BlobRef(store.bucket, f"{key_prefix}/missing.bin"))
+    with pytest.raises(Forbidden):
+        store.content_sha256(BlobRef("some-other-bucket", stored.key))
+
+
+def test_input_sha256_of_request_references(store, key_prefix):
+    from audio2video.common.v1 import common_pb2
+    from services.runtime.protos import NO_INPUT, input_sha256
+
+    ref = store.put_bytes(f"{key_prefix}/in.bin", b"input")
+    assert input_sha256(store, common_pb2.ObjectRef(key=ref.key)) == ref.sha256
+    assert input_sha256(store, common_pb2.ObjectRef(), optional=True) == NO_INPUT
+    with pytest.raises(InvalidInput, match="mouth shapes"):
+        input_sha256(store, common_pb2.ObjectRef(), what="mouth shapes")
+    with pytest.raises(NotFound):
+        input_sha256(store, common_pb2.ObjectRef(key=f"{key_prefix}/gone.bin"), optional=True)

@@ -11,7 +11,7 @@ from services.runtime.analysis import load_frames
 from services.runtime.blobstore import ArrayInfo
 from services.runtime.clients import create_channel
 from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
-from services.runtime.protos import array_ref
+from services.runtime.protos import array_ref, object_ref, store_result
 from services.runtime.server import binding_for
 from services.teeth.servicer import TeethServicer
 
@@ -91,3 +91,54 @@ def test_a_target_without_teeth_passes_textures_through(store, key_prefix, teeth
     )[-1]
     assert result.result.passthrough and result.result.textures == textures
     assert "teeth" in result.result.passthrough_reason
+
+
+def unhashed(ref):
+    """The reference an outside caller may send: key without sha256 (the stage must look the content up)."""
+    copy = type(ref)()
+    copy.CopyFrom(ref)
+    (copy.object if hasattr(copy, "object") else copy).sha256 = ""
+    return copy
+
+
+def test_enhance_by_references_without_hashes_follows_a_rewritten_input(store, key_prefix, teeth, katie_target):
+    """A cached result is found by its inputs' content: rewriting the textures under their key computes anew."""
+    _, analysis = katie_target
+    proxies = teeth.SelectProxies(teeth_pb2.SelectProxiesRequest(target_analysis=analysis.manifest)).proxies
+    crops = load_frames(store, analysis.analysis.crops)[10:20]
+
+    def put_textures(sigma: float):
+        blurred = np.stack([cv2.GaussianBlur(c, (0, 0), sigma) for c in crops])
+        blob = store.put_bytes(f"{key_prefix}/tex.zip", encode_frames(blurred), content_type=FRAMES_CONTENT_TYPE)
+        return array_ref(blob, ArrayInfo(blurred.shape, "uint8"))
+
+    shapes = store.get_array(analysis.analysis.mouth_shapes.object.key)[0][10:20]
+    request = teeth_pb2.EnhanceRequest(
+        textures=unhashed(put_textures(2)),
+        frames=common_pb2.FrameRange(start=10, stop=20),
+        proxies=proxies,
+        mouth_shapes=unhashed(array_ref(*store.put_array(f"{key_prefix}/shapes.npy", shapes))),
+    )
+    first = list(teeth.Enhance(request))[-1].result
+    assert list(teeth.Enhance(request))[-1].result.cached  # the same content: reused
+    put_textures(5)
+    second = list(teeth.Enhance(request))[-1].result
+    assert not second.cached and second.textures.object.key != first.textures.object.key
+    assert not np.array_equal(load_frames(store, second.textures), load_frames(store, first.textures))
+
+
+def test_select_proxies_reads_crops_rewritten_under_their_key(store, key_prefix, teeth, katie_target):
+    """The per-replica cache of crops is keyed by content, not by key, for a manifest whose refs carry no hash."""
+    _, analysis = katie_target
+    copy = type(analysis.analysis)()
+    copy.CopyFrom(analysis.analysis)
+    crops_key = f"{key_prefix}/crops.frames.zip"
+    store.put_bytes(crops_key, store.get_bytes(analysis.analysis.crops.object.key), content_type=FRAMES_CONTENT_TYPE)
+    copy.crops.object.key, copy.crops.object.sha256 = crops_key, ""
+    manifest = unhashed(object_ref(store_result(store, f"{key_prefix}/manifest.json", copy)))
+    first = teeth.SelectProxies(teeth_pb2.SelectProxiesRequest(target_analysis=manifest)).proxies
+    assert first.has_visible_teeth
+    gray = np.full_like(load_frames(store, analysis.analysis.crops), 128)
+    store.put_bytes(crops_key, encode_frames(gray), content_type=FRAMES_CONTENT_TYPE)
+    second = teeth.SelectProxies(teeth_pb2.SelectProxiesRequest(target_analysis=manifest)).proxies
+    assert (second.upper_score, second.lower_score) != (first.upper_score, first.lower_score)

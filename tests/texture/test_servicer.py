@@ -9,7 +9,7 @@ from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from services.runtime.analysis import load_frames
 from services.runtime.clients import create_channel
 from services.runtime.config import Env, Resources
-from services.runtime.protos import array_ref
+from services.runtime.protos import array_ref, object_ref, store_result
 from services.runtime.server import binding_for
 from services.texture.servicer import TextureServicer, TextureSettings
 
@@ -162,3 +162,43 @@ def test_texture_settings_bound_the_cache_by_the_replicas_memory():
     assert settings.memory_cache_bytes == 512 << 20 and settings.in_memory_bytes == 1000
     assert TextureSettings().memory_cache_bytes == 1 << 30 and TextureSettings(cache_bytes=5).memory_cache_bytes == 5
     assert TextureServicer(None, settings=settings).cache.max_bytes == 512 << 20
+
+
+def unhashed(ref):
+    """The reference an outside caller may send: key without sha256 (the stage must look the content up)."""
+    copy = type(ref)()
+    copy.CopyFrom(ref)
+    (copy.object if hasattr(copy, "object") else copy).sha256 = ""
+    return copy
+
+
+def test_synthesize_by_references_without_hashes_follows_rewritten_inputs(store, key_prefix, texture, katie_target):
+    """A cached chunk is found by its inputs' content: rewriting the shapes or the target under its key redoes it."""
+    stub, servicer = texture
+    _, analysis = katie_target
+    shapes = store.get_array(analysis.analysis.mouth_shapes.object.key)[0]
+    shapes_ref = unhashed(array_ref(*store.put_array(f"{key_prefix}/shapes.npy", shapes[:20], fps=30.0)))
+    manifest_key = f"{key_prefix}/manifest.json"
+    target = unhashed(object_ref(store_result(store, manifest_key, analysis.analysis)))
+    request = texture_pb2.SynthesizeRequest(
+        frames=common_pb2.FrameRange(start=0, stop=20), mouth_shapes=shapes_ref, target_analysis=target
+    )
+    first = list(stub.Synthesize(request))[-1].result
+    assert list(stub.Synthesize(request))[-1].result.cached  # the same content: reused
+
+    store.put_array(f"{key_prefix}/shapes.npy", shapes[40:60], fps=30.0)  # other mouths under the same key
+    second = list(stub.Synthesize(request))[-1].result
+    assert not second.cached and second.textures.object.key != first.textures.object.key
+    assert not np.array_equal(load_frames(store, second.textures), load_frames(store, first.textures))
+
+    # The same analysis with fewer frames valid, rewritten under the manifest's key: a new chunk, a new bank.
+    fewer = type(analysis.analysis)()
+    fewer.CopyFrom(analysis.analysis)
+    valid = store.get_array(analysis.analysis.face_valid.object.key)[0].copy()
+    valid[40:60] = 0
+    fewer.face_valid.CopyFrom(array_ref(*store.put_array(f"{key_prefix}/valid.npy", valid)))
+    store_result(store, manifest_key, fewer)
+    misses = servicer.cache.misses
+    third = list(stub.Synthesize(request))[-1].result
+    assert not third.cached and third.textures.object.key != second.textures.object.key
+    assert servicer.cache.misses == misses + 1
