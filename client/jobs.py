@@ -1,7 +1,7 @@
 """The client of the orchestrator's job API: connection, upload, submit, watch (with progress), job outcome.
 
 The `a2v` command, `deploy` (demo, bench) and the evaluation tools drive jobs through this module; it imports
-the generated stubs and the shared runtime only (and `services.lipsync.versions` for the stored speakers).
+the generated stubs and the shared runtime only.
 """
 
 from __future__ import annotations
@@ -19,22 +19,21 @@ import grpc
 import urllib3
 
 from audio2video.common.v1 import common_pb2
-from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
+from audio2video.lipsync.v1 import lipsync_pb2
 from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from client.environment import stack_environment
-from services.lipsync.versions import stored_speakers
 from services.runtime.blobstore import BlobStore
 from services.runtime.clients import create_channel, retry_delay, rpc_failure
 from services.runtime.config import Config, ConfigError, Env, service_address
-from services.runtime.keys import sha256_file
+from services.runtime.keys import sha256_bytes, sha256_file
 from services.runtime.protos import object_ref
 from services.runtime.security import ClientSecurity
 
 CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4"}
 SERVICE = "audio2video.orchestrator.v1.OrchestratorService"
 WATCH_METHOD = f"{SERVICE}/WatchJob"
-LIPSYNC_SERVICE = "audio2video.lipsync.v1.LipsyncService"
+UPLOADS_PREFIX = "uploads"
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 JOB_STATES = ("queued", "pending", "running", "succeeded", "failed", "cancelled")
 DEFAULT_RECONNECT_SECONDS = 600.0
@@ -69,13 +68,17 @@ def upload_limit(environ: Mapping[str, str]) -> int:
 
 
 def upload(
-    store: BlobStore | PresignedStore, path: Path, *, max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
+    store: BlobStore | PresignedStore,
+    path: Path,
+    *,
+    max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES,
+    prefix: str = UPLOADS_PREFIX,
 ) -> common_pb2.ObjectRef:
     """A local input into the object store, under its content hash (re-running stores nothing twice).
 
     Only a regular file (a link to one is followed) of at most `max_bytes`; it is hashed and sent in chunks,
     never read whole into memory. With a `PresignedStore` (no store credentials) it goes up with a plain HTTP PUT
-    to a URL the orchestrator signed, under the caller's own uploads prefix.
+    to a URL the orchestrator signed, under the caller's own uploads prefix; with a `BlobStore`, under `prefix`.
     """
     try:
         info = path.stat()
@@ -94,7 +97,7 @@ def upload(
     if isinstance(store, PresignedStore):
         return store.put_file(path, info.st_size, suffix=path.suffix.lower(), content_type=content_type)
     blob = store.put_file_content_addressed(
-        "uploads",
+        prefix,
         path,
         suffix=path.suffix.lower(),
         content_type=content_type,
@@ -222,7 +225,7 @@ class Connection:
         self.environ = dict(stack_environment() if environ is None else environ)
         try:
             self.presigned = presigned(self.environ)
-            # The store itself only with credentials (the evaluation tools and `a2v speakers` read it).
+            # The store itself only with credentials (the evaluation tools read it).
             self.store = None
             if store_credentials(self.environ):
                 config = Config.from_env("a2v", self.environ)
@@ -255,6 +258,7 @@ class Connection:
             self.transfers = PresignedStore(self.orchestrator, self.environ) if self.presigned else None
         except ConfigError as exc:
             raise CommandError(str(exc), status=2) from exc
+        self._upload_prefix: str | None = None
 
     @property
     def uploads(self) -> BlobStore | PresignedStore:
@@ -265,14 +269,40 @@ class Connection:
             raise CommandError("no store credentials (A2V_S3_ACCESS_KEY) and A2V_PRESIGNED is off", status=2)
         return self.store
 
+    @property
+    def upload_prefix(self) -> str:
+        """Where inputs go up with store credentials: `uploads/`, or the caller's own `uploads/<caller>/`.
+
+        The latter with a credential of the caller's own (a token, a client certificate), as the orchestrator names
+        it: an orchestrator that knows its callers takes only a caller's own uploads as a job's inputs (the `admin`
+        scope aside), so the prefix is asked once: the folder of the presigned upload of the empty content (nothing
+        is sent). An orchestrator that signs no URLs (FAILED_PRECONDITION) has no prefixes per caller: `uploads/`.
+        """
+        if self._upload_prefix is None:
+            prefix = UPLOADS_PREFIX
+            tls = self.security.tls
+            if self.security.token or (tls.enabled and tls.cert_file):
+                target = pb.UploadTarget(sha256=sha256_bytes(b""), size_bytes=0)
+                try:
+                    signed = self.orchestrator.PresignObject(pb.PresignObjectRequest(upload=target))
+                    prefix = signed.object.key.rsplit("/", 1)[0]
+                except grpc.RpcError as exc:
+                    if rpc_failure(exc)[0] != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+            self._upload_prefix = prefix
+        return self._upload_prefix
+
+    def upload(self, path: Path) -> common_pb2.ObjectRef:
+        """A job's input into the store: through presigned URLs, or with store credentials under `upload_prefix`."""
+        uploads = self.uploads
+        prefix = self.upload_prefix if isinstance(uploads, BlobStore) else UPLOADS_PREFIX
+        return upload(uploads, path, max_bytes=self.upload_max_bytes, prefix=prefix)
+
     def train(self, speaker: str, videos: Sequence[Path], options: pb.TrainOptions | None = None) -> pb.Job:
         """Upload the speaker's videos and start a TrainSpeaker job."""
         spec = pb.TrainJobSpec(
             speaker=speaker,
-            videos=[
-                pb.TrainingVideo(clip_id=v.stem, video=upload(self.uploads, v, max_bytes=self.upload_max_bytes))
-                for v in videos
-            ],
+            videos=[pb.TrainingVideo(clip_id=v.stem, video=self.upload(v)) for v in videos],
             options=options,
         )
         return self.orchestrator.TrainSpeaker(pb.TrainSpeakerRequest(spec=spec)).job
@@ -280,8 +310,8 @@ class Connection:
     def render(self, speaker: str, audio: Path, video: Path, options: pb.JobOptions | None = None) -> pb.Job:
         """Upload the audio and the target video and start a render job."""
         spec = pb.RenderJobSpec(
-            audio=upload(self.uploads, audio, max_bytes=self.upload_max_bytes),
-            target_video=upload(self.uploads, video, max_bytes=self.upload_max_bytes),
+            audio=self.upload(audio),
+            target_video=self.upload(video),
             model=lipsync_pb2.ModelSpec(speaker=speaker),
             options=options,
         )
@@ -316,29 +346,10 @@ class Connection:
     def speakers(self) -> list[lipsync_pb2.DescribeModelResponse]:
         """Every speaker with a stored model, its versions and their serving state, by name.
 
-        The lipsync stage asks TF Serving for the serving state.
+        The orchestrator lists them (ListSpeakers) and the lipsync stage asks TF Serving for the serving state: no
+        store credentials or stage address here.
         """
-        if self.store is None:
-            raise CommandError("a2v speakers reads the object store: it needs store credentials (A2V_S3_ACCESS_KEY)")
-        try:
-            address = service_address("lipsync", self.environ)
-        except ConfigError as exc:
-            raise CommandError(str(exc), status=2) from exc
-        channel = create_channel(
-            address, [LIPSYNC_SERVICE], timeout_seconds=self.timeout_seconds, security=self.security
-        )
-        stub = lipsync_pb2_grpc.LipsyncServiceStub(channel)
-        described = []
-        try:
-            for speaker in stored_speakers(self.store):
-                try:
-                    described.append(stub.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=speaker)))
-                except grpc.RpcError as exc:
-                    if rpc_failure(exc)[0] != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: its versions went meanwhile
-                        raise
-        finally:
-            channel.close()
-        return described
+        return list(self.orchestrator.ListSpeakers(pb.ListSpeakersRequest()).speakers)
 
 
 def eta_text(seconds: float) -> str:

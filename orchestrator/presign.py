@@ -4,7 +4,9 @@ Uploads: a PUT of `uploads/<caller>/<sha256><suffix>`, signed (AWS Signature V4,
 the headers Content-Length, Content-Type and `x-amz-meta-sha256`, so the store refuses a body of another size
 (SignatureDoesNotMatch), another key, another hash recorded, and any request after the expiry. The caller is the
 name its bearer token has in A2V_AUTH_TOKENS_FILE ("anonymous" without tokens): each caller writes under its own
-prefix only. Downloads: a GET of a job's result, or of a key inside the job's folder `jobs/<id>/`; nothing else.
+prefix only, and with a callers file a job it submits may name only those uploads as inputs (`Callers.check_inputs`;
+the `admin` scope names any key). Downloads: a GET of a job's result, or of a key inside the job's folder
+`jobs/<id>/`; nothing else.
 
 Settings: A2V_S3_PUBLIC_ENDPOINT (the store as callers reach it, `host:port` or `http(s)://host:port`; default the
 orchestrator's own A2V_S3_ENDPOINT), A2V_PRESIGN_SECONDS (how long a URL works, default 900, at most 7 days, the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, urlsplit
@@ -30,7 +33,7 @@ from services.runtime.config import ConfigError, Env, StoreConfig
 from services.runtime.errors import FailedPrecondition, Forbidden, InvalidInput, TooLarge
 from services.runtime.keys import content_key, validate_key
 from services.runtime.protos import object_ref
-from services.runtime.security import AUTHORIZATION, TokenRegistry, Unauthenticated
+from services.runtime.security import AUTHORIZATION, SCOPE_ADMIN, Caller, TokenRegistry, Unauthenticated
 
 UPLOADS_PREFIX = "uploads"
 ANONYMOUS = "anonymous"
@@ -112,22 +115,58 @@ def presign_v4(
     return f"{parts.scheme}://{parts.netloc}{path}?{canonical_query}&X-Amz-Signature={signature}"
 
 
+def caller_folder(name: str) -> str:
+    """A caller's name as the folder of its uploads (`uploads/<folder>/`): one safe key segment."""
+    return _CALLER_SEGMENT.sub("_", name)[:64].strip(".") or ANONYMOUS
+
+
 class Callers:
-    """The caller's name (its bearer token's or its mTLS certificate's, as the server's check finds it) for its
-    uploads prefix."""
+    """Who calls (its bearer token's or its mTLS certificate's caller, as the server's check finds it): the name of
+    its uploads prefix, and whether a job's inputs are its own."""
 
     def __init__(self, tokens_file: str = "") -> None:
         self.registry = TokenRegistry(tokens_file) if tokens_file else None
 
-    def name(self, context) -> str:
+    def caller(self, context) -> Caller | None:
+        """The call's caller; None without a callers file (the open development stack, where all are anonymous)."""
         if self.registry is None or context is None:
-            return ANONYMOUS
+            return None
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         try:  # as the server's check names it: the bearer token's caller, else the mTLS certificate's
-            caller = self.registry.identify(metadata.get(AUTHORIZATION, ""), context)
+            return self.registry.identify(metadata.get(AUTHORIZATION, ""), context)
         except Unauthenticated as exc:  # the server's check lets no such call through; be safe anyway
-            raise Forbidden(f"no known caller for an uploads prefix: {exc}") from exc
-        return _CALLER_SEGMENT.sub("_", caller.name)[:64].strip(".") or ANONYMOUS
+            raise Forbidden(f"no known caller: {exc}") from exc
+
+    def name(self, context) -> str:
+        """The folder of the caller's uploads (`uploads/<name>/`); "anonymous" without a callers file."""
+        caller = self.caller(context)
+        return ANONYMOUS if caller is None else caller_folder(caller.name)
+
+    def check_inputs(self, context, inputs: Iterable[tuple[str, common_pb2.ObjectRef]], bucket: str) -> None:
+        """Refuse (PERMISSION_DENIED) a job input that is not the caller's own upload.
+
+        With a callers file, a job's inputs must lie under the caller's `uploads/<caller>/` in the orchestrator's
+        `bucket` (where PresignObject puts them), so that no caller renders another's upload or a stage's internal
+        blob; a caller with the `admin` scope may name any key. Without a callers file (the open development
+        stack) anything stored goes, as before. An input without a key is left to the job's own checks.
+        """
+        caller = self.caller(context)
+        if caller is None or caller.allows(SCOPE_ADMIN):
+            return
+        prefix = f"{UPLOADS_PREFIX}/{caller_folder(caller.name)}/"
+        for what, ref in inputs:
+            if not ref.key:
+                continue
+            validate_key(ref.key)
+            if ref.bucket and ref.bucket != bucket:
+                raise Forbidden(
+                    f"the {what} is in bucket {ref.bucket[:64]!r}: a job's inputs are in the orchestrator's bucket"
+                )
+            if not ref.key.startswith(prefix):
+                raise Forbidden(
+                    f"the {what} {ref.key!r} is not an upload of caller {caller.name!r}: a job's inputs must be under "
+                    f"{prefix} (where PresignObject puts them); only the admin scope may name other keys"
+                )
 
 
 class Presigner:

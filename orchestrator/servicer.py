@@ -12,6 +12,7 @@ from orchestrator.jobs import JobLimits, JobManager
 from orchestrator.leases import Leases
 from orchestrator.pipeline import DEFAULT_SERVE_WAIT_SECONDS, Pipeline, RetryPolicy, StageClients
 from orchestrator.presign import Callers, Presigner, PresignSettings
+from orchestrator.speakers import Speakers
 from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, Env, parse_address
@@ -26,19 +27,31 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     waiting_methods = ("WatchJob",)
     """Streams that wait on a job for as long as it runs: bounded apart (A2V_MAX_WAITING_CALLS), no running slot."""
 
-    def __init__(self, jobs: JobManager, presigner: Presigner | None = None, callers: Callers | None = None) -> None:
+    def __init__(
+        self,
+        jobs: JobManager,
+        presigner: Presigner | None = None,
+        callers: Callers | None = None,
+        speakers: Speakers | None = None,
+    ) -> None:
         self.jobs = jobs
         self.presigner = presigner
         self.callers = callers or Callers()
+        self.speakers = speakers
 
     @grpc_errors
     def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         """Start a render job; the same client_token returns the job it started before."""
-        return pb.SubmitJobResponse(job=self.jobs.submit(render=request.spec, client_token=request.client_token))
+        spec = request.spec
+        inputs = [("audio", spec.audio), ("target video", spec.target_video)]
+        self.callers.check_inputs(context, inputs, self.jobs.store.bucket)
+        return pb.SubmitJobResponse(job=self.jobs.submit(render=spec, client_token=request.client_token))
 
     @grpc_errors
     def TrainSpeaker(self, request: pb.TrainSpeakerRequest, context) -> pb.TrainSpeakerResponse:
         """Start a training job (analysis, dataset, LSTM training and export)."""
+        inputs = [(f"training video {i}", video.video) for i, video in enumerate(request.spec.videos, start=1)]
+        self.callers.check_inputs(context, inputs, self.jobs.store.bucket)
         return pb.TrainSpeakerResponse(job=self.jobs.submit(train=request.spec, client_token=request.client_token))
 
     @grpc_errors
@@ -78,6 +91,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             return self.presigner.download(self.jobs.get(request.download.job_id), request.download.key)
         raise InvalidInput("say what the URL is for: upload or download")
 
+    @grpc_errors
+    def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
+        """The speakers with a stored model, each as the lipsync stage describes it."""
+        if self.speakers is None:
+            raise FailedPrecondition("this orchestrator has no lipsync stage to describe speakers with")
+        return pb.ListSpeakersResponse(speakers=self.speakers.list(request.request_id))
+
 
 def replica_id(config: Config) -> str:
     """A2V_REPLICA_ID, default host name and port: the same after a restart in place (a restarted replica takes its
@@ -115,5 +135,6 @@ def bindings(config: Config) -> list[ServiceBinding]:
         jobs.resume()
 
     presigner = Presigner(store, config.store, PresignSettings.from_env())
-    servicer = OrchestratorServicer(jobs, presigner, Callers(config.server.auth.tokens_file))
+    speakers = Speakers(store, pipeline.clients.lipsync)
+    servicer = OrchestratorServicer(jobs, presigner, Callers(config.server.auth.tokens_file), speakers)
     return [binding_for(pb, orchestrator_pb2_grpc, "OrchestratorService", servicer, load=load)]

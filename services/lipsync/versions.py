@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from audio2video.lipsync.v1 import lipsync_pb2
 from services.runtime.blobstore import BlobStore
+from services.runtime.keys import trained_speakers
 from services.runtime.protos import object_ref
 
 
@@ -61,9 +62,7 @@ def reserve_version(store: BlobStore, speaker: str, *, at_least: int = 1, owner:
 
 def stored_speakers(store: BlobStore) -> list[str]:
     """Speakers with at least one complete version in the store, by name (`a2v speakers`)."""
-    pattern = re.compile(r"models/([a-z0-9_-]{1,64})/(\d+)/assets\.extra/model_card\.json")
-    found = {m.group(1) for key in store.list_keys("models/") if (m := pattern.fullmatch(key)) and int(m.group(2)) > 0}
-    return sorted(found)
+    return trained_speakers(store.list_keys("models/"))
 
 
 def version_message(

@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from services.runtime.errors import InvalidInput
@@ -15,6 +15,7 @@ MAX_KEY_LENGTH = 1024
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SPEAKER = re.compile(r"[a-z0-9_-]{1,64}")
+_MODEL_CARD = re.compile(r"models/([a-z0-9_-]{1,64})/(\d+)/assets\.extra/model_card\.json")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 """Date of every member of the archives the runtime writes (frame zips, npz): with the clock in them, equal content
 gave unequal bytes (and unequal sha256), so two writers of one deterministic key disagreed about what it holds."""
@@ -115,3 +116,13 @@ def content_key(prefix: str, sha256: str, suffix: str = "") -> str:
     if not _HEX64.match(sha256):
         raise InvalidInput(f"{sha256!r} is not a sha256 hex digest")
     return validate_key(f"{prefix}/{sha256}{suffix}")
+
+
+def trained_speakers(keys: Iterable[str]) -> list[str]:
+    """The speakers, by name, with a complete model version among `keys` (the keys under `models/`).
+
+    A version (`models/<speaker>/<version>/`, version > 0) is complete once its `assets.extra/model_card.json`
+    exists: the trainer uploads the card last.
+    """
+    found = {m.group(1) for key in keys if (m := _MODEL_CARD.fullmatch(key)) and int(m.group(2)) > 0}
+    return sorted(found)

@@ -25,7 +25,7 @@ from orchestrator.presign import Callers, Presigner, PresignSettings
 from orchestrator.servicer import OrchestratorServicer
 from services.runtime.clients import create_channel
 from services.runtime.config import AuthConfig, ServerConfig
-from services.runtime.errors import Forbidden
+from services.runtime.errors import Forbidden, InvalidInput
 from services.runtime.keys import sha256_bytes
 from services.runtime.protos import store_result
 from services.runtime.security import ClientSecurity
@@ -35,13 +35,20 @@ TOKENS = {
     "alice": "alice-token-0123456789-0123456789",
     "bob": "bob-token-0123456789ab",
     "audio": "audio-token-0123456789",
+    "root": "root-token-0123456789ab",
 }
-SCOPES = {"alice": ["jobs"], "bob": ["jobs"], "audio": ["stage:audio"]}
+SCOPES = {"alice": ["jobs"], "bob": ["jobs"], "audio": ["stage:audio"], "root": ["admin"]}
 LIMIT = 64 * 1024
 
 
 class NoPipeline:
-    """Nothing here runs a job: the jobs of these tests are written as finished manifests."""
+    """Nothing here runs a job: the jobs of these tests are written as finished manifests, or fail at once."""
+
+    def render(self, spec, *, reporter, stop):
+        raise InvalidInput("no pipeline here")
+
+    def train(self, spec, *, reporter, stop):
+        raise InvalidInput("no pipeline here")
 
 
 @pytest.fixture()
@@ -253,3 +260,80 @@ def test_a_caller_known_by_its_certificate_uploads_under_its_own_prefix(tmp_path
     )
     with pytest.raises(Forbidden):
         callers.name(CallContext(identities=["spiffe://elsewhere/x"]))
+
+
+def render_spec(audio: common_pb2.ObjectRef, video: common_pb2.ObjectRef) -> pb.SubmitJobRequest:
+    return pb.SubmitJobRequest(spec=pb.RenderJobSpec(audio=audio, target_video=video, model={"speaker": "anyone"}))
+
+
+def train_spec(*videos: common_pb2.ObjectRef) -> pb.TrainSpeakerRequest:
+    spec = pb.TrainJobSpec(speaker="anyone", videos=[pb.TrainingVideo(clip_id="c", video=v) for v in videos])
+    return pb.TrainSpeakerRequest(spec=spec)
+
+
+def refused(call, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call(request)
+    return error.value
+
+
+def test_a_job_names_only_its_callers_own_uploads_unless_the_caller_is_admin(orchestrator, store, tmp_path):
+    """With a callers file a job's inputs are the caller's own uploads (issue 16): no rendering of another caller's
+    upload or of a stage's internal blob; the admin scope names any key."""
+    speech, video = tmp_path / "speech.wav", tmp_path / "target.mp4"
+    speech.write_bytes(uuid.uuid4().bytes * 100)
+    video.write_bytes(uuid.uuid4().bytes * 100)
+    alice = Connection(outside_caller(orchestrator, "alice"))
+    audio_ref, video_ref = upload(alice.uploads, speech), upload(alice.uploads, video)
+    bobs = upload(Connection(outside_caller(orchestrator, "bob")).uploads, video)
+    internal = store.put_bytes(f"audio/{uuid.uuid4().hex}/features.npy", b"a stage's blob")
+    internal_ref = common_pb2.ObjectRef(key=internal.key)
+
+    # Its own uploads: accepted (the job then fails in this test's pipeline, which runs nothing).
+    assert alice.render("anyone", speech, video).render.audio.key == audio_ref.key
+    assert alice.orchestrator.TrainSpeaker(train_spec(video_ref)).job.id
+
+    bob = stub(orchestrator, "bob")
+    for request, call in (
+        (render_spec(audio_ref, bobs), bob.SubmitJob),  # alice's audio
+        (render_spec(common_pb2.ObjectRef(key=bobs.key), internal_ref), bob.SubmitJob),  # a stage's blob
+        (render_spec(audio_ref, video_ref), stub(orchestrator, "bob").SubmitJob),  # all of alice's
+        (render_spec(common_pb2.ObjectRef(key=bobs.key), bobs), stub(orchestrator, "alice").SubmitJob),  # bob's
+        (train_spec(bobs, video_ref), bob.TrainSpeaker),  # alice's video among bob's
+        (train_spec(common_pb2.ObjectRef(key=bobs.key, bucket="another-bucket")), bob.TrainSpeaker),
+    ):
+        error = refused(call, request)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+    assert "bucket" in error.details()
+    # Refused before the store is asked: a key that does not exist is not told apart from one that does.
+    missing = refused(bob.SubmitJob, render_spec(common_pb2.ObjectRef(key="uploads/alice/none.wav"), bobs))
+    assert missing.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "uploads/bob/" in missing.details() and "admin" in missing.details()
+    sneaky = refused(bob.SubmitJob, render_spec(common_pb2.ObjectRef(key="uploads/bob/../alice/x.wav"), bobs))
+    assert sneaky.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    root = stub(orchestrator, "root")
+    assert root.SubmitJob(render_spec(audio_ref, internal_ref)).job.id
+    assert root.TrainSpeaker(train_spec(bobs, video_ref)).job.id
+
+
+def test_with_store_credentials_and_a_token_a2v_uploads_under_its_callers_prefix(orchestrator, s3_server, tmp_path):
+    """The direct-upload path (store credentials, no presigned URLs) asks the orchestrator for the caller's prefix,
+    so that its jobs are accepted with authentication on."""
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes(uuid.uuid4().bytes * 100)
+    environ = {**outside_caller(orchestrator, "bob"), **s3_server.env(), "A2V_PRESIGNED": "0"}
+    connection = Connection(environ)
+    assert connection.store is not None and connection.transfers is None
+    assert connection.upload_prefix == "uploads/bob"
+    job = connection.render("anyone", speech, speech)
+    assert job.render.audio.key == f"uploads/bob/{sha256_bytes(speech.read_bytes())}.wav"
+    # Without a credential of its own (the open development stack) the prefix is the shared one.
+    anonymous = Connection({**environ, "A2V_AUTH_TOKEN": ""})
+    assert anonymous.upload_prefix == "uploads"
+
+
+def test_without_a_callers_file_any_stored_input_goes_as_before():
+    callers = Callers()
+    inputs = [("audio", common_pb2.ObjectRef(key="audio/x/features.npy", bucket="elsewhere"))]
+    callers.check_inputs(CallContext([("authorization", "Bearer whatever")]), inputs, "a2v-test")

@@ -36,6 +36,7 @@ from audio2video.texture.v1 import texture_pb2, texture_pb2_grpc
 from orchestrator.jobs import JobManager
 from orchestrator.presign import Presigner, PresignSettings
 from orchestrator.servicer import OrchestratorServicer
+from orchestrator.speakers import Speakers
 from services.audio.servicer import AudioServicer
 from services.composite.servicer import CompositeServicer
 from services.face.servicer import FaceServicer
@@ -227,6 +228,7 @@ def working_requests(real: dict) -> dict:
                 audio=ref("fixtures/speech.wav"), target_video=ref("fixtures/obama12.mp4"), model={"speaker": SPEAKER}
             )
         ),
+        orchestrator_pb2.ListSpeakersRequest(),
     ]
     return {request.DESCRIPTOR.full_name: request for request in requests}
 
@@ -345,20 +347,22 @@ def world(s3_server, tmp_path_factory):
     jobs = JobManager(store, FailingPipeline())
     presigner = Presigner(store, s3_server.config(bucket=bucket), PresignSettings())
     limits = InputLimits(max_seconds=60)
+    lipsync = serve(
+        [
+            binding_for(lipsync_pb2, lipsync_pb2_grpc, "LipsyncService", LipsyncServicer(store, serving)),
+            binding_for(
+                lipsync_pb2,
+                lipsync_pb2_grpc,
+                "TrainerService",
+                TrainerServicer(store, models_dir=tmp_path_factory.mktemp("models")),
+            ),
+        ]
+    )
+    speakers = Speakers(store, lipsync_pb2_grpc.LipsyncServiceStub(lipsync))
     channels = {
         "audio": serve([binding_for(audio_pb2, audio_pb2_grpc, "AudioService", AudioServicer(store, limits))]),
         "face": serve([binding_for(face_pb2, face_pb2_grpc, "FaceService", FaceServicer(store, limits))]),
-        "lipsync": serve(
-            [
-                binding_for(lipsync_pb2, lipsync_pb2_grpc, "LipsyncService", LipsyncServicer(store, serving)),
-                binding_for(
-                    lipsync_pb2,
-                    lipsync_pb2_grpc,
-                    "TrainerService",
-                    TrainerServicer(store, models_dir=tmp_path_factory.mktemp("models")),
-                ),
-            ]
-        ),
+        "lipsync": lipsync,
         "retiming": serve([binding_for(retiming_pb2, retiming_pb2_grpc, "RetimingService", RetimingServicer(store))]),
         "teeth": serve([binding_for(teeth_pb2, teeth_pb2_grpc, "TeethService", TeethServicer(store))]),
         "texture": serve([binding_for(texture_pb2, texture_pb2_grpc, "TextureService", TextureServicer(store))]),
@@ -371,7 +375,7 @@ def world(s3_server, tmp_path_factory):
                     orchestrator_pb2,
                     orchestrator_pb2_grpc,
                     "OrchestratorService",
-                    OrchestratorServicer(jobs, presigner),
+                    OrchestratorServicer(jobs, presigner, speakers=speakers),
                 )
             ]
         ),
