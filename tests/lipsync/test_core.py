@@ -129,7 +129,9 @@ def test_amplitude_normalisation_brings_a_hesitant_mouth_up_to_the_speakers_spre
         coefficients, mean.reshape(40), components, reference_std=1.5 * spread, max_gain=2.0
     )
     assert gain == pytest.approx(1.5, rel=1e-3)
-    np.testing.assert_allclose(scaled, coefficients * 1.5, rtol=1e-5)
+    closed = opening <= np.percentile(opening, core.CLOSED_ANCHOR_PERCENTILE)
+    anchor = coefficients[closed].mean(axis=0)  # the scaling pivots on the prediction's most closed mouth
+    np.testing.assert_allclose(scaled, anchor + 1.5 * (coefficients - anchor), rtol=1e-5)
     _, capped = core.normalise_amplitude(
         coefficients, mean.reshape(40), components, reference_std=9 * spread, max_gain=1.3
     )
@@ -148,6 +150,35 @@ def test_amplitude_normalisation_brings_a_hesitant_mouth_up_to_the_speakers_spre
     assert none == 1.0 and np.allclose(unchanged, coefficients)
     with pytest.raises(InvalidInput, match="max_amplitude_gain"):
         core.normalise_amplitude(coefficients, mean.reshape(40), components, reference_std=spread, max_gain=0.5)
+
+
+def test_amplitude_normalisation_keeps_closures_closed_and_opens_the_open_mouths_further():
+    """Scaled about the mean mouth, a mouth the model closed would be pushed past closed (crossed lips)."""
+    mean = np.zeros((20, 2))
+    mean[:, 0] = np.linspace(0.33, 0.67, 20)
+    mean[0, 0], mean[6, 0] = 0.33, 0.67
+    mean[[19, 18, 17], 0] = mean[[13, 14, 15], 0]
+    mean[[19, 18, 17], 1] = 0.05  # the mean mouth is half open
+    component = np.zeros((20, 2))
+    component[[17, 18, 19], 1] = 1.0
+    components = component.reshape(1, 40) / np.linalg.norm(component)
+    gap_per_unit = float(components[0, 2 * 19 + 1])
+    # a mouth that closes (gap 0) in a fifth of the frames and opens up to twice the mean gap elsewhere
+    gaps = np.concatenate([np.zeros(60), np.linspace(0.02, 0.1, 240)])
+    coefficients = ((gaps - 0.05) / gap_per_unit)[:, None]
+    shapes = core.shapes_from_coefficients(coefficients, mean.reshape(40), components)
+    spread = float(core.mouth_opening_ratio(shapes).std())
+    scaled, gain = core.normalise_amplitude(
+        coefficients, mean.reshape(40), components, reference_std=1.3 * spread, max_gain=1.5
+    )
+    assert gain == pytest.approx(1.3, rel=1e-3)
+    opening = core.mouth_opening_ratio(core.shapes_from_coefficients(scaled, mean.reshape(40), components))
+    np.testing.assert_allclose(opening[:60], 0.0, atol=1e-6)  # closed stays closed, not crossed
+    assert opening[-1] == pytest.approx(1.3 * core.mouth_opening_ratio(shapes)[-1], rel=1e-4)  # open grows
+    about_the_mean = core.shapes_from_coefficients(1.3 * coefficients, mean.reshape(40), components)
+    assert (core.mouth_opening_ratio(about_the_mean)[:60] > 0.01).all()  # pivoting on the mean: crossed lips,
+    # which read as open again
+    assert opening.std() == pytest.approx(1.3 * spread, rel=1e-3)
 
 
 def test_lips_pushed_past_each_other_meet_halfway_and_open_lips_stay():
