@@ -24,6 +24,7 @@ from services.runtime.protos import (
     blob_ref,
     frame_rate,
     frame_rate_message,
+    input_sha256,
     load_result,
     store_result,
 )
@@ -35,7 +36,7 @@ MAX_OUTPUT_FRAMES = 24 * 3600 * 60
 """A day of 60 fps video, as retiming: a count of 2^62 failed (INTERNAL), billions asked for gigabytes per array."""
 MAX_START_SECONDS = 24 * 3600.0
 """Audio time of output frame 0 at most a day: at 2^49 s, frame times 1/30 s apart were all equal (INTERNAL)."""
-RESULT_FORMAT_VERSION = 3  # 2: amplitude normalisation, 3: crossed lips closed
+RESULT_FORMAT_VERSION = 4  # 2: amplitude normalisation, 3: crossed lips closed, 4: gain about the closed mouth
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
     "START": lipsync_pb2.MODEL_STATE_LOADING,
@@ -245,11 +246,12 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         fps: Fraction,
     ) -> str:
         """The derived key prefix of a Predict call: its inputs' hashes, the model version and the settings."""
-        features_sha = features.sha256 or self.store.stat(features.key, bucket=features.bucket).sha256
-        activity_sha = request.speech_activity.object.sha256 if request.HasField("speech_activity") else ""
+        inputs = [self.store.content_sha256(features)]
+        if request.HasField("speech_activity"):  # by content, also when the reference carries no sha256
+            inputs.append(input_sha256(self.store, request.speech_activity.object, what="speech activity"))
         return derive_prefix(
             "lipsync",
-            inputs=[features_sha] + ([activity_sha] if activity_sha else []),
+            inputs=inputs,
             version=RESULT_FORMAT_VERSION,
             params=dataclasses.asdict(settings)
             | {

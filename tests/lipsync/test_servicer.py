@@ -162,6 +162,36 @@ def test_silence_closes_the_mouth_when_asked_and_the_model_keeps_it_by_default(s
     assert openings(lipsync_pb2.PredictOptions())[45] == pytest.approx(closing[45], rel=0.01)  # the model's mouth
 
 
+def test_predict_by_references_without_hashes_follows_a_rewritten_speech_activity(store, key_prefix, lipsync):
+    """An outside caller's references may carry no sha256: the derived key still counts every input's content."""
+    store_model_assets(store)
+    features = pulse_features(store, f"{key_prefix}/f.npy")
+    features.object.ClearField("sha256")
+    activity = np.zeros(120, np.uint8)
+    activity[40:50] = 1
+    activity_ref = array_ref(*store.put_array(f"{key_prefix}/activity.npy", activity, fps=30000 / 1001))
+    activity_ref.object.ClearField("sha256")
+    request = lipsync_pb2.PredictRequest(
+        model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
+        features=features,
+        output_frame_rate=NTSC,
+        speech_activity=activity_ref,
+        options=lipsync_pb2.PredictOptions(silence=lipsync_pb2.SilenceOptions(enabled=True)),
+    )
+    first = lipsync.Predict(request)
+    assert lipsync.Predict(request).cached  # the same content: served from the cache
+
+    activity[:] = 0
+    activity[80:90] = 1  # the pulse at frame 45 now falls in silence
+    store.put_array(f"{key_prefix}/activity.npy", activity, fps=30000 / 1001)
+    second = lipsync.Predict(request)
+    assert second.mouth_shapes.object.key != first.mouth_shapes.object.key  # (cached only if computed for it)
+    before, _ = store.get_array(first.mouth_shapes.object.key)
+    after, _ = store.get_array(second.mouth_shapes.object.key)
+    assert np.linalg.norm(before[45, 14] - before[45, 18]) > 1e-3
+    assert np.linalg.norm(after[45, 14] - after[45, 18]) < 1e-4
+
+
 def test_describe_model_reports_the_stored_version_and_its_serving_state(store, lipsync):
     store_model_assets(store)
     response = lipsync.DescribeModel(lipsync_pb2.DescribeModelRequest(speaker=SPEAKER))
