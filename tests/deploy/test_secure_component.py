@@ -8,6 +8,7 @@ local openssl; the health check that the exec probes and compose run is tried ag
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import shutil
@@ -16,14 +17,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema
 import pytest
 import yaml
 
+from audio2video.retiming.v1 import retiming_pb2, retiming_pb2_grpc
 from deploy import catalog, healthcheck
 from deploy.local import COMPONENTS
 from deploy.pki import make_local_pki
-from services.runtime.config import ServerConfig, TlsConfig, parse_address
+from orchestrator.trainers import TRAINER_SERVICE
+from services.runtime.clients import create_channel
+from services.runtime.config import AuthConfig, ServerConfig, TlsConfig, parse_address
+from services.runtime.security import (
+    SCOPE_ADMIN,
+    SCOPE_JOBS,
+    Caller,
+    Callers,
+    ClientSecurity,
+    parse_callers,
+    required_scope,
+)
 from services.runtime.server import create_server
 from tests.conftest import REPO
 from tests.deploy.test_manifests import (
@@ -41,6 +55,8 @@ from tests.deploy.test_manifests import (
     selects,
     workloads,
 )
+from tests.runtime.test_server import RETIMING, ScriptedRetiming
+from tests.runtime.test_server import start as start_retiming
 
 COMPONENT = "../../components/secure"
 SECURE = [
@@ -53,6 +69,7 @@ PKI_SCRIPT = REPO / "deploy" / "compose-pki.sh"
 TLS_FILES = {"A2V_TLS_CERT": "tls.crt", "A2V_TLS_KEY": "tls.key", "A2V_TLS_CA": "ca.crt"}
 """The A2V_TLS_ file settings and the file of a cert-manager Secret (or of the compose pki volume) each names."""
 READY = "audio2video.test.v1.Ready"
+ORCHESTRATOR = "orchestrator"
 
 # -- cert-manager's objects: a schema of the fields used (strict, like the Kubernetes ones) ---------------------
 
@@ -324,6 +341,100 @@ def test_the_exec_probe_passes_against_a_tls_server_with_a_certificate_naming_on
         server.stop(0).wait()
 
 
+# -- who may call what: the callers file (A2V_AUTH_TOKENS_FILE) -----------------------------------------------
+
+
+def dialled_by_the_orchestrator(config: dict[str, str]) -> list[str]:
+    """The gRPC services the orchestrator calls under `config` (a2v-config or compose's environment)."""
+    services = [c.grpc_service for c in COMPONENTS if c.name != ORCHESTRATOR]
+    if config.get("A2V_TRAINER") == "grpc":  # docker compose: the trainer service; Kubernetes: a Job, no gRPC
+        services.append(TRAINER_SERVICE)
+    return services
+
+
+def check_least_scopes(callers: Callers, caller_of: dict[str, Caller], client: str, config: dict[str, str]) -> None:
+    """The client certificate holds `jobs` only, the orchestrator each scope it dials with, the stages none.
+
+    `caller_of` maps each service name (and `client`) to the caller its certificate is.
+    """
+    a2v = caller_of[client]
+    assert a2v.allows(SCOPE_JOBS) and SCOPE_ADMIN not in a2v.scopes, a2v
+    assert not any(a2v.allows(required_scope(f"/{c.grpc_service}/Any")) for c in COMPONENTS if c.name != ORCHESTRATOR)
+    orchestrator = caller_of[ORCHESTRATOR]
+    for service in dialled_by_the_orchestrator(config):
+        assert orchestrator.allows(required_scope(f"/{service}/Any")), (service, orchestrator)
+    assert SCOPE_ADMIN not in orchestrator.scopes and SCOPE_JOBS not in orchestrator.scopes, orchestrator
+    for name, caller in caller_of.items():
+        if name not in (client, ORCHESTRATOR):
+            assert caller.scopes == frozenset(), f"{name}: no stage calls another of ours"
+    named = {c.name for c in (*callers.by_identity.values(), *callers.by_token.values())}
+    assert named == {c.name for c in caller_of.values()}, "a caller of no certificate of the deployment"
+    assert not callers.by_token, "certificates only: a token here would be a secret in a ConfigMap or the repository"
+
+
+def certificate_identities(certificate: dict[str, Any]) -> set[str]:
+    """What a cert-manager Certificate's certificate will name: its CN, DNS names and URIs (the server's view)."""
+    spec = certificate["spec"]
+    return {*spec.get("dnsNames", ()), *spec.get("uris", ()), *([spec["commonName"]] if "commonName" in spec else [])}
+
+
+def mounted_callers_file(objects, deployment, container) -> str:
+    """The text of the callers file the container's A2V_AUTH_TOKENS_FILE names, from the mounted ConfigMap or Secret."""
+    path = env_of(container)["A2V_AUTH_TOKENS_FILE"]["value"]
+    folder, file = os.path.split(path)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    assert mount.get("readOnly") is True and "subPath" not in mount, "read-only, and updated when it changes"
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    if "configMap" in volume:
+        return find(objects, "ConfigMap", volume["configMap"]["name"])["data"][file]
+    raise AssertionError(f"{deployment['metadata']['name']}: the callers file is no mounted ConfigMap: {volume}")
+
+
+def test_no_stage_holds_a_client_of_another_of_our_services():
+    """Why the stages' certificates get no scope: a stage's code imports no gRPC stubs but its own service's.
+
+    (Lipsync's stubs of TF Serving are not ours; the stages' shared library, services/runtime, dials only what its
+    caller passes.)
+    """
+    for component in COMPONENTS:
+        if component.name == ORCHESTRATOR:
+            continue
+        for path in (REPO / "services" / component.name).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("audio2video."):
+                    package = node.module.split(".")[1]
+                    stubs = [a.name for a in node.names if a.name.endswith("_pb2_grpc")]
+                    assert not stubs or package == component.name, f"{path}: {node.module} {stubs}"
+
+
+@pytest.mark.parametrize("overlay", SECURE)
+def test_every_grpc_deployment_reads_one_mounted_callers_file(overlay):
+    objects = rendered(overlay)
+    texts = {mounted_callers_file(objects, d, c) for _, d, c in grpc_deployments(objects)}
+    assert len(texts) == 1, "every server knows the same callers"
+    parse_callers(texts.pop())
+
+
+@pytest.mark.parametrize("overlay", SECURE)
+def test_the_callers_file_names_the_certificates_of_the_render_with_least_scopes(overlay):
+    objects = rendered(overlay)
+    _, deployment, container = next(grpc_deployments(objects))
+    callers = parse_callers(mounted_callers_file(objects, deployment, container))
+    certificates = {c["metadata"]["name"]: certificate_identities(c) for c in of_kind(objects, "Certificate")}
+    for identity in callers.by_identity:
+        holders = [name for name, identities in certificates.items() if identity in identities]
+        # One holder: an identity in two certificates would make both the same caller.
+        assert len(holders) == 1, f"{identity!r} is named by the certificates {holders}"
+    caller_of: dict[str, Caller] = {}
+    for component, deployment, container in grpc_deployments(objects):
+        certificate = certificate_for(objects, tls_mount(deployment, container)[0])
+        (caller,) = {callers.by_identity[i] for i in certificate_identities(certificate) if i in callers.by_identity}
+        caller_of[component.name] = caller
+    client = "a2v-tls-client"
+    (caller_of[client],) = {callers.by_identity[i] for i in certificates[client] if i in callers.by_identity}
+    check_least_scopes(callers, caller_of, client, find(objects, "ConfigMap", "a2v-config")["data"])
+
+
 # -- docker compose with TLS ---------------------------------------------------------------------------------
 
 
@@ -435,5 +546,78 @@ def test_compose_pki_script_makes_certificates_that_the_services_and_their_healt
         # No client certificate: mTLS refuses the connection.
         monkeypatch.setenv("A2V_TLS_CERT", "")
         assert healthcheck.main([READY, "--timeout", "2"]) == 1
+    finally:
+        server.stop(0).wait()
+
+
+def compose_callers_file(service: dict[str, Any]) -> Path:
+    """The host file of the callers file a compose service's A2V_AUTH_TOKENS_FILE names (a read-only bind mount)."""
+    folder, file = os.path.split(compose_env(service)["A2V_AUTH_TOKENS_FILE"])
+    (mount,) = [m for m in service["volumes"] if isinstance(m, dict) and m["target"] == folder]
+    assert mount["type"] == "bind" and mount["read_only"] is True, mount
+    return (COMPOSE.parent / mount["source"] / file).resolve()
+
+
+def test_compose_tls_gives_every_grpc_service_the_same_mounted_callers_file():
+    merged = compose_tls()["services"]
+    grpc_services = [image.name for image in catalog.IMAGES if image.grpc_service] + [catalog.TRAINER]
+    files = {compose_callers_file(merged[name]) for name in grpc_services}
+    assert len(files) == 1, files
+    parse_callers(files.pop().read_text())
+    for plaintext in ("model-sync", catalog.TF_SERVING, "minio", "setup", "pki"):
+        assert "A2V_AUTH_TOKENS_FILE" not in compose_env(merged[plaintext]), plaintext
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_compose_callers_name_the_certificates_the_pki_script_makes_with_least_scopes(tmp_path):
+    """Each certificate as the servers see it (SANs and CN, read by the cryptography package) is its own caller."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    merged = compose_tls()["services"]
+    names = merged["pki"]["command"]
+    owner = {"A2V_PKI_OWNER": f"{os.getuid()}:{os.getgid()}"}
+    made = subprocess.run(
+        ["sh", str(PKI_SCRIPT), str(tmp_path), *names], env={**os.environ, **owner}, capture_output=True, timeout=300
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    callers = parse_callers(compose_callers_file(merged[ORCHESTRATOR]).read_text())
+    identities: dict[str, set[str]] = {}
+    for name in names:
+        certificate = x509.load_pem_x509_certificate((tmp_path / name / "tls.crt").read_bytes())
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        cn = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        identities[name] = {str(n.value) for n in san} | set(cn)
+    for identity in callers.by_identity:
+        holders = [name for name, held in identities.items() if identity in held]
+        assert len(holders) == 1, f"{identity!r} is named by the certificates of {holders}"
+    caller_of = {}
+    for name, held in identities.items():
+        (caller_of[name],) = {callers.by_identity[i] for i in held if i in callers.by_identity}
+    check_least_scopes(callers, caller_of, "a2v", compose_env(merged[ORCHESTRATOR]))
+
+    # A real server as compose runs it (retiming's certificate and the callers file, mTLS): the orchestrator's
+    # certificate may call it; a2v's and another stage's are refused for want of the scope.
+    files = {variable: str(tmp_path / "retiming" / file) for variable, file in TLS_FILES.items()}
+    tls = TlsConfig(True, files["A2V_TLS_CERT"], files["A2V_TLS_KEY"], files["A2V_TLS_CA"], client_auth=True)
+    auth = AuthConfig(str(compose_callers_file(merged["retiming"])))
+    server, port = start_retiming(ScriptedRetiming(tag=3), tls=tls, auth=auth)
+    server.load_and_mark_serving()
+    try:
+
+        def retime(caller: str) -> retiming_pb2.RetimeResponse:
+            own = {variable: str(tmp_path / caller / file) for variable, file in TLS_FILES.items()}
+            mine = TlsConfig(True, own["A2V_TLS_CERT"], own["A2V_TLS_KEY"], own["A2V_TLS_CA"], server_name="localhost")
+            channel = create_channel(f"127.0.0.1:{port}", [RETIMING], timeout_seconds=5, security=ClientSecurity(mine))
+            with channel:
+                stub = retiming_pb2_grpc.RetimingServiceStub(channel)
+                return stub.Retime(retiming_pb2.RetimeRequest(output_frame_count=1), timeout=5)
+
+        assert retime(ORCHESTRATOR).output_frame_count == 3
+        for caller in ("a2v", "composite"):
+            with pytest.raises(grpc.RpcError) as refused:
+                retime(caller)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, caller
+            assert refused.value.details().startswith(f"caller {caller!r} lacks the scope 'stage:retiming'")
     finally:
         server.stop(0).wait()
