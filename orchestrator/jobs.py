@@ -311,16 +311,25 @@ class JobManager:
     # -- submitting ----------------------------------------------------------------------------
 
     def submit(
-        self, *, render: pb.RenderJobSpec | None = None, train: pb.TrainJobSpec | None = None, client_token: str = ""
+        self,
+        *,
+        render: pb.RenderJobSpec | None = None,
+        train: pb.TrainJobSpec | None = None,
+        client_token: str = "",
+        owner: str = "",
     ) -> pb.Job:
         """Queue a job (or return the one an earlier call with the same client_token made).
 
-        The manifest is written first: a job the store did not take (UNAVAILABLE) is not registered at all, so
-        an outage cannot leave a job behind that exists only in this process. A full queue refuses the job with
-        RESOURCE_EXHAUSTED.
+        `owner` is the submitting caller's name, recorded in the job (empty without a callers file). A client token
+        is the owner's own: the same token from two callers makes two jobs. The manifest is written first: a job
+        the store did not take (UNAVAILABLE) is not registered at all, so an outage cannot leave a job behind that
+        exists only in this process. A full queue refuses the job with RESOURCE_EXHAUSTED.
         """
         self._check(render, train)
-        job_id = hashlib.sha256(client_token.encode()).hexdigest()[:20] if client_token else uuid.uuid4().hex[:20]
+        job_id = uuid.uuid4().hex[:20]
+        if client_token:  # without an owner, the id of before (jobs submitted with a token are found again)
+            idempotency = f"{owner}\n{client_token}" if owner else client_token
+            job_id = hashlib.sha256(idempotency.encode()).hexdigest()[:20]
         with self.lock:
             if job_id in self.runs:
                 return self.runs[job_id].job
@@ -328,7 +337,7 @@ class JobManager:
             stored = self._load(job_id)
             if stored is not None:
                 return stored
-        job = pb.Job(id=job_id, state=pb.JOB_STATE_QUEUED, created=now(), client_token=client_token)
+        job = pb.Job(id=job_id, state=pb.JOB_STATE_QUEUED, created=now(), client_token=client_token, owner=owner)
         if render is not None:
             job.kind = pb.JOB_KIND_RENDER
             job.render.CopyFrom(render)
@@ -786,13 +795,18 @@ class JobManager:
             self._save(run)
         return job
 
-    def list(self, *, state: int = 0, kind: int = 0, speaker: str = "", page_size: int = 50) -> list[pb.Job]:
+    def list(
+        self, *, state: int = 0, kind: int = 0, speaker: str = "", page_size: int = 50, owner: str | None = None
+    ) -> list[pb.Job]:
+        """The newest jobs first, at most `page_size`; only `owner`'s when it is given (None: everyone's)."""
         jobs = []
         for key in self.store.list_keys("jobs/"):
             if key.endswith("/job.json"):
                 job_id = key.split("/")[1]
                 job = self.runs[job_id].job if job_id in self.runs else self._load(job_id)
                 if job is None or (state and job.state != state) or (kind and job.kind != kind):
+                    continue
+                if owner is not None and job.owner != owner:
                     continue
                 if speaker and speaker not in (job.render.model.speaker, job.train.speaker):
                     continue

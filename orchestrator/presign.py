@@ -142,6 +142,17 @@ class Callers:
         caller = self.caller(context)
         return ANONYMOUS if caller is None else caller_folder(caller.name)
 
+    def owner(self, context) -> str:
+        """The name a job the call submits is recorded under (its owner): the caller's; "" without a callers file."""
+        caller = self.caller(context)
+        return "" if caller is None else caller.name
+
+    def jobs_of(self, context) -> str | None:
+        """Whose jobs the caller may see and act on: its own (its name); every job (None) for a caller with the
+        `admin` scope, and for every call without a callers file (the open development stack)."""
+        caller = self.caller(context)
+        return None if caller is None or caller.allows(SCOPE_ADMIN) else caller.name
+
     def check_inputs(self, context, inputs: Iterable[tuple[str, common_pb2.ObjectRef]], bucket: str) -> None:
         """Refuse (PERMISSION_DENIED) a job input that is not the caller's own upload.
 

@@ -16,13 +16,20 @@ from orchestrator.speakers import Speakers
 from orchestrator.trainers import trainer_from_env
 from services.runtime.blobstore import BlobStore, wait_for_store
 from services.runtime.config import Config, Env, parse_address
-from services.runtime.errors import FailedPrecondition, InvalidInput
+from services.runtime.errors import FailedPrecondition, InvalidInput, NotFound
 from services.runtime.server import ServiceBinding, binding_for
 from services.runtime.status import grpc_errors
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    """Submit, watch, cancel and list render and training jobs."""
+    """Submit, watch, cancel and list render and training jobs.
+
+    With a callers file a job belongs to the caller that submitted it: GetJob, WatchJob, CancelJob, RetryJob, a
+    PresignObject download and ListJobs see only the caller's own jobs, unless it holds `admin`. Another caller's
+    job is NOT_FOUND, the same answer as a job that does not exist (so no caller learns which ids are taken); a
+    job recorded before owners were (no owner) is the admin's only. Without a callers file every caller sees every
+    job, as before.
+    """
 
     waiting_methods = ("WatchJob",)
     """Streams that wait on a job for as long as it runs: bounded apart (A2V_MAX_WAITING_CALLS), no running slot."""
@@ -39,43 +46,65 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.callers = callers or Callers()
         self.speakers = speakers
 
+    def _job(self, context, job_id: str) -> pb.Job:
+        """The job `job_id` if the caller may see it; NOT_FOUND alike for another caller's job and a missing one."""
+        owner = self.callers.jobs_of(context)
+        if owner is None:
+            return self.jobs.get(job_id)
+        try:
+            job = self.jobs.get(job_id)
+        except NotFound:
+            job = None
+        if job is None or job.owner != owner:
+            raise NotFound(f"no job {job_id} of caller {owner!r}")
+        return job
+
     @grpc_errors
     def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         """Start a render job; the same client_token returns the job it started before."""
         spec = request.spec
         inputs = [("audio", spec.audio), ("target video", spec.target_video)]
         self.callers.check_inputs(context, inputs, self.jobs.store.bucket)
-        return pb.SubmitJobResponse(job=self.jobs.submit(render=spec, client_token=request.client_token))
+        owner = self.callers.owner(context)
+        return pb.SubmitJobResponse(job=self.jobs.submit(render=spec, client_token=request.client_token, owner=owner))
 
     @grpc_errors
     def TrainSpeaker(self, request: pb.TrainSpeakerRequest, context) -> pb.TrainSpeakerResponse:
         """Start a training job (analysis, dataset, LSTM training and export)."""
         inputs = [(f"training video {i}", video.video) for i, video in enumerate(request.spec.videos, start=1)]
         self.callers.check_inputs(context, inputs, self.jobs.store.bucket)
-        return pb.TrainSpeakerResponse(job=self.jobs.submit(train=request.spec, client_token=request.client_token))
+        job = self.jobs.submit(train=request.spec, client_token=request.client_token, owner=self.callers.owner(context))
+        return pb.TrainSpeakerResponse(job=job)
 
     @grpc_errors
     def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=self.jobs.get(request.job_id))
+        return pb.GetJobResponse(job=self._job(context, request.job_id))
 
     @grpc_errors
     def WatchJob(self, request: pb.WatchJobRequest, context):
         """A snapshot of the job, then its progress and state changes until it ends."""
+        self._job(context, request.job_id)
         yield from self.jobs.watch(request.job_id, request.after_sequence, context.is_active)
 
     @grpc_errors
     def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
+        self._job(context, request.job_id)
         return pb.CancelJobResponse(job=self.jobs.cancel(request.job_id))
 
     @grpc_errors
     def RetryJob(self, request: pb.RetryJobRequest, context) -> pb.RetryJobResponse:
         """Queue a failed or cancelled job again; its finished work is reused."""
+        self._job(context, request.job_id)
         return pb.RetryJobResponse(job=self.jobs.retry(request.job_id))
 
     @grpc_errors
     def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         jobs = self.jobs.list(
-            state=request.state, kind=request.kind, speaker=request.speaker, page_size=request.page_size
+            state=request.state,
+            kind=request.kind,
+            speaker=request.speaker,
+            page_size=request.page_size,
+            owner=self.callers.jobs_of(context),
         )
         return pb.ListJobsResponse(jobs=jobs)
 
@@ -88,7 +117,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if target == "upload":
             return self.presigner.upload(self.callers.name(context), request.upload)
         if target == "download":
-            return self.presigner.download(self.jobs.get(request.download.job_id), request.download.key)
+            return self.presigner.download(self._job(context, request.download.job_id), request.download.key)
         raise InvalidInput("say what the URL is for: upload or download")
 
     @grpc_errors

@@ -20,14 +20,14 @@ from audio2video.orchestrator.v1 import orchestrator_pb2 as pb
 from audio2video.orchestrator.v1 import orchestrator_pb2_grpc
 from client.jobs import Connection, PresignedStore, upload
 from client.stages import upload_references
-from orchestrator.jobs import JobManager, manifest_key
+from orchestrator.jobs import JobManager, manifest_key, now
 from orchestrator.presign import Callers, Presigner, PresignSettings
 from orchestrator.servicer import OrchestratorServicer
 from services.runtime.clients import create_channel
 from services.runtime.config import AuthConfig, ServerConfig
 from services.runtime.errors import Forbidden, InvalidInput
 from services.runtime.keys import sha256_bytes
-from services.runtime.protos import store_result
+from services.runtime.protos import load_result, store_result
 from services.runtime.security import ClientSecurity
 from services.runtime.server import binding_for, create_server
 
@@ -83,8 +83,8 @@ def stub(address: str, name: str | None = "alice") -> orchestrator_pb2_grpc.Orch
     )
 
 
-def finished_job(store, files: dict[str, bytes]) -> pb.Job:
-    """A SUCCEEDED render job whose result is its first file, each file stored under jobs/<id>/."""
+def finished_job(store, files: dict[str, bytes], owner: str = "alice") -> pb.Job:
+    """A SUCCEEDED render job of `owner` whose result is its first file, each file stored under jobs/<id>/."""
     job_id = uuid.uuid4().hex
     refs = {}
     for name, data in files.items():
@@ -92,7 +92,8 @@ def finished_job(store, files: dict[str, bytes]) -> pb.Job:
         refs[name] = common_pb2.ObjectRef(
             bucket=blob.bucket, key=blob.key, sha256=blob.sha256, size_bytes=blob.size_bytes
         )
-    job = pb.Job(id=job_id, kind=pb.JOB_KIND_RENDER, state=pb.JOB_STATE_SUCCEEDED, result=next(iter(refs.values())))
+    result = next(iter(refs.values()))
+    job = pb.Job(id=job_id, kind=pb.JOB_KIND_RENDER, state=pb.JOB_STATE_SUCCEEDED, result=result, owner=owner)
     store_result(store, manifest_key(job_id), job)
     return job
 
@@ -134,7 +135,7 @@ def test_each_caller_uploads_under_its_own_prefix(orchestrator, tmp_path):
 
 def test_a_url_for_another_jobs_folder_or_anything_else_is_refused(orchestrator, store):
     mine = finished_job(store, {"out.mp4": b"mine", "extra.txt": b"also mine"})
-    theirs = finished_job(store, {"out.mp4": b"theirs"})
+    theirs = finished_job(store, {"out.mp4": b"theirs"}, owner="bob")
     orchestrator_stub = stub(orchestrator)
 
     def ask(key: str, job_id: str = mine.id):
@@ -155,7 +156,7 @@ def test_a_url_for_another_jobs_folder_or_anything_else_is_refused(orchestrator,
 
 
 def test_a_job_that_has_not_succeeded_has_no_result_to_download(orchestrator, store):
-    job = pb.Job(id=uuid.uuid4().hex, kind=pb.JOB_KIND_RENDER, state=pb.JOB_STATE_FAILED)
+    job = pb.Job(id=uuid.uuid4().hex, kind=pb.JOB_KIND_RENDER, state=pb.JOB_STATE_FAILED, owner="alice")
     store_result(store, manifest_key(job.id), job)
     with pytest.raises(grpc.RpcError) as refused:
         stub(orchestrator).PresignObject(pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=job.id)))
@@ -337,3 +338,87 @@ def test_without_a_callers_file_any_stored_input_goes_as_before():
     callers = Callers()
     inputs = [("audio", common_pb2.ObjectRef(key="audio/x/features.npy", bucket="elsewhere"))]
     callers.check_inputs(CallContext([("authorization", "Bearer whatever")]), inputs, "a2v-test")
+
+
+def stored_job(store, owner: str, state: int = pb.JOB_STATE_FAILED) -> pb.Job:
+    """A render job's manifest as the orchestrator writes it, of `owner` ("": recorded before jobs had owners)."""
+    job = pb.Job(id=uuid.uuid4().hex[:20], kind=pb.JOB_KIND_RENDER, state=state, owner=owner, created=now())
+    store_result(store, manifest_key(job.id), job)
+    return job
+
+
+def job_calls(orchestrator_stub: orchestrator_pb2_grpc.OrchestratorServiceStub, job_id: str) -> dict[str, object]:
+    """Every RPC that acts on one job, as a call of no arguments."""
+    return {
+        "GetJob": lambda: orchestrator_stub.GetJob(pb.GetJobRequest(job_id=job_id)),
+        "WatchJob": lambda: next(iter(orchestrator_stub.WatchJob(pb.WatchJobRequest(job_id=job_id)))),
+        "CancelJob": lambda: orchestrator_stub.CancelJob(pb.CancelJobRequest(job_id=job_id)),
+        "RetryJob": lambda: orchestrator_stub.RetryJob(pb.RetryJobRequest(job_id=job_id)),
+        "PresignObject": lambda: orchestrator_stub.PresignObject(
+            pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=job_id))
+        ),
+    }
+
+
+def listed(orchestrator_stub, job_ids) -> set[str]:
+    return {j.id for j in orchestrator_stub.ListJobs(pb.ListJobsRequest(page_size=500)).jobs} & set(job_ids)
+
+
+def test_a_job_is_its_submitters_and_the_admins_only(orchestrator, store, tmp_path):
+    """With a callers file a job belongs to the caller that submitted it (issue 16): another caller can neither see,
+    watch, cancel, retry nor download it, and is told no more than of a job that does not exist."""
+    speech, video = tmp_path / "speech.wav", tmp_path / "target.mp4"
+    speech.write_bytes(uuid.uuid4().bytes * 100)
+    video.write_bytes(uuid.uuid4().bytes * 100)
+    alice, bob, root = stub(orchestrator, "alice"), stub(orchestrator, "bob"), stub(orchestrator, "root")
+    uploads = Connection(outside_caller(orchestrator, "alice")).uploads
+    request = render_spec(upload(uploads, speech), upload(uploads, video))
+    request.client_token = "the same token"
+
+    submitted = alice.SubmitJob(request).job
+    assert submitted.owner == "alice"
+    assert load_result(store, manifest_key(submitted.id), pb.Job).owner == "alice"  # recorded with the job
+    assert alice.SubmitJob(request).job.id == submitted.id  # idempotent for its caller
+    assert root.SubmitJob(request).job.id != submitted.id  # a client token is its caller's own
+    done = finished_job(store, {"out.mp4": b"alice's result"})
+    failed, bobs, ownerless = stored_job(store, "alice"), stored_job(store, "bob"), stored_job(store, "")
+    everything = [submitted.id, done.id, failed.id, bobs.id, ownerless.id]
+
+    assert alice.GetJob(pb.GetJobRequest(job_id=done.id)).job.owner == "alice"
+    assert next(iter(alice.WatchJob(pb.WatchJobRequest(job_id=done.id)))).snapshot.id == done.id
+    assert alice.PresignObject(pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=done.id))).url
+    assert alice.RetryJob(pb.RetryJobRequest(job_id=failed.id)).job.retries == 1
+    assert listed(alice, everything) == {submitted.id, done.id, failed.id}
+    assert listed(bob, everything) == {bobs.id}
+    assert listed(root, everything) == set(everything)
+
+    # Another caller's job, and one recorded before jobs had owners, answer as a job that does not exist.
+    for caller, name, job in ((bob, "bob", done), (bob, "bob", failed), (alice, "alice", ownerless)):
+        for method, call in job_calls(caller, job.id).items():
+            with pytest.raises(grpc.RpcError) as refusal:
+                call()
+            error = refusal.value
+            assert error.code() == grpc.StatusCode.NOT_FOUND, (method, error.details())
+            assert error.details() == f"no job {job.id} of caller {name!r}", method
+    missing = refused(bob.GetJob, pb.GetJobRequest(job_id="0" * 20))
+    assert (missing.code(), missing.details()) == (grpc.StatusCode.NOT_FOUND, f"no job {'0' * 20} of caller 'bob'")
+    after = load_result(store, manifest_key(done.id), pb.Job)
+    assert after.state == pb.JOB_STATE_SUCCEEDED and not after.cancel_requested and after.retries == 0
+
+    # The admin scope acts on every job, those without an owner too.
+    assert root.GetJob(pb.GetJobRequest(job_id=ownerless.id)).job.id == ownerless.id
+    assert root.RetryJob(pb.RetryJobRequest(job_id=ownerless.id)).job.retries == 1
+    assert root.RetryJob(pb.RetryJobRequest(job_id=bobs.id)).job.owner == "bob"  # a retry keeps the owner
+    assert root.CancelJob(pb.CancelJobRequest(job_id=bobs.id)).job.id == bobs.id
+    assert root.PresignObject(pb.PresignObjectRequest(download=pb.DownloadTarget(job_id=done.id))).url
+
+
+def test_without_a_callers_file_every_caller_sees_every_job(store):
+    """The open development stack: no owner recorded, no job hidden (Callers without a file, JobManager.list)."""
+    callers, context = Callers(), CallContext([("authorization", "Bearer whatever")])
+    assert callers.owner(context) == "" and callers.jobs_of(context) is None
+    store.ensure_bucket()
+    jobs = [stored_job(store, owner) for owner in ("", "alice")]
+    manager = JobManager(store, NoPipeline())
+    assert {j.id for j in jobs} <= {j.id for j in manager.list(page_size=500)}
+    assert {j.id for j in manager.list(page_size=500, owner="alice")} & {j.id for j in jobs} == {jobs[1].id}
