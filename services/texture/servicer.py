@@ -69,6 +69,7 @@ def texture_options(options: texture_pb2.SynthesizeOptions) -> core.TextureOptio
         detail_amount=optional("detail_amount"),
         detail_sigma_px=optional("detail_sigma_px"),
         pose_tolerance_degrees=optional("pose_tolerance_degrees"),
+        max_candidate_share=optional("max_candidate_share"),
     )
 
 

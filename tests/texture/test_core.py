@@ -14,6 +14,7 @@ from services.runtime.errors import Cancelled, InvalidInput, NoFace
 from services.runtime.media import iter_frames
 from services.texture import core
 from services.texture.core import (
+    MIN_CANDIDATES,
     TextureOptions,
     flicker,
     mouth_region_mask,
@@ -213,7 +214,8 @@ def test_own_shape_gives_a_texture_close_to_that_frame(bank, analysis):
     others = [region_error(analysis.crops[i], crop, region) for i in range(FRAMES) if i != target]
     errors, shape_errors = {}, {}
     for n in (5, 100):
-        chunk = synthesize(bank, shapes, 1, 2, options=TextureOptions(n_candidates=n, warmup_frames=1))
+        options = TextureOptions(n_candidates=n, warmup_frames=1, max_candidate_share=1.0)  # n as given
+        chunk = synthesize(bank, shapes, 1, 2, options=options)
         assert chunk.candidates[0, 0] == target
         errors[n] = region_error(chunk.textures[0], crop, region)
         shape_errors[n] = np.abs(chunk.mean_shapes[0] - analysis.canonical_mouth[target]).max()
@@ -223,9 +225,21 @@ def test_own_shape_gives_a_texture_close_to_that_frame(bank, analysis):
     assert shape_errors[5] < 0.02 and shape_errors[5] < shape_errors[100], shape_errors
 
 
+def test_a_short_target_gets_fewer_candidates_so_its_median_keeps_the_predicted_mouth(bank, analysis):
+    """20 candidates of a 200-frame target are a tenth of its mouths: at most a 20th (5 at least) are taken."""
+    options = TextureOptions()
+    assert options.candidates_for(200) == 10 and options.candidates_for(7500) == 20
+    assert options.candidates_for(40) == MIN_CANDIDATES and TextureOptions(n_candidates=3).candidates_for(40) == 3
+    assert TextureOptions(max_candidate_share=1.0).candidates_for(40) == 20
+    chunk = synthesize(bank, analysis.canonical_mouth, 5, 8, options=options)
+    assert chunk.candidates.shape[1] == options.candidates_for(bank.usable_count) < options.n_candidates
+    with pytest.raises(InvalidInput, match="max_candidate_share"):
+        TextureOptions(max_candidate_share=0.0)
+
+
 def test_synthesize_outputs(bank, analysis):
     n = 12
-    plain = TextureOptions(n_candidates=20, detail_amount=0.0)  # the median alone (detail: its own test)
+    plain = TextureOptions(n_candidates=20, detail_amount=0.0, max_candidate_share=1.0)  # the median alone
     chunk = synthesize(bank, analysis.canonical_mouth, 5, 5 + n, options=plain)
     h, w = analysis.geometry.crop_shape
     assert chunk.textures.shape == (n, h, w, 3) and chunk.textures.dtype == np.uint8
