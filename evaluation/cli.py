@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         if result.artifacts is not None:
             a = result.artifacts.as_dict()
             summary += f"; artifacts p95 {a['p95']:.3f}, max {a['max']:.3f}, {len(a['flagged_frames'])} frames flagged"
+        if result.artifacts_skipped is not None:
+            summary += f"; artifacts not measured: {result.artifacts_skipped}"
         if job is not None:
             summary += (
                 f"; job: {100 * job['synthesized_share']:.1f} % synthesized, {100 * job['faded_share']:.1f} % faded, "

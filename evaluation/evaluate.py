@@ -489,6 +489,7 @@ class OutputEvaluation:
     target: VideoMeasures
     artifacts: ArtifactReport | None = None
     job: dict | None = None
+    artifacts_skipped: str | None = None  # why the artifact measure did not run, when it was asked for
 
     def relative(self) -> dict:
         out, tgt = self.output, self.target
@@ -512,6 +513,8 @@ class OutputEvaluation:
         }
         if self.artifacts is not None:
             out["artifacts"] = self.artifacts.as_dict()
+        if self.artifacts_skipped is not None:
+            out["artifacts_skipped"] = self.artifacts_skipped
         if self.job is not None:
             out["job"] = self.job
         return out
@@ -600,8 +603,14 @@ def evaluate_output(
     tgt = measure_video(
         target, detector=detector, max_lag=max_lag, strip_frames=strip_frames, progress=progress, audio_optional=True
     )
-    report_artifacts = None
-    if artifacts:
+    report_artifacts, skipped = None, None
+    n, m = out.analysis.frame_count, tgt.analysis.frame_count
+    if artifacts and frame_map is None and abs(n - m) > 1:
+        skipped = (
+            f"the output has {n} frames and the target {m}: output frame i does not show target frame i (a re-timed "
+            "render, or audio longer than the target); give the render job (--job) to compare the frames it shows"
+        )
+    elif artifacts:
         report_artifacts = measure_artifacts(
             output,
             target,
@@ -610,7 +619,7 @@ def evaluate_output(
             frame_map=frame_map,
             progress=StderrProgress(f"{output.name} artifacts") if progress else None,
         )
-    return OutputEvaluation(out, tgt, report_artifacts, job)
+    return OutputEvaluation(out, tgt, report_artifacts, job, skipped)
 
 
 @dataclass(frozen=True, eq=False)
@@ -743,6 +752,8 @@ def report_content(
                 ("artifacts max", data_artifacts["max"]),
                 (f"frames flagged (> {evaluation.artifacts.flag:g})", len(data_artifacts["flagged_frames"])),
             ]
+        if evaluation.artifacts_skipped is not None:
+            highlights += [("artifacts", f"not measured: {evaluation.artifacts_skipped}")]
         if evaluation.job is not None:
             j = evaluation.job
             highlights += [

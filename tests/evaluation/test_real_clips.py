@@ -137,6 +137,22 @@ def test_the_output_command_scores_a_blurred_render_against_its_target(tmp_path,
     assert artifacts["frames_measured"] == 302 and artifacts["p95"] < 0.05 and artifacts["flagged_frames"] == []
 
 
+def test_an_output_longer_than_its_target_is_not_scored_for_artifacts_frame_by_frame(tmp_path, capsys):
+    """A re-timed render (the demo: 60 s of audio onto a 30 s target) shows other target frames than its own
+    index: without the job's retiming map, comparing frame i with target frame i flagged hundreds of clean frames."""
+    from services.runtime.media import iter_frames
+
+    frames = [frame for _, _, frame in iter_frames(FEIFEI)]
+    longer = tmp_path / "longer.mp4"
+    longer.write_bytes(encode_clip(frames + frames[::-1]))  # played forth and back, as a re-timed loop does
+    json_path = tmp_path / "o.json"
+    args = ["output", str(longer), "--target", str(FEIFEI), "--audio", str(FEIFEI), "--quiet", "--no-html"]
+    assert main([*args, "--json", str(json_path)]) == 0
+    assert "artifacts not measured: the output has 604 frames and the target 302" in capsys.readouterr().out
+    data = json.loads(json_path.read_text())
+    assert "artifacts" not in data and "--job" in data["artifacts_skipped"]
+
+
 def images_in(page: str) -> list[str]:
     return re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
 
