@@ -14,6 +14,7 @@ from services.composite.servicer import CompositeServicer
 from services.runtime.clients import create_channel
 from services.runtime.protos import array_ref, object_ref
 from services.runtime.server import binding_for
+from tests.support.refs import unhashed
 
 pytestmark = pytest.mark.integration
 SERVICE = "audio2video.composite.v1.CompositeService"
@@ -123,14 +124,6 @@ def test_bad_requests(store, key_prefix, composite, katie_target):
     gap = [composite_pb2.Segment(frames=common_pb2.FrameRange(start=5, stop=10), segment=video)]
     status, details = code(composite.Finalize, composite_pb2.FinalizeRequest(segments=gap, audio=video))
     assert status == grpc.StatusCode.INVALID_ARGUMENT and "contiguous" in details
-
-
-def unhashed(ref):
-    """The reference an outside caller may send: key without sha256 (the stage must look the content up)."""
-    copy = type(ref)()
-    copy.CopyFrom(ref)
-    (copy.object if hasattr(copy, "object") else copy).sha256 = ""
-    return copy
 
 
 def test_render_and_finalize_by_references_without_hashes_follow_rewritten_inputs(

@@ -20,6 +20,7 @@ from services.runtime.server import binding_for
 from services.tfserving.models import ModelManager
 from services.tfserving.servicer import bindings as tfserving_bindings
 from tests.conftest import free_port
+from tests.support.refs import unhashed
 
 pytestmark = pytest.mark.integration
 DELAY = 20
@@ -43,11 +44,16 @@ class DelayedLinear(tf.Module):
         return {"coefficients": tf.einsum("btf,fk->btk", shifted, self.weights)}
 
 
+def save_delayed_linear(root, speaker: str, version: int = 1) -> None:
+    """A `DelayedLinear` SavedModel where TF Serving looks for the speaker's version: root/speaker/version."""
+    module = DelayedLinear()
+    tf.saved_model.save(module, str(root / speaker / str(version)), signatures={"serving_default": module.serve})
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    module = DelayedLinear()
-    tf.saved_model.save(module, str(root / SPEAKER / "1"), signatures={"serving_default": module.serve})
+    save_delayed_linear(root, SPEAKER)
     return root
 
 
@@ -165,12 +171,10 @@ def test_silence_closes_the_mouth_when_asked_and_the_model_keeps_it_by_default(s
 def test_predict_by_references_without_hashes_follows_a_rewritten_speech_activity(store, key_prefix, lipsync):
     """An outside caller's references may carry no sha256: the derived key still counts every input's content."""
     store_model_assets(store)
-    features = pulse_features(store, f"{key_prefix}/f.npy")
-    features.object.ClearField("sha256")
+    features = unhashed(pulse_features(store, f"{key_prefix}/f.npy"))
     activity = np.zeros(120, np.uint8)
     activity[40:50] = 1
-    activity_ref = array_ref(*store.put_array(f"{key_prefix}/activity.npy", activity, fps=30000 / 1001))
-    activity_ref.object.ClearField("sha256")
+    activity_ref = unhashed(array_ref(*store.put_array(f"{key_prefix}/activity.npy", activity, fps=30000 / 1001)))
     request = lipsync_pb2.PredictRequest(
         model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
         features=features,

@@ -46,13 +46,10 @@ class NoPipeline:
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """TF Serving's folder: a SavedModel of the served speaker's version 1 (the lipsync tests' serving contract)."""
-    import tensorflow as tf
-
-    from tests.lipsync.test_servicer import DelayedLinear
+    from tests.lipsync.test_servicer import save_delayed_linear
 
     root = tmp_path_factory.mktemp("served")
-    module = DelayedLinear()
-    tf.saved_model.save(module, str(root / SERVED / "1"), signatures={"serving_default": module.serve})
+    save_delayed_linear(root, SERVED)
     return root
 
 

@@ -14,6 +14,7 @@ from services.runtime.frames import FRAMES_CONTENT_TYPE, encode_frames
 from services.runtime.protos import array_ref, object_ref, store_result
 from services.runtime.server import binding_for
 from services.teeth.servicer import TeethServicer
+from tests.support.refs import unhashed
 
 pytestmark = pytest.mark.integration
 SERVICE = "audio2video.teeth.v1.TeethService"
@@ -91,14 +92,6 @@ def test_a_target_without_teeth_passes_textures_through(store, key_prefix, teeth
     )[-1]
     assert result.result.passthrough and result.result.textures == textures
     assert "teeth" in result.result.passthrough_reason
-
-
-def unhashed(ref):
-    """The reference an outside caller may send: key without sha256 (the stage must look the content up)."""
-    copy = type(ref)()
-    copy.CopyFrom(ref)
-    (copy.object if hasattr(copy, "object") else copy).sha256 = ""
-    return copy
 
 
 def test_enhance_by_references_without_hashes_follows_a_rewritten_input(store, key_prefix, teeth, katie_target):

@@ -12,6 +12,7 @@ from services.runtime.config import Env, Resources
 from services.runtime.protos import array_ref, object_ref, store_result
 from services.runtime.server import binding_for
 from services.texture.servicer import TextureServicer, TextureSettings
+from tests.support.refs import unhashed
 
 pytestmark = pytest.mark.integration
 SERVICE = "audio2video.texture.v1.TextureService"
@@ -162,14 +163,6 @@ def test_texture_settings_bound_the_cache_by_the_replicas_memory():
     assert settings.memory_cache_bytes == 512 << 20 and settings.in_memory_bytes == 1000
     assert TextureSettings().memory_cache_bytes == 1 << 30 and TextureSettings(cache_bytes=5).memory_cache_bytes == 5
     assert TextureServicer(None, settings=settings).cache.max_bytes == 512 << 20
-
-
-def unhashed(ref):
-    """The reference an outside caller may send: key without sha256 (the stage must look the content up)."""
-    copy = type(ref)()
-    copy.CopyFrom(ref)
-    (copy.object if hasattr(copy, "object") else copy).sha256 = ""
-    return copy
 
 
 def test_synthesize_by_references_without_hashes_follows_rewritten_inputs(store, key_prefix, texture, katie_target):
