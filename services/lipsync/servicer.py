@@ -13,6 +13,7 @@ import numpy as np
 
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from services.lipsync import core
+from services.lipsync import model as lstm
 from services.lipsync.serving import ServingClient
 from services.lipsync.versions import extra_key, stored_versions, version_message
 from services.runtime.blobstore import BlobRef, BlobStore, wait_for_store
@@ -36,7 +37,8 @@ MAX_OUTPUT_FRAMES = 24 * 3600 * 60
 """A day of 60 fps video, as retiming: a count of 2^62 failed (INTERNAL), billions asked for gigabytes per array."""
 MAX_START_SECONDS = 24 * 3600.0
 """Audio time of output frame 0 at most a day: at 2^49 s, frame times 1/30 s apart were all equal (INTERNAL)."""
-RESULT_FORMAT_VERSION = 4  # 2: amplitude normalisation, 3: crossed lips closed, 4: gain about the closed mouth
+RESULT_FORMAT_VERSION = 5  # 2: amplitude normalisation, 3: crossed lips closed, 4: gain about the closed mouth,
+# 5: gain measured over all frames, capped by the model's regime
 MODEL_STATES = {
     "AVAILABLE": lipsync_pb2.MODEL_STATE_AVAILABLE,
     "START": lipsync_pb2.MODEL_STATE_LOADING,
@@ -62,6 +64,14 @@ class SpeakerModel:
         return int(self.card.get("delay_steps", 20))
 
     @property
+    def max_amplitude_gain(self) -> float:
+        """Predict's default gain cap for this model: its card's, else its training regime's (older cards)."""
+        recorded = self.card.get("max_amplitude_gain")
+        if recorded is not None:
+            return float(recorded)
+        return lstm.predict_gain_cap((self.card.get("regime") or {}).get("name"))
+
+    @property
     def rest_shape(self) -> np.ndarray:
         return self.pca_mean.reshape(core.MOUTH_POINTS, 2)
 
@@ -75,7 +85,7 @@ class PredictSettings:
     silence_enabled: bool = False
     ramp_seconds: float = 0.1
     smoothing_sigma_frames: float = 0.0
-    max_amplitude_gain: float = 1.15
+    max_amplitude_gain: float | None = None  # None: the model's own (`SpeakerModel.max_amplitude_gain`)
 
     @classmethod
     def from_proto(cls, options: lipsync_pb2.PredictOptions) -> PredictSettings:
@@ -88,9 +98,7 @@ class PredictSettings:
             smoothing_sigma_frames=(
                 options.smoothing_sigma_frames if options.HasField("smoothing_sigma_frames") else 0.0
             ),
-            max_amplitude_gain=(
-                options.max_amplitude_gain if options.HasField("max_amplitude_gain") else cls.max_amplitude_gain
-            ),
+            max_amplitude_gain=(options.max_amplitude_gain if options.HasField("max_amplitude_gain") else None),
         )
 
     def check(self) -> PredictSettings:
@@ -101,8 +109,9 @@ class PredictSettings:
             "chunking.overlap_seconds": (self.overlap_seconds, 0.0, 3600.0),
             "silence.ramp_seconds": (self.ramp_seconds, 0.0, 10.0),
             "smoothing_sigma_frames": (self.smoothing_sigma_frames, 0.0, 1000.0),
-            "max_amplitude_gain": (self.max_amplitude_gain, 0.0, 100.0),
         }
+        if self.max_amplitude_gain is not None:
+            bounds["max_amplitude_gain"] = (self.max_amplitude_gain, 0.0, 100.0)
         for name, (value, low, high) in bounds.items():
             if not low <= value <= high:  # NaN too
                 raise InvalidInput(f"option {name} must be in [{low:g}, {high:g}], got {value}")
@@ -203,13 +212,13 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
             weights = core.silence_weights(
                 activity, activity_rate=activity_info.fps, times=times, ramp_seconds=settings.ramp_seconds
             )
+        gain_cap = model.max_amplitude_gain if settings.max_amplitude_gain is None else settings.max_amplitude_gain
         coefficients, gain = core.normalise_amplitude(
             coefficients,
             model.pca_mean,
             model.pca_components,
             reference_std=float(model.card.get("opening_std") or 0.0),
-            speech=None if weights is None else weights > 0.5,
-            max_gain=settings.max_amplitude_gain,
+            max_gain=gain_cap,
         )
         shapes = core.shapes_from_coefficients(coefficients, model.pca_mean, model.pca_components)
         if gain > 1:  # scaled past closed: crossed inner lips meet halfway
@@ -228,11 +237,12 @@ class LipsyncServicer(lipsync_pb2_grpc.LipsyncServiceServicer):
         )
         store_result(self.store, result_key, response)
         log.info(
-            "predicted %d frames with %s v%d (amplitude gain %.2f)",
+            "predicted %d frames with %s v%d (amplitude gain %.2f, cap %.2f)",
             count,
             model.speaker,
             version,
             gain,
+            gain_cap,
             extra={"request_id": request.request_id},
         )
         return response

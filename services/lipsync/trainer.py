@@ -603,6 +603,8 @@ def train_speaker(
             "regime": {"name": regime, "train_seconds": round(train_seconds, 2), "overrides": dict(overrides or {})},
             "training": settings.as_dict(),
             "amplitude_gain": round(gain, 4),
+            # Predict's largest gain towards opening_std for this model (lstm.PREDICT_GAIN_CAPS, by regime).
+            "max_amplitude_gain": lstm.predict_gain_cap(regime),
             # The speaker's real mouth-opening spread (inner-lip gap / mouth width) over the training rows:
             # Predict brings hesitant predictions of unfamiliar speech up to it (PredictOptions.max_amplitude_gain).
             "opening_std": float(

@@ -287,6 +287,13 @@ def test_training_defaults_follow_the_amount_of_speech_and_user_values_win():
         lstm.settings_for_data(60, {"dropout": 1.5})
 
 
+def test_predicts_gain_cap_grows_with_the_training_speech():
+    """A model trained on tens of minutes may lift an unfamiliar voice further than one trained on a minute."""
+    caps = [lstm.predict_gain_cap(name) for name, _, _ in lstm.DATA_SIZE_REGIMES]
+    assert caps == sorted(caps) and caps[0] == lstm.DEFAULT_PREDICT_GAIN_CAP and caps[-1] > caps[0]
+    assert lstm.predict_gain_cap(None) == lstm.predict_gain_cap("unknown") == lstm.DEFAULT_PREDICT_GAIN_CAP
+
+
 def _opening_pca():
     """A 1-component mouth PCA whose component opens the inner lips (mouth 0.34 wide)."""
     mean = np.zeros((20, 2))

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from audio2video.common.v1 import common_pb2
 from audio2video.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
+from services.lipsync import model as lstm
 from services.lipsync.servicer import LipsyncServicer
 from services.lipsync.serving import ServingClient
 from services.runtime.clients import create_channel
@@ -57,12 +58,31 @@ def models_dir(tmp_path_factory):
     return root
 
 
-def store_model_assets(store, speaker=None, version=1):
+def opening_pca() -> tuple[np.ndarray, np.ndarray]:
+    """A mouth PCA (mean [40], components [K, 40]) whose first component opens the inner lips of a real-looking
+    mouth, 0.34 wide, so its opening (gap / width) is defined."""
+    mean = np.zeros((20, 2))
+    mean[:, 0] = np.linspace(0.33, 0.67, 20)
+    mean[0, 0], mean[6, 0] = 0.33, 0.67
+    mean[[19, 18, 17], 0] = mean[[13, 14, 15], 0]
+    mean[[19, 18, 17], 1] = 0.05
+    components = np.zeros((K, 20, 2))
+    components[0, [17, 18, 19], 1] = 1.0  # opens the inner lips
+    components[1, [2, 3, 4], 1] = 1.0  # raises the upper outer lip
+    components[2, [8, 9, 10], 1] = 1.0  # lowers the lower outer lip
+    components = components.reshape(K, 40) / np.sqrt(3)
+    return mean.reshape(40).astype(np.float32), components.astype(np.float32)
+
+
+def store_model_assets(store, speaker=None, version=1, pca=None, **card_fields):
+    """What the trainer stores beside the SavedModel: PCA, normalisation, model card (last, with `card_fields`)."""
     speaker = speaker or SPEAKER
-    """What the trainer stores beside the SavedModel: PCA, normalisation, model card (last)."""
-    rng = np.random.default_rng(3)
-    components = np.linalg.qr(rng.standard_normal((40, K)))[0].T.astype(np.float32)
-    mean = np.tile([0.5, 0.8], 20).astype(np.float32)
+    if pca is None:
+        rng = np.random.default_rng(3)
+        components = np.linalg.qr(rng.standard_normal((40, K)))[0].T.astype(np.float32)
+        mean = np.tile([0.5, 0.8], 20).astype(np.float32)
+    else:
+        mean, components = pca
     extra = f"models/{speaker}/{version}/assets.extra"
     store.put_arrays(
         f"{extra}/pca.npz",
@@ -88,7 +108,7 @@ def store_model_assets(store, speaker=None, version=1):
         "template_id": "tpl-test",
         "training": {"hidden_units": 60, "delay_steps": DELAY},
         "metrics": {"validation_loss": 0.5, "epochs": 3},
-    }
+    } | card_fields
     store.put_bytes(f"{extra}/model_card.json", json.dumps(card).encode(), content_type="application/json")
     return mean, components
 
@@ -166,6 +186,36 @@ def test_silence_closes_the_mouth_when_asked_and_the_model_keeps_it_by_default(s
     activity_ref = array_ref(*store.put_array(f"{key_prefix}/activity2.npy", activity, fps=30000 / 1001))
     assert openings(lipsync_pb2.PredictOptions(silence=lipsync_pb2.SilenceOptions(enabled=True)))[45] < 1e-4
     assert openings(lipsync_pb2.PredictOptions())[45] == pytest.approx(closing[45], rel=0.01)  # the model's mouth
+
+
+def test_the_amplitude_gain_is_capped_by_the_models_card_or_its_regime_unless_the_caller_asks(
+    store, key_prefix, lipsync
+):
+    """A hesitant prediction (the card's real spread far above it) is lifted by the model's cap, not more."""
+
+    def spread(peak_row: int, **options) -> float:
+        response = lipsync.Predict(
+            lipsync_pb2.PredictRequest(
+                model=lipsync_pb2.ModelSpec(speaker=SPEAKER, version=1),
+                features=pulse_features(store, f"{key_prefix}/f{peak_row}.npy", peak_row=peak_row),
+                output_frame_rate=NTSC,
+                options=lipsync_pb2.PredictOptions(**options),
+            )
+        )
+        coefficients, _ = store.get_array(response.coefficients.object.key)
+        return float(coefficients[:, 0].std())
+
+    # (each case its own features, none another test uses: a model version's card never changes, so results
+    # are keyed by the features, the options and the version, not by the card)
+    pca = opening_pca()
+    store_model_assets(store, pca=pca, opening_std=10.0, regime={"name": "large"})  # a card older than its cap
+    assert spread(151) / spread(151, max_amplitude_gain=1.0) == pytest.approx(lstm.predict_gain_cap("large"))
+    store_model_assets(store, pca=pca, opening_std=10.0, regime={"name": "large"}, max_amplitude_gain=1.2)
+    assert spread(161) / spread(161, max_amplitude_gain=1.0) == pytest.approx(1.2)
+    assert spread(171, max_amplitude_gain=1.4) / spread(171, max_amplitude_gain=1.0) == pytest.approx(1.4)
+    store_model_assets(store, pca=pca, opening_std=10.0)  # no regime either: the small-data cap
+    assert spread(181) / spread(181, max_amplitude_gain=1.0) == pytest.approx(lstm.DEFAULT_PREDICT_GAIN_CAP)
+    store_model_assets(store)
 
 
 def test_predict_by_references_without_hashes_follows_a_rewritten_speech_activity(store, key_prefix, lipsync):

@@ -232,6 +232,7 @@ def test_a_single_clip_holds_back_its_end_picks_defaults_by_size_and_calibrates(
     assert 200 < held < 320 and card["dataset"]["validation_frames"] == held
     assert card["metrics"]["landmark_error"] is not None and len(card["history"]["validation_loss"]) == 2
     assert 1.0 <= card["amplitude_gain"] <= lstm.MAX_AMPLITUDE_GAIN
+    assert card["max_amplitude_gain"] == lstm.predict_gain_cap("small")  # Predict's cap, by the regime
     assert set(card["dataset"]["sync"]) == {"only"}
     assert [member["seed"] for member in card["ensemble"]] == [42, 43]
 
