@@ -19,6 +19,7 @@ certificate and key (a renewed certificate needs no restart).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -361,14 +362,122 @@ class ClientSecurity:
         return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
     def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:
-        """A channel to `address`: TLS when configured, else plaintext; the token added to every call."""
+        """A channel to `address`: TLS when configured, else plaintext; the token added to every call.
+
+        A TLS channel whose files are named (CA, client certificate) starts over with them when they change
+        (`RenewingChannel`): a renewed client certificate is used before the old one expires.
+        """
         if self.tls.enabled:
             if self.tls.server_name:
                 options = [*options, ("grpc.ssl_target_name_override", self.tls.server_name)]
-            channel = grpc.secure_channel(address, self.channel_credentials(), options=options)
+            files = [f for f in (self.tls.ca_file, self.tls.cert_file, self.tls.key_file) if f]
+
+            def open_channel(options: list[tuple[str, object]] = options) -> grpc.Channel:
+                return grpc.secure_channel(address, self.channel_credentials(), options=options)
+
+            channel = RenewingChannel(open_channel, files) if files else open_channel()
         else:
             channel = grpc.insecure_channel(address, options=options)
         return grpc.intercept_channel(channel, BearerToken(self.token)) if self.token else channel
+
+
+RENEWAL_CHECK_SECONDS = 10.0
+"""How often a `RenewingChannel` looks at its files (a stat each; cert-manager renews weeks before expiry)."""
+
+
+class RenewingChannel(grpc.Channel):
+    """A TLS channel that opens a new channel when its certificate files change, for calls from then on.
+
+    gRPC reads a client's certificate once, when the channel is made; a long-running client (the orchestrator
+    calls the stages for months) would present its first certificate until it expired and every new connection
+    failed, although cert-manager had renewed the files weeks before. Servers reload theirs
+    (`server_credentials`); this is the client's half. Every `RENEWAL_CHECK_SECONDS` a call compares the files'
+    modification times; when they changed, the next calls go through a new channel with the new files. The old
+    channel is kept open (never closed before `close`), so calls already on it finish: a channel closed under a
+    running stream cancels it. Files that cannot be read (half written) keep the current channel, and the change
+    is tried again at the next check.
+
+    The stubs built on it must ask for a multicallable per call, as `grpc.intercept_channel` does (every
+    `create_channel` channel is intercepted); a stub built directly on it keeps the channel of its creation.
+    """
+
+    def __init__(self, open_channel: Callable[[], grpc.Channel], files: Sequence[str]) -> None:
+        self._open = open_channel
+        self._files = list(files)
+        self._lock = threading.Lock()
+        self._stamp = self._read_stamp()
+        self._channel = open_channel()
+        self._retired: list[grpc.Channel] = []
+        self._checked = time.monotonic()
+
+    def _read_stamp(self) -> tuple[int, ...] | None:
+        try:
+            return tuple(os.stat(f).st_mtime_ns for f in self._files)
+        except OSError:
+            return None
+
+    def _current(self) -> grpc.Channel:
+        now = time.monotonic()
+        if now - self._checked < RENEWAL_CHECK_SECONDS:
+            return self._channel
+        with self._lock:
+            if now - self._checked < RENEWAL_CHECK_SECONDS:
+                return self._channel
+            self._checked = now
+            stamp = self._read_stamp()
+            if stamp is None or stamp == self._stamp:
+                return self._channel
+            try:
+                renewed = self._open()
+            except ConfigError as exc:
+                log.error("keeping the previous client certificate: %s", exc)
+                return self._channel
+            self._retired.append(self._channel)
+            self._channel, self._stamp = renewed, stamp
+            log.info("a TLS file changed (%s): new calls use a new channel", ", ".join(self._files))
+            return renewed
+
+    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        """The current channel's multicallable."""
+        return self._current().unary_unary(method, request_serializer, response_deserializer, _registered_method)
+
+    def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        """The current channel's multicallable."""
+        return self._current().unary_stream(method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        """The current channel's multicallable."""
+        return self._current().stream_unary(method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        """The current channel's multicallable."""
+        return self._current().stream_stream(method, request_serializer, response_deserializer, _registered_method)
+
+    def subscribe(self, callback, try_to_connect=False):
+        """Connectivity of the current channel."""
+        self._current().subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback):
+        """Stop the callback on the current and earlier channels."""
+        with self._lock:
+            channels = [self._channel, *self._retired]
+        for channel in channels:
+            with contextlib.suppress(KeyError, ValueError):  # not subscribed there
+                channel.unsubscribe(callback)
+
+    def close(self):
+        """Close the current channel and every earlier one."""
+        with self._lock:
+            channels, self._retired = [self._channel, *self._retired], []
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.close()
+        return False
 
 
 class _CallDetails(grpc.ClientCallDetails):

@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import os
 from concurrent import futures
 
 import grpc
@@ -185,6 +186,31 @@ def test_a_streaming_call_is_checked_by_its_client_certificate_before_it_runs(pk
         assert len(runs) == 1
     finally:
         server.stop(0).wait()
+
+
+def test_a_long_running_client_presents_its_renewed_certificate(serving, pki, by_certificate, tmp_path, monkeypatch):
+    """cert-manager rewrites a client's certificate files weeks before they expire: the open channel follows."""
+    path, _ = by_certificate
+    _, port = serving(ScriptedRetiming(tag=4), tls=server_tls(pki, client_auth=True), auth=AuthConfig(str(path)))
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def install(caller: str, stamp: int) -> None:
+        for target, source in ((cert, pki.clients[caller].cert_file), (key, pki.clients[caller].key_file)):
+            target.write_bytes(source.read_bytes())
+            os.utime(target, ns=(stamp, stamp))
+
+    install("submitter", 10**18)  # a caller without the scope, so the server tells the two certificates apart
+    monkeypatch.setattr(security, "RENEWAL_CHECK_SECONDS", 0.0)
+    stub, channel = client(port, tls=TlsConfig(True, str(cert), str(key), str(pki.ca_file), server_name="localhost"))
+    request = retiming_pb2.RetimeRequest(output_frame_count=1)
+    with channel:
+        with pytest.raises(grpc.RpcError) as denied:
+            stub.Retime(request, timeout=5)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # the first certificate
+        install("retimer", 2 * 10**18)  # renewed (here: a caller with the scope)
+        assert stub.Retime(request, timeout=5).output_frame_count == 4  # the same stub, the new certificate
+        key.unlink()  # in the middle of a rewrite: the channel of the last complete pair goes on
+        assert stub.Retime(request, timeout=5).output_frame_count == 4
 
 
 def test_reflection_can_be_switched_off(serving):
