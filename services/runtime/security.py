@@ -292,6 +292,14 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"{what} {path}: {exc.strerror}") from exc
 
 
+def modification_stamp(files: Sequence[str]) -> tuple[int, ...] | None:
+    """The files' modification times (ns), to tell a rewritten certificate; None while one is missing."""
+    try:
+        return tuple(os.stat(f).st_mtime_ns for f in files)
+    except OSError:
+        return None
+
+
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """TLS credentials of a server from its files, read again whenever they change (a renewed certificate).
 
@@ -304,17 +312,10 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=roots)
 
     files = [f for f in (tls.cert_file, tls.key_file, tls.ca_file) if f]
-
-    def stamp():
-        try:
-            return tuple(os.stat(f).st_mtime_ns for f in files)
-        except OSError:
-            return None
-
-    state = {"stamp": stamp()}
+    state = {"stamp": modification_stamp(files)}
 
     def fetch():
-        current = stamp()
+        current = modification_stamp(files)
         if current is None or current == state["stamp"]:
             return None
         try:
@@ -405,16 +406,10 @@ class RenewingChannel(grpc.Channel):
         self._open = open_channel
         self._files = list(files)
         self._lock = threading.Lock()
-        self._stamp = self._read_stamp()
+        self._stamp = modification_stamp(self._files)
         self._channel = open_channel()
         self._retired: list[grpc.Channel] = []
         self._checked = time.monotonic()
-
-    def _read_stamp(self) -> tuple[int, ...] | None:
-        try:
-            return tuple(os.stat(f).st_mtime_ns for f in self._files)
-        except OSError:
-            return None
 
     def _current(self) -> grpc.Channel:
         now = time.monotonic()
@@ -424,7 +419,7 @@ class RenewingChannel(grpc.Channel):
             if now - self._checked < RENEWAL_CHECK_SECONDS:
                 return self._channel
             self._checked = now
-            stamp = self._read_stamp()
+            stamp = modification_stamp(self._files)
             if stamp is None or stamp == self._stamp:
                 return self._channel
             try:
