@@ -165,7 +165,7 @@ def stretch_sections(
     section_offsets: np.ndarray,
     sections: Sequence[int],
     factors: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Copies of `sections` at other tempi, appended after the original rows (whose offsets stay valid).
 
     A factor f > 1 is slower speech: a section of n rows becomes round(f n) rows, features and mouth coefficients
@@ -173,15 +173,17 @@ def stretch_sections(
     slower sound changes less per row.
 
     Returns:
-        (features, coefficients, section_offsets, indices of the new sections in those offsets).
+        (features, coefficients, section_offsets, indices of the new sections in those offsets, int64 [M, 2] the
+        (factor index, original section) of each new section). A section too short to stretch (fewer than 2 rows
+        before or after) gets no copy.
     """
     features = np.asarray(features, np.float32)
     coefficients = np.asarray(coefficients, np.float32)
     offsets = [int(v) for v in section_offsets]
     if offsets[-1] != len(features):
         raise InvalidInput(f"section offsets end at row {offsets[-1]}, the features have {len(features)} rows")
-    feature_parts, coefficient_parts, new_sections = [features], [coefficients], []
-    for factor in factors:
+    feature_parts, coefficient_parts, new_sections, origins = [features], [coefficients], [], []
+    for factor_index, factor in enumerate(factors):
         if not factor > 0:
             raise InvalidInput(f"tempo factors must be > 0, got {factor}")
         for section in sections:
@@ -197,12 +199,14 @@ def stretch_sections(
             coefficient_parts.append(coefficients[a + low] * (1 - weight) + coefficients[a + low + 1] * weight)
             feature_parts.append(stretched_features)
             new_sections.append(len(offsets) - 1)
+            origins.append((factor_index, int(section)))
             offsets.append(offsets[-1] + m)
     return (
         np.concatenate(feature_parts).astype(np.float32),
         np.concatenate(coefficient_parts).astype(np.float32),
         np.asarray(offsets, np.int64),
         np.asarray(new_sections, np.int64),
+        np.asarray(origins, np.int64).reshape(-1, 2),
     )
 
 

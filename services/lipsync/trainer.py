@@ -322,19 +322,15 @@ def tempo_augmented(dataset: Mapping[str, np.ndarray], spread: float) -> dict[st
     paired = np.concatenate(
         [dataset["coefficients"], shapes.reshape(rows, -1), dataset["times"].reshape(rows, 1)], axis=1
     ).astype(np.float32)
-    features, stretched, new_offsets, added = lstm.stretch_sections(
+    features, stretched, new_offsets, added, origins = lstm.stretch_sections(
         dataset["features"], paired, offsets, training, factors
     )
     k = dataset["coefficients"].shape[1]
     copied = [c for c in range(len(clip_ids)) if not is_validation[c]]  # the training clips get tempo copies
     new_section_clip = [
         len(clip_ids) + factor_index * len(copied) + copied.index(int(section_clip[section]))
-        for factor_index in range(len(factors))
-        for section in training
-        if int(round((offsets[section + 1] - offsets[section]) * factors[factor_index])) >= 2
+        for factor_index, section in origins
     ]
-    if len(new_section_clip) != len(added):
-        raise AssertionError("stretched sections and their clips disagree")  # pragma: no cover
     out = dict(dataset)
     out["features"] = features
     out["coefficients"] = stretched[:, :k]

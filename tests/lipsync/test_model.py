@@ -352,17 +352,20 @@ def test_stretched_sections_replay_the_speech_slower_and_faster_after_the_origin
     coefficients = np.stack([rows * 2, -rows], axis=1)
     offsets = np.array([0, 4, 10])
 
-    out_features, out_coefficients, out_offsets, added = lstm.stretch_sections(
+    out_features, out_coefficients, out_offsets, added, origins = lstm.stretch_sections(
         features, coefficients, offsets, [1], (0.5, 2.0)
     )
 
     assert out_offsets.tolist() == [0, 4, 10, 13, 25] and added.tolist() == [2, 3]  # 6 rows -> 3 and 12
+    assert origins.tolist() == [[0, 1], [1, 1]]  # (factor, section) of each copy
     np.testing.assert_array_equal(out_features[:10], features)  # the original rows and sections are untouched
     slow = slice(13, 25)
     np.testing.assert_allclose(out_features[slow, 0], np.linspace(4, 9, 12), atol=1e-5)  # same sounds, twice as long
     np.testing.assert_allclose(out_features[slow, lstm.DELTA_COLUMNS], 0.5)  # changing half as fast per row
     np.testing.assert_allclose(out_features[10:13, lstm.DELTA_COLUMNS], 2.0)
     np.testing.assert_allclose(out_coefficients[slow, 0], np.linspace(8, 18, 12), atol=1e-5)  # the mouth alike
+    *_, short_origins = lstm.stretch_sections(features, coefficients, np.array([0, 1, 10]), [0, 1], (1.5,))
+    assert short_origins.tolist() == [[0, 1]]  # a one-row section gets no copy
     with pytest.raises(InvalidInput):
         lstm.stretch_sections(features, coefficients, np.array([0, 4, 9]), [1], (2.0,))  # offsets not tiling rows
 
