@@ -377,7 +377,8 @@ def prepare_target(
         k = k.view(np.uint8)
     if k.dtype != np.uint8 or k.shape != (m, h, w):
         raise InvalidInput(f"crop_masks must be uint8 [{m}, {h}, {w}], got {k.dtype} {k.shape}")
-    usable, index, centred = _usable_shapes(s, v)
+    shape_fields = _shape_fields(s, v, jaw, poses, geometry)
+    usable = shape_fields["face_valid"]
     p = h * w
     c = np.ascontiguousarray(c)
     # One cvtColor over the stack seen as a single tall image.
@@ -396,21 +397,13 @@ def prepare_target(
         holes = cols.astype(np.int32)
         hole_starts[1:] = np.cumsum(np.bincount(rows, minlength=m))
     return TargetBank(
-        geometry=geometry,
-        shapes=s,
-        jaw_lines=jaw,
-        face_valid=usable,
-        index=index,
-        centred=centred,
-        centred_sq=(centred**2).sum(axis=1),
+        **shape_fields,
         crops=c.reshape(m, p, 3),
         luma=luma,
         masks=masks,
         full_mask=full,
         holes=holes,
         hole_starts=hole_starts,
-        poses=poses,
-        spread=float(((centred - centred.mean(axis=0)) ** 2).sum(axis=1).mean()),
     )
 
 
@@ -444,15 +437,31 @@ def _check_target(
     return s.astype(np.float32, copy=False), v, jaw, poses
 
 
-def _usable_shapes(s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Usable frames bool [M], their indices [V] and their centred shapes float64 [V, 40]; NoFace when none."""
+def _shape_fields(
+    s: np.ndarray, v: np.ndarray, jaw: np.ndarray | None, poses: np.ndarray | None, geometry: CanonicalGeometry
+) -> dict:
+    """The TargetBank fields both preparations share (the shapes' side), from `_check_target`'s values.
+
+    Usable frames (`face_valid`: a face and a finite mouth) with their indices and centred shapes float64 [V, 40];
+    NoFace when none.
+    """
     usable = v.astype(bool) & np.isfinite(s).all(axis=(1, 2))
     if not usable.any():
         raise NoFace(f"the target has no frame with a face and a finite mouth shape (of {len(s)} frames)")
     index = np.flatnonzero(usable)
     sv = s[index].astype(np.float64)
     centred = (sv - sv.mean(axis=1, keepdims=True)).reshape(len(index), 2 * MOUTH_POINTS)
-    return usable, index, centred
+    return {
+        "geometry": geometry,
+        "shapes": s,
+        "jaw_lines": jaw,
+        "face_valid": usable,
+        "index": index,
+        "centred": centred,
+        "centred_sq": (centred**2).sum(axis=1),
+        "poses": poses,
+        "spread": float(((centred - centred.mean(axis=0)) ** 2).sum(axis=1).mean()),
+    }
 
 
 def prepare_spilled_target(
@@ -494,7 +503,8 @@ def prepare_spilled_target(
     s, v, jaw, poses = _check_target(shapes, face_valid, geometry, jaw_lines, head_pose)
     m = len(s)
     h, w = geometry.crop_shape
-    usable, index, centred = _usable_shapes(s, v)
+    shape_fields = _shape_fields(s, v, jaw, poses, geometry)
+    usable = shape_fields["face_valid"]
     outline = _FaceOutline(geometry)
     full = np.zeros(m, bool)
     writer = SpillWriter(os.path.join(folder, "crops.spill"), (h, w))
@@ -523,21 +533,13 @@ def prepare_spilled_target(
     spill = writer.finish(folder=folder)
     p = h * w
     return TargetBank(
-        geometry=geometry,
-        shapes=s,
-        jaw_lines=jaw,
-        face_valid=usable,
-        index=index,
-        centred=centred,
-        centred_sq=(centred**2).sum(axis=1),
+        **shape_fields,
         crops=np.zeros((0, p, 3), np.uint8),
         luma=np.zeros((0, p), np.uint8),
         masks=np.zeros((0, p), np.uint8),
         full_mask=full,
         holes=np.zeros(0, np.int32),
         hole_starts=np.zeros(1, np.int64),
-        poses=poses,
-        spread=float(((centred - centred.mean(axis=0)) ** 2).sum(axis=1).mean()),
         spill=spill,
     )
 
