@@ -192,14 +192,20 @@ def job_name(speaker: str, arguments: list[str], owner: str = "") -> str:
     return f"trainer-{prefix}-{digest}-{suffix}"
 
 
-def job_from_template(cron_job: Mapping[str, Any], name: str, speaker: str, arguments: list[str]) -> dict[str, Any]:
+def job_from_template(
+    cron_job: Mapping[str, Any], name: str, speaker: str, arguments: list[str], owner: str = ""
+) -> dict[str, Any]:
     """A batch/v1 Job from the `trainer` CronJob's jobTemplate, running the trainer with `arguments`.
 
     Everything else (image, resources, GPU node selection, volumes, security) comes from the template, so
     the overlays decide where training runs. The `A2V_TRAIN_SPEAKER` default in the template is replaced.
+    `owner`, the orchestrator job it trains for, labels the Job and its pod (`audio2video/job-id`) and is the
+    trainer's A2V_JOB_ID, so its logs carry it.
     """
     template = copy.deepcopy(cron_job["spec"]["jobTemplate"])
     labels = {**template.get("metadata", {}).get("labels", {}), "audio2video/speaker": speaker}
+    if owner:
+        labels["audio2video/job-id"] = owner
     spec = template["spec"]
     pod = spec["template"]
     pod.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
@@ -210,6 +216,9 @@ def job_from_template(cron_job: Mapping[str, Any], name: str, speaker: str, argu
     container["args"] = list(arguments)
     container["env"] = [e for e in container.get("env", []) if e["name"] != "A2V_TRAIN_SPEAKER"]
     container["env"].append({"name": "A2V_TRAIN_SPEAKER", "value": speaker})
+    if owner:
+        container["env"] = [e for e in container["env"] if e["name"] != "A2V_JOB_ID"]
+        container["env"].append({"name": "A2V_JOB_ID", "value": owner})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -251,14 +260,8 @@ class KubernetesTrainer:
             cron_job = self.batch.api_client.sanitize_for_serialization(
                 self.batch.read_namespaced_cron_job(self.template, self.namespace)
             )
-            body = job_from_template(cron_job, name, speaker, arguments)
+            body = job_from_template(cron_job, name, speaker, arguments, owner)
             body["metadata"]["namespace"] = self.namespace
-            if owner:  # the job id on the trainer Job, its pod and in its logs
-                body["metadata"]["labels"]["audio2video/job-id"] = owner
-                pod_spec = body["spec"]["template"]["spec"]
-                container = next(c for c in pod_spec["containers"] if c["name"] == TRAINER_CONTAINER)
-                container["env"].append({"name": "A2V_JOB_ID", "value": owner})
-                body["spec"]["template"]["metadata"]["labels"]["audio2video/job-id"] = owner
             name = self._create_or_adopt(body)
         except self.api_exception as exc:
             raise Unavailable(f"could not start the trainer Job: {exc.status} {exc.reason}") from exc

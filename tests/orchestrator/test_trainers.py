@@ -100,6 +100,13 @@ def test_the_job_comes_from_the_overlays_template_and_validates(overlay):
     assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (overlay == "gpu")
     # The template itself is untouched (it is the CronJob's).
     assert "args" not in template["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert "audio2video/job-id" not in job["metadata"]["labels"]  # trained for no orchestrator job
+    owned = job_from_template(template, name, "obama", ARGUMENTS, owner="0123456789abcdef0123")
+    kubernetes_validate.validate(owned, K8S_VERSION, strict=True)
+    for labels in (owned["metadata"]["labels"], owned["spec"]["template"]["metadata"]["labels"]):
+        assert labels["audio2video/job-id"] == "0123456789abcdef0123"  # the Job and its pod, found by the job
+    (owned_container,) = [c for c in owned["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer"]
+    assert [e["value"] for e in owned_container["env"] if e["name"] == "A2V_JOB_ID"] == ["0123456789abcdef0123"]
 
 
 def test_job_names_differ_per_run_and_fit_dns_labels():
