@@ -61,6 +61,85 @@ class LockSet:
         return self.lock != DEV_LOCK
 
 
+ENVIRONMENTS = {
+    f"linux-{machine}": {
+        "python_version": PYTHON_VERSION,
+        "python_full_version": f"{PYTHON_VERSION}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "os_name": "posix",
+        "platform_machine": machine,
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
+    for machine in ("x86_64", "aarch64")
+}
+"""Where the locks install: the python:3.11 images and the local environment, on either architecture."""
+PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)\s*(?:;\s*(.+?))?\s*$")
+HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One requirement of a lock or an input file."""
+
+    name: str
+    version: str
+    marker: str | None
+    hashes: tuple[str, ...] = ()
+    no_deps: bool = False
+
+    def applies(self, environment: str) -> bool:
+        """Whether pip installs it in `environment` (a key of ENVIRONMENTS)."""
+        from packaging.markers import Marker
+
+        return self.marker is None or Marker(self.marker).evaluate(ENVIRONMENTS[environment])
+
+
+def parse_pin(text: str) -> Entry:
+    """`name==version [; marker]` as an Entry; ValueError for anything else."""
+    match = PIN.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not `name==version [; marker]`: {text!r}")
+    return Entry(canonical(match.group(1)), match.group(2), match.group(3))
+
+
+def lock_entries(path: Path) -> list[Entry]:
+    """A lock's requirements (continuation lines joined), those after the --no-deps header flagged.
+
+    Raises:
+        ValueError: a requirement without sha256 hashes, or not a pin.
+    """
+    entries, no_deps = [], False
+    statements = re.sub(r"\\\n", " ", path.read_text()).splitlines()
+    for statement in statements:
+        if statement.startswith(NO_DEPS_HEADER.splitlines()[0]):
+            no_deps = True
+        if not statement.strip() or statement.lstrip().startswith("#"):
+            continue
+        requirement, *hashes = re.split(r"\s+(?=--)", statement.strip())
+        if not hashes or not all(HASH.fullmatch(h) for h in hashes):
+            raise ValueError(f"{path.name}: a requirement without its sha256 hashes: {statement[:120]}")
+        pin = parse_pin(requirement)
+        entries.append(Entry(pin.name, pin.version, pin.marker, tuple(hashes), no_deps))
+    return entries
+
+
+def installed(entries: list[Entry], environment: str) -> dict[str, str]:
+    """What pip installs from a lock in one environment: each distribution once, at one version.
+
+    Raises:
+        ValueError: a distribution twice there.
+    """
+    chosen: dict[str, str] = {}
+    for entry in entries:
+        if entry.applies(environment):
+            if entry.name in chosen:
+                raise ValueError(f"{entry.name} twice for {environment}")
+            chosen[entry.name] = entry.version
+    return chosen
+
+
 def canonical(name: str) -> str:
     """A distribution name as PyPI compares them (PEP 503)."""
     return re.sub(r"[-_.]+", "-", name).lower()

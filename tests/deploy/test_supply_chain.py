@@ -6,15 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import dockerfile
 import pytest
-from packaging.markers import Marker
 
 from deploy import catalog
 from deploy.docker import lock
+from deploy.docker.lock import ENVIRONMENTS, Entry, installed, lock_entries, parse_pin
 from tests.deploy.test_manifests import REPO, compose, find, main_container, rendered
 
 MINIO_FIX = "RELEASE.2025-10-15T17-29-55Z"
@@ -85,59 +84,7 @@ def test_the_minio_dockerfile_passes_hadolint():
 
 # -- lock files: every distribution pinned with its hashes, installed with --require-hashes ------------------------
 
-ENVIRONMENTS = {
-    f"linux-{machine}": {
-        "python_version": lock.PYTHON_VERSION,
-        "python_full_version": f"{lock.PYTHON_VERSION}.0",
-        "sys_platform": "linux",
-        "platform_system": "Linux",
-        "os_name": "posix",
-        "platform_machine": machine,
-        "implementation_name": "cpython",
-        "platform_python_implementation": "CPython",
-    }
-    for machine in ("x86_64", "aarch64")
-}
-"""Where the locks install: the python:3.11 images and the local environment, on either architecture."""
-PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)\s*(?:;\s*(.+?))?\s*$")
-HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
 LOCK_SETS = lock.lock_sets()
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One requirement of a lock or an input file."""
-
-    name: str
-    version: str
-    marker: str | None
-    hashes: tuple[str, ...] = ()
-    no_deps: bool = False
-
-    def applies(self, environment: str) -> bool:
-        return self.marker is None or Marker(self.marker).evaluate(ENVIRONMENTS[environment])
-
-
-def parse_pin(text: str) -> Entry:
-    match = PIN.fullmatch(text.strip())
-    assert match, f"not `name==version [; marker]`: {text!r}"
-    return Entry(lock.canonical(match.group(1)), match.group(2), match.group(3))
-
-
-def lock_entries(path: Path) -> list[Entry]:
-    """A lock's requirements (continuation lines joined), those after the --no-deps header flagged."""
-    entries, no_deps = [], False
-    statements = re.sub(r"\\\n", " ", path.read_text()).splitlines()
-    for statement in statements:
-        if statement.startswith(lock.NO_DEPS_HEADER.splitlines()[0]):
-            no_deps = True
-        if not statement.strip() or statement.lstrip().startswith("#"):
-            continue
-        requirement, *hashes = re.split(r"\s+(?=--)", statement.strip())
-        assert hashes and all(HASH.fullmatch(h) for h in hashes), f"{path.name}: {statement[:120]}"
-        pin = parse_pin(requirement)
-        entries.append(Entry(pin.name, pin.version, pin.marker, tuple(hashes), no_deps))
-    return entries
 
 
 def input_pins(lines: tuple[str, ...], base: Path = REPO) -> list[Entry]:
@@ -154,16 +101,6 @@ def input_pins(lines: tuple[str, ...], base: Path = REPO) -> list[Entry]:
             assert not line.startswith("-"), f"only -r and pins in the inputs: {line}"
             pins.append(parse_pin(line))
     return pins
-
-
-def installed(entries: list[Entry], environment: str) -> dict[str, str]:
-    """What pip installs from a lock in one environment: each distribution once, at one version."""
-    chosen: dict[str, str] = {}
-    for entry in entries:
-        if entry.applies(environment):
-            assert entry.name not in chosen, f"{entry.name} twice for {environment}"
-            chosen[entry.name] = entry.version
-    return chosen
 
 
 def set_id(lock_set: lock.LockSet) -> str:
@@ -282,3 +219,17 @@ def test_every_dockerfile_installs_only_locks_and_with_hashes(path):
     assert {REPO / source for source in locks} == expected
     no_deps = any(s.no_deps for s in LOCK_SETS if s.image == image.name)
     assert all(("--no-deps" in words) == (no_deps and "/opt/venv/bin/pip" in words[0]) for words in installs)
+
+
+def test_tensorflow_cuda_and_the_kubernetes_client_go_only_into_the_images_that_need_them():
+    """docs/SECURITY.md: TensorFlow only in lipsync and the trainer, CUDA only in the trainer, the Kubernetes client
+    only in the orchestrator; read from the locks the images install (`deploy.docker.package_counts`)."""
+    from deploy.docker.package_counts import image_distributions
+
+    for image in catalog.IMAGES:
+        for environment in ENVIRONMENTS:
+            names = image_distributions(image, environment)
+            assert bool({"tensorflow", "tensorflow-cpu"} & set(names)) == image.tensorflow, (image.name, environment)
+            cuda = any(n.startswith("nvidia-") for n in names)
+            assert cuda == (image.name == catalog.TRAINER), (image.name, environment)
+            assert ("kubernetes" in names) == (image.name == "orchestrator"), (image.name, environment)
