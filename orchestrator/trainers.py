@@ -214,11 +214,9 @@ def job_from_template(
         raise FailedPrecondition(f"the trainer template has no container named {TRAINER_CONTAINER!r}")
     container = containers[0]
     container["args"] = list(arguments)
-    container["env"] = [e for e in container.get("env", []) if e["name"] != "A2V_TRAIN_SPEAKER"]
-    container["env"].append({"name": "A2V_TRAIN_SPEAKER", "value": speaker})
-    if owner:
-        container["env"] = [e for e in container["env"] if e["name"] != "A2V_JOB_ID"]
-        container["env"].append({"name": "A2V_JOB_ID", "value": owner})
+    settings = {"A2V_TRAIN_SPEAKER": speaker} | ({"A2V_JOB_ID": owner} if owner else {})
+    container["env"] = [e for e in container.get("env", []) if e["name"] not in settings]
+    container["env"] += [{"name": key, "value": value} for key, value in settings.items()]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

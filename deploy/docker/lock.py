@@ -22,6 +22,7 @@ releases the tests ran. The images and `make setup` install them with `pip insta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -120,8 +121,7 @@ def lock_entries(path: Path) -> list[Entry]:
         requirement, *hashes = re.split(r"\s+(?=--)", statement.strip())
         if not hashes or not all(HASH.fullmatch(h) for h in hashes):
             raise ValueError(f"{path.name}: a requirement without its sha256 hashes: {statement[:120]}")
-        pin = parse_pin(requirement)
-        entries.append(Entry(pin.name, pin.version, pin.marker, tuple(hashes), no_deps))
+        entries.append(dataclasses.replace(parse_pin(requirement), hashes=tuple(hashes), no_deps=no_deps))
     return entries
 
 

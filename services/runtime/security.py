@@ -373,7 +373,7 @@ class ClientSecurity:
                 options = [*options, ("grpc.ssl_target_name_override", self.tls.server_name)]
             files = [f for f in (self.tls.ca_file, self.tls.cert_file, self.tls.key_file) if f]
 
-            def open_channel(options: list[tuple[str, object]] = options) -> grpc.Channel:
+            def open_channel() -> grpc.Channel:
                 return grpc.secure_channel(address, self.channel_credentials(), options=options)
 
             channel = RenewingChannel(open_channel, files) if files else open_channel()
