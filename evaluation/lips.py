@@ -18,7 +18,9 @@ Baselines, printed beside a result so it can be read:
   [t_i, t_i + 1/fps), in dB, levels more than 40 dB below the 99th percentile raised to it; one fixed
   definition, no tuning) against the real opening. Predicting "mouth open = loud" already scores this much.
 - Mean shape: the landmark error of a constant mouth, the real clip's own mean normalised mouth (the best
-  constant there is for that clip, so a slightly optimistic baseline that needs no training data).
+  constant there is for that clip, so a slightly optimistic baseline that needs no training data); and, given the
+  speaker model's training mean mouth, that mouth held constant (what a model predicts that learnt nothing from
+  the audio: the baseline of "landmark error <= 0.6x the mean shape").
 """
 
 from __future__ import annotations
@@ -359,12 +361,16 @@ class Baselines:
 
     Attributes:
         loudness: the loudness envelope against the real opening (its r at lag 0 is the floor; scale-free).
-        mean_shape: landmark errors of the real clip's mean normalised mouth held constant.
+        mean_shape: landmark errors of the real clip's mean normalised mouth held constant (an oracle: it knows
+            the held-out clip's average mouth).
+        speaker_mean_shape: landmark errors of the speaker model's training mean mouth held constant (what a
+            model that learnt nothing from the audio predicts), or None when the model is unknown.
     """
 
     loudness: OpeningComparison | None
     loudness_error: str | None
     mean_shape: LandmarkErrors
+    speaker_mean_shape: LandmarkErrors | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -373,6 +379,8 @@ class Baselines:
             "loudness_definition": "RMS over each frame's interval, dB, clamped 40 dB below the 99th percentile",
             "mean_shape": self.mean_shape.as_dict(),
             "mean_shape_definition": "the held-out clip's own mean normalised mouth, held constant",
+            "speaker_mean_shape": None if self.speaker_mean_shape is None else self.speaker_mean_shape.as_dict(),
+            "speaker_mean_shape_definition": "the speaker model's training mean mouth (its PCA mean), held constant",
         }
 
 
@@ -384,14 +392,16 @@ def baselines(
     fps: float,
     sample_rate: int = 16000,
     max_lag: int = DEFAULT_MAX_LAG,
+    speaker_mean: np.ndarray | None = None,
 ) -> Baselines:
-    """The loudness floor and the mean-shape baseline of a real mouth track with its audio.
+    """The loudness floor and the mean-shape baselines of a real mouth track with its audio.
 
     Args:
         real: float [F, 20, 2] the real mouths (NaN where no face).
         samples: its audio (16 kHz mono on the video's time line), or None (no loudness floor).
         frame_times: float [F] frame start times, seconds.
         fps, sample_rate, max_lag: as above.
+        speaker_mean: float [20, 2] the speaker model's training mean mouth (any units: it is normalised), or None.
     """
     r = _check_mouths(real, "real mouths")
     normalised = normalise_mouths(r)
@@ -402,4 +412,7 @@ def baselines(
             loudness, error = compare_openings(levels, opening(r), fps=fps, max_lag=max_lag), None
         except InvalidInput as exc:
             error = str(exc)
-    return Baselines(loudness, error, landmark_errors(mean_mouth(normalised), normalised))
+    trained = None
+    if speaker_mean is not None:
+        trained = landmark_errors(mean_mouth(normalise_mouths(np.asarray(speaker_mean, np.float64)[None])), normalised)
+    return Baselines(loudness, error, landmark_errors(mean_mouth(normalised), normalised), trained)

@@ -8,7 +8,8 @@ measured with the lip meter (`lips`) against the clip's real mouth at the same a
 - rows: "render" (landmarks measured on the output video) and, when the job is known, "model" (the lipsync
   stage's predicted mouth shapes, `mouth_shapes`, before texture and compositing): where the two differ, the
   image stages lose (or add) accuracy;
-- the audio-to-mouth lag of both videos (`sync`), the loudness floor and the mean-shape baseline (`lips`).
+- the audio-to-mouth lag of both videos (`sync`), the loudness floor and the mean-shape baselines (`lips`):
+  the held-out clip's own mean mouth and, when the job is known, the speaker model's training mean mouth.
 
 Frames are compared on the held-out clip's frame times (the render is linearly resampled onto them when the
 target's frame rate differs), over the frames the render covers. This is the I/O layer: files and the stack
@@ -18,6 +19,7 @@ in, a frozen `ResynthEvaluation` out (its `as_dict()` is the JSON report, `repor
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -53,6 +55,7 @@ class RenderJob:
         mouth_shapes: float32 [N, 20, 2] the lipsync stage's predicted shapes (canonical units), or None.
         shape_times: float64 [N] time of each shape (output frame start), seconds.
         train_clip_ids: the model's training clips (from its model card; empty when unknown).
+        mean_mouth: float32 [20, 2] the model's training mean mouth (its PCA mean, canonical units), or None.
     """
 
     job_id: str
@@ -63,6 +66,7 @@ class RenderJob:
     mouth_shapes: np.ndarray | None
     shape_times: np.ndarray | None
     train_clip_ids: tuple[str, ...] = ()
+    mean_mouth: np.ndarray | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -115,6 +119,12 @@ def job_details(connection, job) -> RenderJob:
         clips = tuple(card.get("dataset", {}).get("train_clip_ids", []))
     except (NotFound, ValueError):
         pass
+    mean_mouth = None
+    try:
+        with np.load(io.BytesIO(connection.store.get_bytes(extra_key(speaker, version, "pca.npz")))) as pca:
+            mean_mouth = np.asarray(pca["mean"], np.float32).reshape(lips.MOUTH_POINTS, 2)
+    except (NotFound, ValueError, KeyError, OSError):
+        pass
     return RenderJob(
         job_id=job.id,
         speaker=speaker,
@@ -124,6 +134,7 @@ def job_details(connection, job) -> RenderJob:
         mouth_shapes=shapes,
         shape_times=times,
         train_clip_ids=clips,
+        mean_mouth=mean_mouth,
     )
 
 
@@ -263,7 +274,12 @@ class ResynthEvaluation:
             f"{self.clip.path.name} resynthesised: opening r {_num(o.r_lag0)} at lag 0, best {_num(o.best_r)} at "
             f"{_lag(o.best_lag_frames)} frames, amplitude x{_num(o.amplitude_ratio, 2)}",
             f"lips inner {_num(lm.inner)} / outer {_num(lm.outer)} mouth widths "
-            f"(mean shape {_num(base.mean_shape.inner)} / {_num(base.mean_shape.outer)})",
+            f"(clip's mean shape {_num(base.mean_shape.inner)} / {_num(base.mean_shape.outer)}"
+            + (
+                f", speaker's {_num(base.speaker_mean_shape.inner)} / {_num(base.speaker_mean_shape.outer)})"
+                if base.speaker_mean_shape is not None
+                else ")"
+            ),
             f"loudness floor r {_num(base.loudness.r_lag0) if base.loudness else 'n/a'}",
         ]
         if "model" in self.rows:
@@ -298,8 +314,18 @@ class ResynthEvaluation:
         b = self.baselines
         highlights += [
             ("loudness floor: r at lag 0 (audio loudness vs real opening)", b.loudness.r_lag0 if b.loudness else None),
-            ("mean shape: lip error inner / outer", f"{_num(b.mean_shape.inner)} / {_num(b.mean_shape.outer)}"),
+            (
+                "mean shape (the clip's own): lip error inner / outer",
+                f"{_num(b.mean_shape.inner)} / {_num(b.mean_shape.outer)}",
+            ),
         ]
+        if b.speaker_mean_shape is not None:
+            highlights.append(
+                (
+                    "mean shape (the speaker model's training mean): lip error inner / outer",
+                    f"{_num(b.speaker_mean_shape.inner)} / {_num(b.speaker_mean_shape.outer)}",
+                )
+            )
         av = self.av_lags()
         highlights += [
             ("audio-to-mouth lag, real clip (frames, > 0 = mouth behind)", av["real_frames"]),
@@ -411,7 +437,8 @@ def compare_resynthesis(
         rows["model"] = lips.compare_mouths(predicted, real, fps=fps, max_lag=max_lag)
         openings["model"] = lips.opening(predicted)
     samples = clip.audio.samples if clip.audio is not None else None
-    base = lips.baselines(real, samples, times, fps=fps, max_lag=max_lag)
+    speaker_mean = None if render_job is None else render_job.mean_mouth
+    base = lips.baselines(real, samples, times, fps=fps, max_lag=max_lag, speaker_mean=speaker_mean)
     both = np.isfinite(real).all(axis=(1, 2)) & np.isfinite(render).all(axis=(1, 2))
     return {
         "times": times,

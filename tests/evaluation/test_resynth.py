@@ -131,6 +131,15 @@ def test_baselines_of_the_real_clip(clip, mouths):
     assert math.isnan(constant.opening.r_lag0) and constant.opening.best_lag_frames is None
     without_audio = lips.baselines(mouths, None, clip.analysis.timestamps, fps=FPS)
     assert without_audio.loudness is None and without_audio.loudness_error == "no audio"
+    assert base.speaker_mean_shape is None and base.as_dict()["speaker_mean_shape"] is None
+    # The speaker model's mean mouth, in its own units (here: one of the clip's mouths, moved and scaled), is
+    # normalised like the real ones: it scores as that mouth held constant.
+    first = next(i for i in range(len(mouths)) if np.isfinite(mouths[i]).all())
+    trained = lips.baselines(mouths, None, clip.analysis.timestamps, fps=FPS, speaker_mean=3.0 * mouths[first] + 7.0)
+    held = lips.landmark_errors(lips.normalise_mouths(mouths[first : first + 1])[0], lips.normalise_mouths(mouths))
+    assert trained.speaker_mean_shape.inner == pytest.approx(held.inner)
+    assert trained.speaker_mean_shape.outer == pytest.approx(held.outer)
+    assert trained.as_dict()["speaker_mean_shape"]["inner"] == pytest.approx(held.inner)
 
 
 def test_too_few_common_frames_are_refused(mouths):
@@ -207,6 +216,7 @@ def test_a_small_resynthesis_through_the_stack(e2e_stack, tmp_path, monkeypatch,
         assert 0 < landmarks["inner"] < 1 and 0 < landmarks["outer"] < 1 and landmarks["frames"] == 120, name
     baselines = data["baselines"]
     assert -1 <= baselines["loudness_floor"]["r_lag0"] <= 1 and baselines["mean_shape"]["inner"] > 0
+    assert 0 < baselines["speaker_mean_shape"]["inner"] < 1  # the model's training mean mouth, from its assets
     lag = data["audio_to_mouth_lag"]
     assert abs(lag["real_frames"]) <= 15 and abs(lag["rendered_frames"]) <= 15
     assert lag["rendered_minus_real_frames"] == lag["rendered_frames"] - lag["real_frames"]
