@@ -10,7 +10,7 @@ GENERATED := audio2video/.generated
 PYTEST_ARGS ?=
 SAMPLE_DATA ?= $(or $(A2V_SAMPLE_DATA),../shared/data)
 
-.PHONY: setup lock proto test test-all lint format up down status demo e2e bench eval clean
+.PHONY: setup lock proto test test-all lint format up down status demo e2e bench eval lip-accuracy clean
 
 # 1. The virtualenv: every distribution of requirements-dev.lock (resolved from requirements-dev.txt by `make lock`),
 #    each file checked against its sha256 there.
@@ -96,6 +96,13 @@ bench: setup
 EVAL_OUTPUT ?= out/demo.mp4
 eval: setup
 	$(PY) -m evaluation output $(EVAL_OUTPUT) --target $(or $(VIDEO),$(SAMPLE_DATA)/speakers/obama/obama_clip2.mp4)
+
+# Lip accuracy against its rules, through the stack (`make up` first): trains lipacc-obama and lipacc-grid once
+# (GRID's 30 minutes take about 25 minutes to analyse the first time), renders each held-out clip's speech and free
+# speech onto the speaker's target, prints every rule with its figure. LIPACC_ARGS="--cases obama" for one.
+LIPACC_ARGS ?=
+lip-accuracy: setup
+	$(PY) -m evaluation.lip_accuracy $(LIPACC_ARGS)
 
 clean:
 	rm -rf $(VENV) audio2video build .pytest_cache .ruff_cache *.egg-info
