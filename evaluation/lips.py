@@ -414,5 +414,7 @@ def baselines(
             error = str(exc)
     trained = None
     if speaker_mean is not None:
-        trained = landmark_errors(mean_mouth(normalise_mouths(np.asarray(speaker_mean, np.float64)[None])), normalised)
+        constant = normalise_mouths(np.asarray(speaker_mean, np.float64).reshape(1, MOUTH_POINTS, 2))[0]
+        if np.isfinite(constant).all():  # a degenerate mouth (corners on one point) gives no baseline
+            trained = landmark_errors(constant, normalised)
     return Baselines(loudness, error, landmark_errors(mean_mouth(normalised), normalised), trained)

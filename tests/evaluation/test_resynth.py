@@ -140,6 +140,8 @@ def test_baselines_of_the_real_clip(clip, mouths):
     assert trained.speaker_mean_shape.inner == pytest.approx(held.inner)
     assert trained.speaker_mean_shape.outer == pytest.approx(held.outer)
     assert trained.as_dict()["speaker_mean_shape"]["inner"] == pytest.approx(held.inner)
+    degenerate = lips.baselines(mouths, None, clip.analysis.timestamps, fps=FPS, speaker_mean=np.zeros((20, 2)))
+    assert degenerate.speaker_mean_shape is None
 
 
 def test_too_few_common_frames_are_refused(mouths):
