@@ -108,29 +108,34 @@ def _within(value: float | None, low: float, high: float) -> bool | None:
     return None if value is None else low <= value <= high
 
 
+def _amplitude_rule(case: Case, name: str, ratio: float | None) -> Rule:
+    low, high = AMPLITUDE_RANGE
+    return Rule(case.name, name, ratio, f"{low:g}-{high:g}", _within(ratio, low, high))
+
+
+def _lag_rule(case: Case, name: str, lag: int | None) -> Rule:
+    return Rule(
+        case.name,
+        name,
+        None if lag is None else float(lag),
+        f"within +-{MAX_LAG_DIFFERENCE_FRAMES}",
+        None if lag is None else abs(lag) <= MAX_LAG_DIFFERENCE_FRAMES,
+    )
+
+
 def resynth_rules(case: Case, report: dict) -> list[Rule]:
     """The held-out rules from a resynthesis report (`ResynthEvaluation.as_dict()`)."""
     opening = report["rows"]["render"]["opening"]
     r = _finite(opening.get("r_lag0"))
-    amplitude = _finite(opening.get("amplitude_ratio"))
-    lag = report["audio_to_mouth_lag"]["rendered_minus_real_frames"]
     rules = [
         Rule(
             case.name, "held-out: opening r at lag 0", r, f">= {case.min_r:g}", None if r is None else r >= case.min_r
         ),
-        Rule(
-            case.name,
-            "held-out: opening amplitude, x real",
-            amplitude,
-            "0.85-1.15",
-            _within(amplitude, *AMPLITUDE_RANGE),
-        ),
-        Rule(
-            case.name,
+        _amplitude_rule(case, "held-out: opening amplitude, x real", _finite(opening.get("amplitude_ratio"))),
+        _lag_rule(
+            case,
             "held-out: audio-to-mouth lag - real's, frames",
-            None if lag is None else float(lag),
-            f"within +-{MAX_LAG_DIFFERENCE_FRAMES}",
-            None if lag is None else abs(lag) <= MAX_LAG_DIFFERENCE_FRAMES,
+            report["audio_to_mouth_lag"]["rendered_minus_real_frames"],
         ),
     ]
     landmarks = report["rows"]["render"]["landmarks"]
@@ -154,19 +159,11 @@ def resynth_rules(case: Case, report: dict) -> list[Rule]:
 def free_speech_rules(case: Case, report: dict) -> list[Rule]:
     """The free-speech rules from an output report (`OutputEvaluation.as_dict()`)."""
     relative = report["relative"]
-    spread = _finite(relative.get("mouth_opening_spread_ratio"))
-    lag = relative.get("lag_minus_target_lag_frames")
     return [
-        Rule(
-            case.name, "free speech: opening spread, x target's", spread, "0.85-1.15", _within(spread, *AMPLITUDE_RANGE)
+        _amplitude_rule(
+            case, "free speech: opening spread, x target's", _finite(relative.get("mouth_opening_spread_ratio"))
         ),
-        Rule(
-            case.name,
-            "free speech: audio-to-mouth lag - target's",
-            None if lag is None else float(lag),
-            f"within +-{MAX_LAG_DIFFERENCE_FRAMES}",
-            None if lag is None else abs(lag) <= MAX_LAG_DIFFERENCE_FRAMES,
-        ),
+        _lag_rule(case, "free speech: audio-to-mouth lag - target's", relative.get("lag_minus_target_lag_frames")),
     ]
 
 
